@@ -1,0 +1,71 @@
+"""Sampling parameters and a batched sampler (greedy, temperature, top-k, top-p), one setting per row."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 32
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"SamplingParams.seed must be an int, got {self.seed!r}")
+        m = self.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be an int >= 1, got {m!r}")
+        stops = tuple(self.stop_token_ids)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in stops):
+            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", stops)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Pick one token per row. logits [B, V]; temperature, top_p float [B]; top_k int [B] -> ids int32 [B].
+
+    Rows with temperature 0 take the argmax. Otherwise logits are divided by the temperature, restricted to
+    the top_k largest (if top_k > 0), then to the smallest set whose probability reaches top_p, and sampled.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    greedy_ids = jnp.argmax(logits, axis=-1)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None].astype(jnp.int32), axis=-1)  # [B, 1]
+    ranks = jnp.arange(vocab)[None, :]
+    sorted_masked = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_masked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (mass_before < jnp.asarray(top_p, jnp.float32)[:, None]) & (ranks < k[:, None])
+    # Smallest logit still kept by top-p (rank 0 is always kept).
+    p_threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, p_threshold)
+    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, filtered, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy_ids).astype(jnp.int32)

@@ -1,0 +1,83 @@
+"""Module parameter paths <-> Hugging Face Step-3 keys and layouts.
+
+Module attribute names follow the HF names, so the key of a parameter is its path: ``layers/3/self_attn/q_proj``
+-> ``model.layers.3.self_attn.q_proj.weight``. Matrices are stored ``[in..., out...]`` here and ``[out, in]``
+(torch) in HF, with multi-axis sides flattened (``wq [Q, H, K]`` <-> ``[H*K, Q]``); stacked experts keep their
+leading expert axis (``[E, D, F]`` <-> ``[E, F, D]``). Embedding and norm weights are copied as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+# Number of leading input axes (after the expert axis, if any) of each matrix, by attribute name.
+_INPUT_AXES = {
+    "q_proj": 1,
+    "wq": 1,
+    "k_proj": 1,
+    "v_proj": 1,
+    "o_proj": 2,
+    "gate_proj": 1,
+    "up_proj": 1,
+    "down_proj": 1,
+    "gate": 1,  # the MoE router
+    "lm_head": 1,
+}
+
+
+def hf_name(path: Sequence) -> str:
+    """HF key of the parameter at module path ``path`` (a tuple of attribute names / layer indices)."""
+    parts = [str(p) for p in path]
+    if parts[-1] != "weight":
+        parts.append("weight")
+    if parts[0] != "lm_head":
+        parts.insert(0, "model")
+    return ".".join(parts)
+
+
+def _matrix_split(path: Sequence) -> int | None:
+    """Index of the first output axis of a matrix parameter, or None for copied tensors."""
+    name = str(path[-1])
+    if name not in _INPUT_AXES:
+        return None  # embedding, norms: copied
+    return int(_is_expert(path)) + _INPUT_AXES[name]
+
+
+def _is_expert(path: Sequence) -> bool:
+    return len(path) >= 2 and str(path[-2]) == "moe" and str(path[-1]) != "gate"
+
+
+def to_hf_layout(path: Sequence, array):
+    """Module layout -> HF layout (works on numpy and jax arrays)."""
+    split = _matrix_split(path)
+    if split is None:
+        return array
+    lead = 1 if _is_expert(path) else 0
+    shape = array.shape
+    flat = array.reshape(shape[:lead] + (math.prod(shape[lead:split]), math.prod(shape[split:])))
+    return flat.swapaxes(-1, -2)
+
+
+def from_hf_layout(path: Sequence, array, shape: Sequence[int]):
+    """HF layout -> module layout of ``shape``; raises ValueError naming the key on a shape mismatch."""
+    expected = hf_layout_shape(path, shape)
+    if tuple(array.shape) != expected:
+        raise ValueError(f"{hf_name(path)}: checkpoint shape {tuple(array.shape)} does not match expected {expected}")
+    if _matrix_split(path) is None:
+        return array
+    return array.swapaxes(-1, -2).reshape(tuple(shape))
+
+
+def hf_layout_shape(path: Sequence, shape: Sequence[int]) -> tuple[int, ...]:
+    return to_hf_layout(path, np.empty(tuple(shape), np.int8)).shape
+
+
+def hf_shapes(model_or_state) -> dict[str, tuple[int, ...]]:
+    """HF key -> HF shape for every parameter of a (possibly abstract, e.g. ``eval_shape``d) model."""
+    from flax import nnx
+
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return {hf_name(path): hf_layout_shape(path, var.shape) for path, var in nnx.to_flat_state(state)}

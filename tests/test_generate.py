@@ -1,0 +1,117 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer.generate import bucket, generate_ids, main
+from infer.sampling import SamplingParams, sample
+from step3_jax import create_model
+from step3_jax.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model(test_config):
+    return create_model(test_config, seed=1)
+
+
+def greedy_by_full_forward(model, prompt, n):
+    """Reference: re-run the whole sequence each step (no cache) and take the argmax. The sequence is padded
+    on the right to a fixed width (causal: padding cannot change earlier logits) so this compiles once."""
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    seq = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, 32), np.int32)
+        padded[0, : len(seq)] = seq
+        seq.append(int(jnp.argmax(f(state, jnp.asarray(padded))[0, len(seq) - 1])))
+    return seq[len(prompt) :]
+
+
+def test_greedy_generation_matches_full_forward_and_batching(model):
+    prompts = [[1, 40, 41, 42], [1, 50, 60, 70, 80, 90, 100, 7, 8], [1, 9]]
+    params = SamplingParams(max_new_tokens=6)
+    batched = generate_ids(model, prompts, params).tokens
+    for prompt, toks in zip(prompts, batched, strict=True):
+        assert toks == greedy_by_full_forward(model, prompt, 6)
+        assert generate_ids(model, [prompt], params).tokens[0] == toks
+
+
+def test_stop_tokens_end_a_sequence(model):
+    prompt = [1, 40, 41, 42]
+    free = generate_ids(model, [prompt], SamplingParams(max_new_tokens=6)).tokens[0]
+    stop = free[2]
+    stopped = generate_ids(model, [prompt], SamplingParams(max_new_tokens=6, stop_token_ids=(stop,))).tokens[0]
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    prompt = [[1, 33, 34]]
+    a = generate_ids(model, prompt, SamplingParams(temperature=1.0, seed=3, max_new_tokens=8)).tokens
+    b = generate_ids(model, prompt, SamplingParams(temperature=1.0, seed=3, max_new_tokens=8)).tokens
+    c = generate_ids(model, prompt, SamplingParams(temperature=1.0, seed=4, max_new_tokens=8)).tokens
+    assert a == b and a != c
+    greedy = generate_ids(model, prompt, SamplingParams(max_new_tokens=8)).tokens
+    assert generate_ids(model, prompt, SamplingParams(temperature=2.0, top_k=1, max_new_tokens=8)).tokens == greedy
+    assert generate_ids(model, prompt, SamplingParams(temperature=2.0, top_p=1e-6, max_new_tokens=8)).tokens == greedy
+
+
+def test_sampler_distribution_and_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    n = logits.shape[0]
+
+    def draw(t, k, p):
+        return np.asarray(
+            sample(logits, jax.random.key(0), jnp.full((n,), t), jnp.full((n,), k, jnp.int32), jnp.full((n,), p))
+        )
+
+    freq = np.bincount(draw(1.0, 0, 1.0), minlength=4) / n
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    assert set(draw(1.0, 2, 1.0)) == {0, 1}  # top-k keeps the two most likely
+    assert set(draw(1.0, 0, 0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8: the nucleus is the first two
+    assert set(draw(0.0, 0, 1.0)) == {0}  # temperature 0 is greedy
+    hot = np.bincount(draw(100.0, 0, 1.0), minlength=4) / n
+    assert hot.min() > 0.2  # high temperature flattens the distribution
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    ],
+)
+def test_invalid_sampling_parameters(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        generate_ids(model, [[1] * 500], SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_ids(model, [[1, 2], []])
+    with pytest.raises(ValueError, match=r"outside \[0, 263\)"):
+        generate_ids(model, [[1, 999]])
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "MFA décode ✓"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == text
+    assert bucket(1) == 16 and bucket(17) == 32 and bucket(64) == 64
+
+
+def test_demo_cli_prints_tokens_per_second(capsys):
+    assert main(["--preset", "test", "--max-new-tokens", "5", "--prompt", "hi"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "prompt: 'hi'" in out
+    assert main(["--preset", "test", "--top-p", "2"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

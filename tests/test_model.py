@@ -1,0 +1,185 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from step3_jax import KVCache, Step3ForCausalLM, create_model, get_preset
+from step3_jax.model import MoE, RMSNorm, ShardCtx, rope
+
+
+@pytest.fixture(scope="module")
+def model(test_config):
+    return create_model(test_config, seed=0)
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, ids, positions=None):
+        return nnx.merge(graphdef, state)(ids, positions)
+
+    return lambda ids, positions=None: f(state, ids, positions)
+
+
+@pytest.fixture(scope="module")
+def step(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, ids, cache):
+        return nnx.merge(graphdef, state)(ids, cache=cache)
+
+    return lambda ids, cache: f(state, ids, cache)
+
+
+def random_ids(seed, shape, vocab):
+    return jax.random.randint(jax.random.key(seed), shape, 3, vocab, dtype=jnp.int32)
+
+
+def test_public_api_shapes_and_dtypes(test_config):
+    m = Step3ForCausalLM(get_preset("test"), rngs=nnx.Rngs(0))  # the notebook way, eager
+    assert m.layers[1].moe.gate_proj.get_value().dtype == jnp.bfloat16
+    logits = m(jnp.zeros((2, 5), jnp.int32))
+    assert logits.shape == (2, 5, test_config.vocab_size) and logits.dtype == jnp.float32
+    f32 = create_model(test_config, seed=0)
+    assert f32.layers[1].moe.gate_proj.get_value().dtype == jnp.float32
+    # create_model is the same initialisation as the constructor, compiled
+    np.testing.assert_array_equal(create_model(get_preset("test"), seed=0).lm_head.get_value(), m.lm_head.get_value())
+
+
+@pytest.mark.parametrize("prompt_len", [1, 4, 11])
+def test_incremental_decode_equals_full_forward(test_config, forward, step, prompt_len):
+    total = 16
+    ids = random_ids(prompt_len, (2, total), test_config.vocab_size)
+    full = forward(ids)
+    cache = KVCache.create(test_config, 2, 32)
+    logits, cache = step(ids[:, :prompt_len], cache)
+    pieces = [logits]
+    for t in range(prompt_len, total):
+        logits, cache = step(ids[:, t : t + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [total, total]
+
+
+def test_ragged_batch_through_cache_matches_each_sequence(test_config, forward, step):
+    """Right-padded prompts of different lengths: padding written past a sequence's length is never read."""
+    lens = [3, 7]
+    ids = random_ids(5, (2, 9), test_config.vocab_size)
+    cache = KVCache.create(test_config, 2, 16)
+    _, cache = step(ids[:, :7], cache)  # row 0 also writes 4 padding tokens after its 3 real ones
+    cache = cache.replace(lengths=jnp.asarray(lens, jnp.int32))
+    nxt = random_ids(6, (2, 1), test_config.vocab_size)
+    logits, _ = step(nxt, cache)
+    for row, n in enumerate(lens):
+        seq = jnp.concatenate([ids[row : row + 1, :n], nxt[row : row + 1]], axis=1)
+        np.testing.assert_allclose(logits[row, 0], forward(seq)[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_causality(test_config, forward):
+    ids = random_ids(1, (1, 12), test_config.vocab_size)
+    changed = ids.at[0, 8].set((ids[0, 8] + 17) % test_config.vocab_size)
+    a, b = forward(ids), forward(changed)
+    np.testing.assert_array_equal(a[:, :8], b[:, :8])
+    assert not np.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_positions_enter_only_relatively(test_config, forward):
+    ids = random_ids(2, (1, 6), test_config.vocab_size)
+    pos = jnp.arange(6, dtype=jnp.int32)[None]
+    default = forward(ids)
+    np.testing.assert_allclose(default, forward(ids, pos), rtol=1e-6, atol=1e-6)
+    # rope: a common shift of every position changes nothing, a change of spacing does
+    np.testing.assert_allclose(default, forward(ids, pos + 100), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(default[:, 1:], forward(ids, pos * 3)[:, 1:], atol=1e-3)
+
+
+def test_rope_is_neox_rotation():
+    x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
+    pos = jnp.array([[0, 1, 5]])
+    y = rope(x, pos, 10000.0)
+    np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)  # position 0 is the identity
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    # pair (i, i + K/2) rotates by angle pos * theta^(-2i/K)
+    ang = 5 * 10000.0 ** (-2 * 1 / 8)
+    x1, x2 = x[0, 2, 0, 1], x[0, 2, 0, 5]
+    np.testing.assert_allclose(y[0, 2, 0, 1], x1 * np.cos(ang) - x2 * np.sin(ang), rtol=1e-5)
+    np.testing.assert_allclose(y[0, 2, 0, 5], x2 * np.cos(ang) + x1 * np.sin(ang), rtol=1e-5)
+
+
+def test_rmsnorm_computes_in_float32():
+    norm = RMSNorm(8, 1e-5, jnp.bfloat16)
+    x = (jnp.arange(8, dtype=jnp.float32) * 1000 + 3).astype(jnp.bfloat16)[None]
+    y = norm(x)
+    x32 = x.astype(jnp.float32)
+    ref = x32 / jnp.sqrt(jnp.mean(x32**2) + 1e-5)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(y.astype(jnp.float32), ref.astype(jnp.bfloat16).astype(jnp.float32), rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def moe(test_config):
+    return MoE(test_config, rngs=nnx.Rngs(3), ctx=ShardCtx())
+
+
+def test_grouped_moe_equals_loop_reference(test_config, moe):
+    x = jax.random.normal(jax.random.key(1), (3, 7, test_config.hidden_size))
+    grouped = jax.jit(lambda x: moe(x, impl="grouped"))(x)
+    loop = jax.jit(lambda x: moe(x, impl="loop"))(x)
+    np.testing.assert_allclose(grouped, loop, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(grouped).mean()) > 1e-3  # not trivially zero
+
+
+def test_grouped_moe_with_empty_and_crowded_experts(test_config, moe):
+    """Every token routed to the same two experts: the other groups are empty."""
+    x = jax.random.normal(jax.random.key(2), (1, 9, test_config.hidden_size))
+    ids = jnp.broadcast_to(jnp.array([3, 0], jnp.int32), (1, 9, 2))
+    w = jnp.full((1, 9, 2), 0.4)
+    np.testing.assert_allclose(moe.experts(x, w, ids, "grouped"), moe.experts(x, w, ids, "loop"), rtol=1e-5, atol=1e-5)
+
+
+def test_router_semantics(test_config, moe):
+    x = jax.random.normal(jax.random.key(4), (2, 5, test_config.hidden_size))
+    weights, ids = moe.route(x)
+    assert weights.dtype == jnp.float32 and ids.shape == (2, 5, test_config.moe_top_k)
+    total = weights.sum(-1)
+    assert bool(jnp.all(total < 1.0)) and bool(jnp.all(total > 0))  # top-k of a softmax, not renormalised
+    probs = jax.nn.softmax(x @ moe.gate.get_value(), axis=-1)
+    np.testing.assert_allclose(weights, jnp.sort(probs, axis=-1)[..., ::-1][..., : test_config.moe_top_k], rtol=1e-5)
+    renorm = MoE(dataclasses.replace(test_config, norm_expert_weight=True), rngs=nnx.Rngs(3), ctx=ShardCtx())
+    np.testing.assert_allclose(renorm.route(x)[0].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_shared_expert_always_added(test_config, model):
+    layer = model.layers[1]
+    assert layer.is_moe
+    x = jax.random.normal(jax.random.key(5), (1, 4, test_config.hidden_size))
+    full = layer.ffn(x)
+    np.testing.assert_allclose(full, layer.moe(x) + layer.share_expert(x), rtol=1e-5, atol=1e-6)
+    # with no routed weight at all, the shared expert alone remains
+    ids = jnp.zeros((1, 4, test_config.moe_top_k), jnp.int32)
+    only_shared = layer.ffn(x, routing=(jnp.zeros((1, 4, test_config.moe_top_k)), ids))
+    np.testing.assert_allclose(only_shared, layer.share_expert(x), rtol=1e-6)
+    assert float(jnp.abs(only_shared).mean()) > 1e-3
+
+
+def test_dense_layers_follow_moe_layers_enum(test_config, model):
+    kinds = [layer.is_moe for layer in model.layers]
+    assert kinds == [i in test_config.moe_layers_enum for i in range(test_config.num_hidden_layers)]
+    assert not hasattr(model.layers[0], "moe") and hasattr(model.layers[0], "mlp")
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="batch, time"):
+        model(jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match="integer"):
+        model(jnp.zeros((1, 5), jnp.float32))
+    with pytest.raises(ValueError, match="impl"):
+        model.layers[1].moe(jnp.zeros((1, 2, 40)), impl="dense")
+    with pytest.raises(ValueError, match="max_position_embedding"):
+        KVCache.create(model.config, 1, 10_000)
