@@ -25,6 +25,14 @@ _INT_FIELDS = (
     "max_position_embedding",
 )
 _PARAM_DTYPES = ("bfloat16", "float32")
+QUANTIZATIONS = (None, "fp8")
+# The one FP8 scheme supported (DeepSeek-V3 / step3-fp8): e4m3 weights in 128 x 128 blocks, dynamic activations.
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +62,8 @@ class Step3Config:
     eos_token_id: int | tuple[int, ...] | None = 128805
     # Storage dtype of the parameters; activations follow it, norms/router/softmax run in float32.
     param_dtype: str = "bfloat16"
+    # "fp8": dense MLP, shared and routed expert weights are block-FP8 (HF layout + scales); None: param_dtype.
+    quantization: str | None = None
 
     def __post_init__(self):
         for name in _INT_FIELDS:
@@ -71,6 +81,8 @@ class Step3Config:
             raise ValueError(f"Step3Config.norm_expert_weight must be a bool, got {self.norm_expert_weight!r}")
         if self.param_dtype not in _PARAM_DTYPES:
             raise ValueError(f"Step3Config.param_dtype must be one of {_PARAM_DTYPES}, got {self.param_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"Step3Config.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.rope_scaling is not None:
             raise ValueError(f"Step3Config.rope_scaling: Step-3 uses no rope scaling, got {self.rope_scaling!r}")
         if self.num_attention_heads % self.num_attention_groups:
@@ -159,6 +171,10 @@ class Step3Config:
         dtype = text.get("torch_dtype", hf.get("torch_dtype"))
         if dtype in _PARAM_DTYPES:
             kwargs["param_dtype"] = dtype
+        kwargs.pop("quantization", None)  # only ever read from quantization_config
+        qc = text.get("quantization_config", hf.get("quantization_config"))
+        if qc is not None:
+            kwargs["quantization"] = parse_quantization_config(qc)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -166,7 +182,7 @@ class Step3Config:
         """A bare ``step3_text`` config dict (what ``from_hf_config`` reads back)."""
         out: dict[str, Any] = {"model_type": "step3_text", "architectures": ["Step3TextForCausalLM"]}
         for f in dataclasses.fields(self):
-            if f.name == "param_dtype":
+            if f.name in ("param_dtype", "quantization"):
                 continue
             value = getattr(self, f.name)
             if f.name == "moe_layers_enum":
@@ -176,6 +192,8 @@ class Step3Config:
             out[f.name] = value
         out["torch_dtype"] = self.param_dtype
         out["tie_word_embeddings"] = False
+        if self.quantization == "fp8":
+            out["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG, weight_block_size=[128, 128])
         return out
 
     # ------------------------------------------------------------------ parameter counting (closed form)
@@ -204,6 +222,33 @@ class Step3Config:
         active_experts = n_moe * self.moe_top_k * 3 * d * self.moe_intermediate_size
         counts["active"] = counts["total"] - counts["experts"] + active_experts
         return counts
+
+
+def parse_quantization_config(qc: Any) -> str | None:
+    """HF ``quantization_config`` -> ``Step3Config.quantization``; only block FP8 (e4m3, 128 x 128) is supported."""
+    if not isinstance(qc, dict):
+        raise ValueError(f"config quantization_config must be a dict, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ValueError(
+            f"config quantization_config.quant_method {method!r} is not supported: only block FP8 ('fp8', "
+            "e4m3 weights with 128 x 128 scales, as in stepfun-ai/step3-fp8) can be loaded"
+        )
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"config quantization_config.fmt {fmt!r} is not supported: only 'e4m3'")
+    block = qc.get("weight_block_size")
+    if block is None or list(block) != [128, 128]:
+        raise ValueError(
+            f"config quantization_config.weight_block_size {block!r} is not supported: only [128, 128] blocks"
+        )
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(
+            f"config quantization_config.activation_scheme {scheme!r} is not supported: only 'dynamic' "
+            "(per-token, per-128-channel activation scales computed at run time)"
+        )
+    return "fp8"
 
 
 def parse_moe_layers_enum(value: Any) -> tuple[int, ...] | None:

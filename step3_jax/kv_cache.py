@@ -4,12 +4,17 @@ The contiguous cache keeps, per layer, ``k`` and ``v`` arrays ``[B, S_max, G, K]
 vector ``[B]`` (tokens already written per sequence). A forward step of ``T`` tokens writes them at
 slots ``lengths[b] .. lengths[b] + T - 1`` and attends to every slot ``<=`` its own, so slots past a
 sequence's length (padding written by a batched prefill) are never read and get overwritten later.
+
+The paged cache (:class:`PagedKVCache`, below) holds the same tokens in fixed-size pages shared by all
+sequences, addressed through a block table, in BF16 or FP8 (per-token scales); decode steps read it with the
+MFA decode kernel of ``pallas_kernels.mfa_decode``.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from step3_jax.config import Step3Config
@@ -75,3 +80,301 @@ def write(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, st
         return ck, cv
 
     return jax.vmap(one)(cache_k, cache_v, k, v, start)
+
+
+# ---------------------------------------------------------------------------------------------- paged cache
+#
+# Layout (per layer): ``k, v [num_pages, page_size, G, K]`` (bf16, or float8_e4m3fn with per-token float32
+# scales ``k_scale, v_scale [num_pages, page_size, G]``), shared by all sequences; ``block_table [B, max_pages]``
+# lists each sequence's pages in order, so token ``s`` of sequence ``b`` lives at page
+# ``block_table[b, s // page_size]``, row ``s % page_size``. For Step-3 (G = 1) a reshape (free, no copy) gives
+# the ``[num_pages, page_size, K]`` pages that the MFA decode kernel (``pallas_kernels.mfa_decode``) reads.
+# Pages are handed out on the host by :class:`PageAllocator`; the device-side cache only sees the block table.
+
+
+@struct.dataclass
+class PagedLayer:
+    """One layer's view of a :class:`PagedKVCache` (what ``MFAAttention`` receives as ``kv``)."""
+
+    k: jax.Array  # [P, page_size, G, K]
+    v: jax.Array
+    k_scale: jax.Array | None  # [P, page_size, G] float32, FP8 only
+    v_scale: jax.Array | None
+    block_table: jax.Array  # [B, max_pages] int32
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.k_scale is not None
+
+
+@struct.dataclass
+class PagedKVCache:
+    """Paged KV cache: per-layer page pools, one block table and one ``lengths`` vector for the batch."""
+
+    k: tuple[jax.Array, ...]  # per layer [P, page_size, G, K]
+    v: tuple[jax.Array, ...]
+    k_scale: tuple[jax.Array, ...] | None  # per layer [P, page_size, G] float32 (FP8 pages) or None
+    v_scale: tuple[jax.Array, ...] | None
+    block_table: jax.Array  # [B, max_pages] int32
+    lengths: jax.Array  # [B] int32
+
+    @classmethod
+    def create(
+        cls,
+        config: Step3Config,
+        block_table,
+        *,
+        num_pages: int,
+        page_size: int,
+        lengths=None,
+        dtype=None,
+    ) -> PagedKVCache:
+        """Zeroed pages for every layer. ``block_table [B, max_pages]`` (e.g. from :class:`PageAllocator`);
+        ``dtype`` defaults to the model dtype, ``"float8_e4m3fn"`` stores FP8 with per-token scales."""
+        block_table = jnp.asarray(block_table, jnp.int32)
+        if block_table.ndim != 2:
+            raise ValueError(f"block_table must be [batch, max_pages], got shape {block_table.shape}")
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"paged cache needs num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
+        capacity = block_table.shape[1] * page_size
+        if capacity > config.max_position_embedding:
+            raise ValueError(
+                f"block table capacity {capacity} tokens exceeds the model's max_position_embedding "
+                f"{config.max_position_embedding}"
+            )
+        b = block_table.shape[0]
+        lengths = jnp.zeros((b,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        dtype = jnp.dtype(dtype or config.dtype)
+        fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
+        g, kd, n = config.num_kv_heads, config.head_dim, config.num_hidden_layers
+        pages = lambda: jnp.zeros((num_pages, page_size, g, kd), dtype)  # noqa: E731
+        scales = (lambda: jnp.ones((num_pages, page_size, g), jnp.float32)) if fp8 else None
+        return cls(
+            k=tuple(pages() for _ in range(n)),
+            v=tuple(pages() for _ in range(n)),
+            k_scale=tuple(scales() for _ in range(n)) if fp8 else None,
+            v_scale=tuple(scales() for _ in range(n)) if fp8 else None,
+            block_table=block_table,
+            lengths=lengths,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.block_table.shape[1] * self.page_size
+
+    def layer(self, i: int) -> PagedLayer:
+        return PagedLayer(
+            k=self.k[i],
+            v=self.v[i],
+            k_scale=None if self.k_scale is None else self.k_scale[i],
+            v_scale=None if self.v_scale is None else self.v_scale[i],
+            block_table=self.block_table,
+        )
+
+    @classmethod
+    def from_layers(cls, layers, block_table, lengths) -> PagedKVCache:
+        fp8 = layers[0].is_fp8
+        return cls(
+            k=tuple(x.k for x in layers),
+            v=tuple(x.v for x in layers),
+            k_scale=tuple(x.k_scale for x in layers) if fp8 else None,
+            v_scale=tuple(x.v_scale for x in layers) if fp8 else None,
+            block_table=block_table,
+            lengths=lengths,
+        )
+
+
+def quantize_fp8_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x [..., K]`` -> ``(float8_e4m3fn [..., K], float32 scale [...])`` with ``x ~= q * scale``."""
+    fmax = float(jnp.finfo(jnp.float8_e4m3fn).max)
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1)
+    scale = jnp.where(amax > 0, amax / fmax, 1.0)
+    return jnp.clip(x32 / scale[..., None], -fmax, fmax).astype(jnp.float8_e4m3fn), scale
+
+
+def paged_write(layer: PagedLayer, k: jax.Array, v: jax.Array, start: jax.Array) -> PagedLayer:
+    """Append ``k, v [B, T, G, K]`` at token positions ``start[b] + t`` through the block table.
+
+    Positions past the block table's capacity are dropped (allocate pages for every written token,
+    padding included, to keep them)."""
+    ps, num_pages = layer.page_size, layer.k.shape[0]
+    b, t = k.shape[:2]
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    idx = pos // ps
+    max_pages = layer.block_table.shape[1]
+    page = jnp.take_along_axis(layer.block_table, jnp.minimum(idx, max_pages - 1), axis=1)
+    page = jnp.where(idx < max_pages, page, num_pages)  # out of the table: an out-of-range page -> dropped
+    row = pos % ps
+    if layer.is_fp8:
+        kq, ks = quantize_fp8_per_token(k)
+        vq, vs = quantize_fp8_per_token(v)
+        return layer.replace(
+            k=layer.k.at[page, row].set(kq, mode="drop"),
+            v=layer.v.at[page, row].set(vq, mode="drop"),
+            k_scale=layer.k_scale.at[page, row].set(ks, mode="drop"),
+            v_scale=layer.v_scale.at[page, row].set(vs, mode="drop"),
+        )
+    return layer.replace(
+        k=layer.k.at[page, row].set(k.astype(layer.k.dtype), mode="drop"),
+        v=layer.v.at[page, row].set(v.astype(layer.v.dtype), mode="drop"),
+    )
+
+
+def paged_gather(layer: PagedLayer, dtype) -> tuple[jax.Array, jax.Array]:
+    """Contiguous dequantised ``k, v [B, max_pages * page_size, G, K]`` in ``dtype`` (the prefill path)."""
+
+    def one(pages, scales):
+        g = jnp.take(pages, layer.block_table, axis=0, mode="clip")  # [B, M, ps, G, K]
+        if scales is not None:
+            s = jnp.take(scales, layer.block_table, axis=0, mode="clip")
+            g = g.astype(jnp.float32) * s[..., None]
+        return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:]).astype(dtype)
+
+    return one(layer.k, layer.k_scale), one(layer.v, layer.v_scale)
+
+
+class PageAllocator:
+    """Host-side page bookkeeping for a :class:`PagedKVCache` (what a continuous-batching engine drives).
+
+    A free list of page ids; ``reserve(seq, n)`` makes sure sequence ``seq`` owns enough pages for ``n`` tokens,
+    ``free(seq)`` returns them. ``shuffle_seed`` hands pages out in a random order (tests use it to make page
+    tables non-contiguous)."""
+
+    def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int, *, shuffle_seed: int | None = None):
+        if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
+            raise ValueError(
+                f"PageAllocator needs positive sizes, got num_pages={num_pages}, page_size={page_size}, "
+                f"max_pages_per_seq={max_pages_per_seq}"
+            )
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.max_pages_per_seq = max_pages_per_seq
+        order = list(range(num_pages))
+        if shuffle_seed is not None:
+            import random
+
+            random.Random(shuffle_seed).shuffle(order)
+        self._free = order[::-1]  # pop() hands out order[0] first
+        self._pages: dict[object, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def pages(self, seq) -> list[int]:
+        return list(self._pages.get(seq, []))
+
+    def reserve(self, seq, num_tokens: int) -> list[int]:
+        """Own pages for ``num_tokens`` tokens of ``seq`` (allocating what is missing); returns its page ids."""
+        need = -(-num_tokens // self.page_size)
+        if need > self.max_pages_per_seq:
+            raise ValueError(
+                f"sequence {seq!r} needs {need} pages for {num_tokens} tokens but a block table row holds "
+                f"{self.max_pages_per_seq} pages of {self.page_size}"
+            )
+        owned = self._pages.setdefault(seq, [])
+        missing = need - len(owned)
+        if missing > len(self._free):
+            raise RuntimeError(
+                f"out of KV pages: sequence {seq!r} needs {missing} more pages, {len(self._free)} of "
+                f"{self.num_pages} are free"
+            )
+        owned.extend(self._free.pop() for _ in range(max(missing, 0)))
+        return list(owned)
+
+    def free(self, seq) -> None:
+        """Return all pages of ``seq`` to the free list (a no-op for an unknown sequence)."""
+        self._free.extend(reversed(self._pages.pop(seq, [])))
+
+    def block_table(self, seqs) -> np.ndarray:
+        """``[len(seqs), max_pages_per_seq]`` int32; unused entries hold page 0 (valid, never read)."""
+        table = np.zeros((len(seqs), self.max_pages_per_seq), np.int32)
+        for row, seq in enumerate(seqs):
+            owned = self._pages.get(seq, [])
+            table[row, : len(owned)] = owned
+        return table
+
+
+# ---------------------------------------------------------------------------------------------- paged cache on a mesh
+#
+# Data-parallel attention (the paper's attention instances): the batch is split over the mesh axes of the logical
+# axis ``act_batch`` and the page pool is split the same way, so each data-parallel attention group owns a
+# contiguous shard of ``num_pages / groups`` pages, addressed by LOCAL page ids (0 .. pages per shard - 1) in the
+# block-table rows of its own sequences. ``model.paged_write_attend`` runs the write and the attention per group
+# under ``shard_map``; pages are replicated over the other mesh axes (tensor / expert), which only the FFN uses.
+
+PAGE_AXES = ("act_batch", None, "kv_heads", "head_dim")  # pages [P, page_size, G, K]
+PAGE_SCALE_AXES = ("act_batch", None, "kv_heads")  # FP8 scales [P, page_size, G]
+
+
+def page_group_axes(mesh: jax.sharding.Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes that split the batch and the page pool into data-parallel attention groups (size > 1 only)."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1)
+
+
+def num_page_groups(mesh: jax.sharding.Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> int:
+    """How many data-parallel attention groups (page-pool shards) a mesh has; 1 without a mesh."""
+    n = 1
+    for a in page_group_axes(mesh, rules):
+        n *= mesh.shape[a]
+    return n
+
+
+def create_page_pool(
+    config: Step3Config,
+    num_pages: int,
+    page_size: int,
+    *,
+    dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> dict[str, tuple[jax.Array, ...] | None]:
+    """Zeroed page pools of every layer (``k``, ``v``, and for FP8 ``k_scale``, ``v_scale``) for a
+    :class:`PagedKVCache` whose block table is supplied per step. With a mesh the pools are created directly in
+    their shards (split over the data-parallel attention groups); ``num_pages`` counts all groups together."""
+    groups = num_page_groups(mesh, rules)
+    if num_pages < 1 or page_size < 1 or num_pages % groups:
+        raise ValueError(
+            f"page pool needs num_pages >= 1 divisible by the {groups} data-parallel attention groups and "
+            f"page_size >= 1, got num_pages={num_pages}, page_size={page_size}"
+        )
+    dtype = jnp.dtype(dtype or config.dtype)
+    fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
+    g, kd, n = config.num_kv_heads, config.head_dim, config.num_hidden_layers
+    shape, scale_shape = (num_pages, page_size, g, kd), (num_pages, page_size, g)
+
+    def make(shape, axes, fill, dt):
+        fn = lambda: jnp.full(shape, fill, dt)  # noqa: E731
+        if mesh is not None:  # num_pages divides evenly, so the pool splits over every group axis
+            fn = jax.jit(fn, out_shardings=rules.sharding(mesh, axes, shape))
+        return fn()
+
+    return {
+        "k": tuple(make(shape, PAGE_AXES, 0, dtype) for _ in range(n)),
+        "v": tuple(make(shape, PAGE_AXES, 0, dtype) for _ in range(n)),
+        "k_scale": tuple(make(scale_shape, PAGE_SCALE_AXES, 1, jnp.float32) for _ in range(n)) if fp8 else None,
+        "v_scale": tuple(make(scale_shape, PAGE_SCALE_AXES, 1, jnp.float32) for _ in range(n)) if fp8 else None,
+    }

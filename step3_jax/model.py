@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from step3_jax import kv_cache as kvc
 from step3_jax.config import Step3Config
+from step3_jax.quant import BLOCK, Fp8Weight, fake_quantize_activations, quantize_blockwise
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, check_divisible, constrain
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,49 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
     return nnx.Param(value, logical_axes=axes)
 
 
+SCALE_SUFFIX = "_scale_inv"  # block scales of an FP8 weight ``X`` live beside it as ``X_scale_inv``
+
+
+def _ffn_weight(module, name, rngs, shape, axes, dtype, stddev: float, fp8: bool) -> None:
+    """Declare FFN weight ``name`` (``shape``/``axes`` in JAX layout ``[..., in, out]``). With ``fp8`` it is
+    stored as the checkpoint stores it: float8 ``[..., out, in]`` plus float32 ``name_scale_inv``
+    ``[..., out/128, in/128]``, both with the (swapped) logical axes of the plain weight."""
+    if not fp8:
+        setattr(module, name, _param(rngs, shape, axes, dtype, stddev))
+        return
+    *lead, k, n = shape
+    hf_axes = (*axes[:-2], axes[-1], axes[-2])
+    q, scale_inv = quantize_blockwise(stddev * jax.random.normal(rngs.params(), (*lead, n, k), f32))
+    setattr(module, name, nnx.Param(q, logical_axes=hf_axes))
+    setattr(module, name + SCALE_SUFFIX, nnx.Param(scale_inv, logical_axes=hf_axes))
+
+
+def _ffn_value(module, name):
+    """The weight ``name`` as the matmuls take it: an array, or an :class:`Fp8Weight` when it has scales."""
+    scale_inv = getattr(module, name + SCALE_SUFFIX, None)
+    w = getattr(module, name)[...]
+    return w if scale_inv is None else Fp8Weight(w, scale_inv[...])
+
+
+def dense_matmul(x: jax.Array, w) -> jax.Array:
+    """``x [..., I] @ w`` -> float32 ``[..., O]``; ``w`` is ``[I, O]`` or an :class:`Fp8Weight` ``[O, I]``.
+
+    FP8 (pure-JAX reference of the FP8 GEMM): activations rounded through per-token 128-channel FP8, weight
+    dequantised from its blocks, float32 accumulation."""
+    if isinstance(w, Fp8Weight):
+        return jnp.einsum("...i,oi->...o", fake_quantize_activations(x), w.dequantize(), preferred_element_type=f32)
+    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
+
+
+def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+    """Rows of ``x [A, I]`` in consecutive groups, group ``g`` times expert ``g`` -> float32 ``[A, O]``;
+    ``w`` is ``[G, I, O]`` or an :class:`Fp8Weight` ``[G, O, I]`` (where the FP8 grouped-GEMM kernel slots in)."""
+    if isinstance(w, Fp8Weight):
+        wd = w.dequantize().swapaxes(-1, -2)
+        return jax.lax.ragged_dot(fake_quantize_activations(x), wd, group_sizes, preferred_element_type=f32)
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=f32)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = _param(None, (dim,), ("norm",), dtype, None)
@@ -73,18 +117,92 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_core(q, k, v, q_pos, k_pos, scale: float) -> jax.Array:
+def attention_core(q, k, v, q_pos, k_pos, scale: float, q_seg=None, k_seg=None) -> jax.Array:
     """Causal multi-query attention. q [B, T, H, K]; k, v [B, S, G, K]; key s is visible to query t iff
-    ``k_pos[b, s] <= q_pos[b, t]``. Scores and softmax in float32; output [B, T, H, K] in q's dtype."""
+    ``k_pos[b, s] <= q_pos[b, t]`` (and, with segment ids [B, T] / [B, S], both are in the same segment).
+    Scores and softmax in float32; output [B, T, H, K] in q's dtype."""
     b, t, h, kd = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, kd)
     scores = jnp.einsum("btgrk,bsgk->bgrts", q, k, preferred_element_type=f32) * scale
     visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if q_seg is not None:
+        visible = visible & (k_seg[:, None, :] == q_seg[:, :, None])
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(v.dtype), v, preferred_element_type=f32)
     return out.reshape(b, t, h, kd).astype(q.dtype)
+
+
+def paged_attention(q, layer: kvc.PagedLayer, start, scale: float) -> jax.Array:
+    """Attention of q [B, T, H, K] (at slots ``start + t``) to a paged cache that already holds them.
+
+    Decode (T == 1, one K/V head): ``pallas_kernels.mfa_decode`` (the Mosaic GPU kernel on GPU, its pure-JAX
+    reference elsewhere). Prefill (T > 1) or G > 1: gather the pages and run :func:`attention_core`."""
+    t, kd = q.shape[1], q.shape[3]
+    if t == 1 and layer.k.shape[2] == 1:
+        from pallas_kernels.mfa_decode import mfa_decode
+
+        num_pages, page_size = layer.k.shape[:2]
+        out = mfa_decode(  # [P, ps, 1, K] -> [P, ps, K]: a reshape, no copy of the cache
+            q[:, 0],
+            layer.k.reshape(num_pages, page_size, kd),
+            layer.v.reshape(num_pages, page_size, kd),
+            layer.block_table,
+            start + 1,
+            scale=scale,
+            k_scales=None if layer.k_scale is None else layer.k_scale.reshape(num_pages, page_size),
+            v_scales=None if layer.v_scale is None else layer.v_scale.reshape(num_pages, page_size),
+        )
+        return out[:, None]
+    keys, values = kvc.paged_gather(layer, q.dtype)
+    slots = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, :]
+    q_slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return attention_core(q, keys, values, q_slots, slots, scale)
+
+
+def paged_write_attend(q, k, v, layer: kvc.PagedLayer, start, scale: float, ctx: ShardCtx):
+    """Append ``k, v [B, T, G, K]`` to a paged cache at slots ``start + t`` and attend with ``q [B, T, H, K]``.
+
+    On a mesh whose batch axes (``act_batch``) split the batch, this runs once per data-parallel attention group
+    (``shard_map``), as the paper's attention instances do: the page pool is sharded the same way
+    (:data:`step3_jax.kv_cache.PAGE_AXES`), each group's block-table rows hold page ids local to its own shard, and
+    no K/V byte crosses devices. Returns ``(out [B, T, H, K], new layer)``."""
+    batch_axes = kvc.page_group_axes(ctx.mesh, ctx.rules)
+    if not batch_axes:
+        layer = kvc.paged_write(layer, k, v, start)
+        return paged_attention(q, layer, start, scale), layer
+    mesh, rules = ctx.mesh, ctx.rules
+    groups = kvc.num_page_groups(mesh, rules)
+    for name, n in (("batch", q.shape[0]), ("page pool", layer.k.shape[0])):
+        if n % groups:
+            raise ValueError(
+                f"paged attention on a mesh: the {name} ({n}) must split evenly over the {groups} data-parallel "
+                f"attention groups (mesh axes {','.join(batch_axes)})"
+            )
+    q_spec = rules.spec(("act_batch", "act_seq", "act_heads", None), mesh, q.shape)
+    q_spec = PartitionSpec(batch_axes, *q_spec[1:])
+    row = PartitionSpec(batch_axes)
+    fp8 = layer.is_fp8
+
+    def local(q, k, v, kp, vp, bt, start, *scales):
+        ks, vs = scales if fp8 else (None, None)
+        lay = kvc.PagedLayer(k=kp, v=vp, k_scale=ks, v_scale=vs, block_table=bt)
+        lay = kvc.paged_write(lay, k, v, start)
+        out = paged_attention(q, lay, start, scale)
+        return (out, lay.k, lay.v) + ((lay.k_scale, lay.v_scale) if fp8 else ())
+
+    args = (q, k, v, layer.k, layer.v, layer.block_table, start)
+    if fp8:
+        args += (layer.k_scale, layer.v_scale)
+    specs = (q_spec, row, row, row, row, row, row) + ((row, row) if fp8 else ())
+    out_specs = (q_spec, row, row) + ((row, row) if fp8 else ())
+    res = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
+    out, kp, vp = res[:3]
+    new = layer.replace(k=kp, v=vp)
+    if fp8:
+        new = new.replace(k_scale=res[3], v_scale=res[4])
+    return out, new
 
 
 class MFAAttention(nnx.Module):
@@ -119,12 +237,17 @@ class MFAAttention(nnx.Module):
         v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...])
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
-    def __call__(self, x, positions, kv=None, start=None):
-        """Without ``kv``: causal self-attention over x. With ``kv = (cache_k, cache_v)`` and ``start [B]``:
-        write this step's K/V at slots ``start + t`` and attend to all slots up to each query's own."""
+    def __call__(self, x, positions, kv=None, start=None, segment_ids=None):
+        """Without ``kv``: causal self-attention over x (within each segment, if ``segment_ids [B, T]`` are given:
+        packed documents). With ``kv = (cache_k, cache_v)`` and ``start [B]``: write this step's K/V at slots
+        ``start + t`` and attend to all slots up to each query's own."""
         q, k, v = self.qkv(x, positions)
+        if segment_ids is not None and kv is not None:
+            raise ValueError("segment_ids (packed documents) are supported without a KV cache only")
         if kv is None:
-            out = attention_core(q, k, v, positions, positions, self.scale)
+            out = attention_core(q, k, v, positions, positions, self.scale, segment_ids, segment_ids)
+        elif isinstance(kv, kvc.PagedLayer):
+            out, kv = paged_write_attend(q, k, v, kv, start, self.scale, self.ctx)
         else:
             cache_k, cache_v = kvc.write(*kv, k, v, start)
             kv = (cache_k, cache_v)
@@ -138,23 +261,23 @@ class MFAAttention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, d: int, f: int, dtype, *, rngs: nnx.Rngs):
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5)
+    def __init__(self, d: int, f: int, dtype, *, rngs: nnx.Rngs, fp8: bool = False):
+        _ffn_weight(self, "gate_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
+        _ffn_weight(self, "up_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
+        _ffn_weight(self, "down_proj", rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5, fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = jnp.einsum("...d,df->...f", x, self.gate_proj[...], preferred_element_type=f32)
-        u = jnp.einsum("...d,df->...f", x, self.up_proj[...], preferred_element_type=f32)
+        g = dense_matmul(x, _ffn_value(self, "gate_proj"))
+        u = dense_matmul(x, _ffn_value(self, "up_proj"))
         h = (jax.nn.silu(g) * u).astype(x.dtype)
-        return jnp.einsum("...f,fd->...d", h, self.down_proj[...])
+        return dense_matmul(h, _ffn_value(self, "down_proj")).astype(x.dtype)
 
 
 def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0):
     """Token-sorting MoE: sort token-expert pairs by expert, ``ragged_dot`` per group, weighted scatter-add.
 
-    x [N, D]; weights, ids [N, C]; gate, up [E_l, D, F]; down [E_l, F, D] hold experts
-    ``first_expert .. first_expert + E_l - 1`` (pairs routed elsewhere contribute nothing).
+    x [N, D]; weights, ids [N, C]; gate, up [E_l, D, F]; down [E_l, F, D] (or :class:`Fp8Weight` in HF layout)
+    hold experts ``first_expert .. first_expert + E_l - 1`` (pairs routed elsewhere contribute nothing).
     Returns float32 [N, D].
     """
     n, c = ids.shape
@@ -166,10 +289,10 @@ def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0):
     token = order // c
     group_sizes = jnp.bincount(sort_key, length=num_local + 1)[:num_local].astype(jnp.int32)
     xs = x[token]  # [A, D]
-    g = jax.lax.ragged_dot(xs, gate, group_sizes, preferred_element_type=f32)
-    u = jax.lax.ragged_dot(xs, up, group_sizes, preferred_element_type=f32)
+    g = grouped_matmul(xs, gate, group_sizes)
+    u = grouped_matmul(xs, up, group_sizes)
     h = (jax.nn.silu(g) * u).astype(x.dtype)
-    y = jax.lax.ragged_dot(h, down, group_sizes, preferred_element_type=f32)  # [A, D]
+    y = grouped_matmul(h, down, group_sizes)  # [A, D]
     w = jnp.where(is_local, weights.reshape(-1), 0.0)[order]
     y = jnp.where(is_local[order][:, None], y * w[:, None], 0.0)
     return jnp.zeros((n, x.shape[-1]), f32).at[token].add(y)
@@ -180,10 +303,11 @@ def loop_experts(x, weights, ids, gate, up, down):
     out = jnp.zeros(x.shape, f32)
     for e in range(gate.shape[0]):
         w_e = jnp.sum(jnp.where(ids == e, weights, 0.0), axis=-1)  # [N]
-        g = jnp.einsum("nd,df->nf", x, gate[e], preferred_element_type=f32)
-        u = jnp.einsum("nd,df->nf", x, up[e], preferred_element_type=f32)
+        gate_e, up_e, down_e = jax.tree.map(lambda a, e=e: a[e], (gate, up, down))  # arrays or Fp8Weights
+        g = dense_matmul(x, gate_e)
+        u = dense_matmul(x, up_e)
         h = (jax.nn.silu(g) * u).astype(x.dtype)
-        out = out + w_e[:, None] * jnp.einsum("nf,fd->nd", h, down[e], preferred_element_type=f32)
+        out = out + w_e[:, None] * dense_matmul(h, down_e)
     return out
 
 
@@ -192,11 +316,11 @@ class MoE(nnx.Module):
 
     def __init__(self, config: Step3Config, *, rngs: nnx.Rngs, ctx: ShardCtx):
         d, e, f = config.hidden_size, config.moe_num_experts, config.moe_intermediate_size
-        dt = config.dtype
+        dt, fp8 = config.dtype, config.quantization == "fp8"
         self.gate = _param(rngs, (d, e), ("embed", "router"), dt, d**-0.5)  # the router ("moe.gate" in HF)
-        self.gate_proj = _param(rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), dt, d**-0.5)
-        self.up_proj = _param(rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), dt, d**-0.5)
-        self.down_proj = _param(rngs, (e, f, d), ("experts", "expert_mlp", "expert_embed"), dt, f**-0.5)
+        _ffn_weight(self, "gate_proj", rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), dt, d**-0.5, fp8)
+        _ffn_weight(self, "up_proj", rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), dt, d**-0.5, fp8)
+        _ffn_weight(self, "down_proj", rngs, (e, f, d), ("experts", "expert_mlp", "expert_embed"), dt, f**-0.5, fp8)
         self.top_k = config.moe_top_k
         self.renormalize = config.norm_expert_weight
         self.impl = "grouped"
@@ -204,7 +328,13 @@ class MoE(nnx.Module):
 
     def route(self, x: jax.Array):
         """x [..., D] -> (weights [..., C] float32, expert ids [..., C] int32)."""
-        logits = jnp.einsum("...d,de->...e", x.astype(f32), self.gate[...].astype(f32))
+        return self.route_from_logits(self.router_logits(x))
+
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> float32 router logits [..., E]."""
+        return jnp.einsum("...d,de->...e", x.astype(f32), self.gate[...].astype(f32))
+
+    def route_from_logits(self, logits: jax.Array):
         probs = jax.nn.softmax(logits, axis=-1)
         weights, ids = jax.lax.top_k(probs, self.top_k)
         if self.renormalize:
@@ -216,7 +346,7 @@ class MoE(nnx.Module):
         impl = impl or self.impl
         if impl not in MOE_IMPLS:
             raise ValueError(f"MoE impl must be one of {MOE_IMPLS}, got {impl!r}")
-        gate, up, down = self.gate_proj[...], self.up_proj[...], self.down_proj[...]
+        gate, up, down = (_ffn_value(self, name) for name in ("gate_proj", "up_proj", "down_proj"))
         if impl == "grouped" and self.ctx.mesh is not None:
             return _sharded_grouped_experts(self.ctx, x, weights, ids, gate, up, down)
         b, t, d = x.shape
@@ -233,11 +363,21 @@ def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
     """Expert / tensor parallel MoE with ``shard_map``: tokens stay sharded by batch, each device runs the
     grouped path over its own experts and FFN columns, and partial outputs are summed over those axes."""
     mesh, rules = ctx.mesh, ctx.rules
-    num_experts, _, ffn = gate.shape
+    fp8 = isinstance(gate, Fp8Weight)
+    num_experts, ffn = gate.shape[0], gate.shape[1] if fp8 else gate.shape[2]
     check_divisible(mesh, rules, "experts", num_experts, "moe_num_experts")
     check_divisible(mesh, rules, "expert_mlp", ffn, "moe_intermediate_size")
     expert_axes = tuple(a for a in rules.mesh_axes("experts") if mesh.shape.get(a, 1) > 1)
     mlp_axes = tuple(a for a in rules.mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1 and a not in expert_axes)
+    mlp_shards = 1
+    for a in mlp_axes:
+        mlp_shards *= mesh.shape[a]
+    if fp8 and mlp_shards > 1 and ffn > BLOCK and (ffn // mlp_shards) % BLOCK:
+        raise ValueError(
+            f"moe_intermediate_size = {ffn} split over mesh axes ({','.join(mlp_axes)}) of total size {mlp_shards} "
+            f"leaves {ffn // mlp_shards} FFN columns per shard; FP8 experts need whole {BLOCK}-wide scale blocks "
+            f"per shard, i.e. moe_intermediate_size divisible by {BLOCK} x the ({','.join(mlp_axes)}) size"
+        )
     batch_axes = tuple(
         a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1 and a not in expert_axes + mlp_axes
     )
@@ -251,6 +391,10 @@ def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
     tok_spec = PartitionSpec(batch_axes or None, None, None)
     w_spec = PartitionSpec(e_spec, None, f_spec)
     down_spec = PartitionSpec(e_spec, f_spec, None)
+    if fp8:  # HF layout [E, F, D] / [E, D, F]; an FFN of one scale block shares that block on every shard
+        s_spec = f_spec if ffn > BLOCK else None
+        w_spec = Fp8Weight(PartitionSpec(e_spec, f_spec, None), PartitionSpec(e_spec, s_spec, None))
+        down_spec = Fp8Weight(PartitionSpec(e_spec, None, f_spec), PartitionSpec(e_spec, None, s_spec))
     reduce_axes = expert_axes + mlp_axes
 
     def local(x, weights, ids, gate, up, down):
@@ -292,14 +436,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps, dt)
         if self.is_moe:
             self.moe = MoE(config, rngs=rngs, ctx=ctx)
-            self.share_expert = MLP(d, config.share_expert_dim, dt, rngs=rngs)
+            self.share_expert = MLP(d, config.share_expert_dim, dt, rngs=rngs, fp8=config.quantization == "fp8")
         else:
-            self.mlp = MLP(d, config.intermediate_size, dt, rngs=rngs)
+            self.mlp = MLP(d, config.intermediate_size, dt, rngs=rngs, fp8=config.quantization == "fp8")
 
-    def attention(self, x, positions, kv=None, start=None):
+    def attention(self, x, positions, kv=None, start=None, segment_ids=None):
         """The attention half: returns (h, normed h for the FFN, new kv)."""
         with jax.named_scope("attention"):
-            a, kv = self.self_attn(self.input_layernorm(x), positions, kv, start)
+            a, kv = self.self_attn(self.input_layernorm(x), positions, kv, start, segment_ids)
         h = x + a
         return h, self.post_attention_layernorm(h), kv
 
@@ -312,8 +456,8 @@ class DecoderLayer(nnx.Module):
             weights, ids = routing if routing is not None else self.moe.route(normed)
             return self.moe.experts(normed, weights, ids) + self.share_expert(normed)
 
-    def __call__(self, x, positions, kv=None, start=None):
-        h, normed, kv = self.attention(x, positions, kv, start)
+    def __call__(self, x, positions, kv=None, start=None, segment_ids=None):
+        h, normed, kv = self.attention(x, positions, kv, start, segment_ids)
         return h + self.ffn(normed), kv
 
 
@@ -347,12 +491,22 @@ class Step3ForCausalLM(nnx.Module):
         out = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=f32)
         return self.ctx.constrain(out, ("act_batch", "act_seq", "act_vocab"))
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, cache: kvc.KVCache | None = None):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: kvc.KVCache | kvc.PagedKVCache | None = None,
+        segment_ids: jax.Array | None = None,
+    ):
         """input_ids int [B, T]. Without a cache, positions default to 0..T-1 and logits [B, T, V] are returned.
 
         With a :class:`~step3_jax.kv_cache.KVCache`, the T tokens are appended after each sequence's
         ``cache.lengths`` (positions default to those slots) and ``(logits, new_cache)`` is returned, with
-        ``lengths`` advanced by T.
+        ``lengths`` advanced by T. A :class:`~step3_jax.kv_cache.PagedKVCache` works the same way (its block
+        table must cover every written slot); decode steps (T == 1) then run the MFA decode kernel on GPU.
+
+        ``segment_ids [B, T]`` (no cache): tokens attend only within their own segment (packed documents;
+        give ``positions`` restarting per document too).
         """
         b, t = input_ids.shape if input_ids.ndim == 2 else (None, None)
         x = self.embed(input_ids)
@@ -360,11 +514,17 @@ class Step3ForCausalLM(nnx.Module):
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             for layer in self.layers:
-                x, _ = layer(x, positions)
+                x, _ = layer(x, positions, segment_ids=segment_ids)
             return self.logits(x)
         start = cache.lengths
         if positions is None:
             positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if isinstance(cache, kvc.PagedKVCache):
+            layers = []
+            for i, layer in enumerate(self.layers):
+                x, paged = layer(x, positions, cache.layer(i), start)
+                layers.append(paged)
+            return self.logits(x), kvc.PagedKVCache.from_layers(layers, cache.block_table, start + t)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             x, (k, v) = layer(x, positions, (cache.k[i], cache.v[i]), start)
@@ -435,6 +595,8 @@ def count_params(config: Step3Config) -> dict[str, int]:
     state = nnx.state(abstract_model(config), nnx.Param)
     total = routed = embed = 0
     for path, var in nnx.to_flat_state(state):
+        if str(path[-1]).endswith(SCALE_SUFFIX):
+            continue  # FP8 block scales are not parameters of the model
         size = 1
         for s in var.shape:
             size *= s

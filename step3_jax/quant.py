@@ -15,6 +15,7 @@ operands up to float32 rounding, which is what the pure-JAX reference path compu
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,3 +83,19 @@ def dequantize_activations(q: jax.Array, scale: jax.Array, group: int = BLOCK, d
 def fake_quantize_activations(x: jax.Array, group: int = BLOCK) -> jax.Array:
     """Round ``x`` through per-token-group FP8 and back (what the FP8 GEMM sees), in float32."""
     return dequantize_activations(*quantize_activations(x, group), group=group)
+
+
+class Fp8Weight(NamedTuple):
+    """A block-FP8 weight as the FFN / expert matmuls take it: ``q`` float8_e4m3fn ``[..., N, K]`` (HF layout,
+    K-major) and ``scale_inv`` float32 ``[..., ceil(N / 128), ceil(K / 128)]``. A pytree, so it passes through
+    ``jit`` / ``shard_map`` (give it a ``Fp8Weight`` of two PartitionSpecs)."""
+
+    q: jax.Array
+    scale_inv: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize_blockwise(self.q, self.scale_inv, dtype=dtype)

@@ -1,6 +1,14 @@
-"""Tokenizers. ``ByteTokenizer`` is the built-in default: UTF-8 bytes offset by three special ids."""
+"""Tokenizers. ``ByteTokenizer`` is the built-in default: UTF-8 bytes offset by three special ids.
+``load_tokenizer(folder)`` reads a checkpoint's Hugging Face ``tokenizer.json`` when it has one."""
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class ByteTokenizer:
@@ -19,3 +27,77 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.offset + 256)
         return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (read with the ``tokenizers`` library), with ByteTokenizer's interface.
+
+    ``bos_id`` / ``eos_id`` / ``pad_id`` come from ``tokenizer_config.json`` (``bos_token`` ...) when the folder
+    has one, else from ``config.json`` (``bos_token_id`` ...); any may be None.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, bos_id=None, eos_id=None, pad_id=None):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises its own exception type on malformed JSON
+            raise ValueError(f"{path}: not a valid Hugging Face tokenizer.json ({e})") from e
+        self.path = path
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else list(ids)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _special_token_id(tok: HFTokenizer, value) -> int | None:
+    """``"<s>"`` or ``{"content": "<s>", ...}`` (tokenizer_config.json) -> its id."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tok.token_to_id(value) if isinstance(value, str) else None
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteTokenizer:
+    """The tokenizer of a checkpoint folder: its ``tokenizer.json`` if it has one, else the built-in
+    :class:`ByteTokenizer` (also for ``path=None``)."""
+    if path is None:
+        return ByteTokenizer()
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        log.info("%s has no tokenizer.json; using the byte-level tokenizer", folder)
+        return ByteTokenizer()
+    tok = HFTokenizer(file)
+    ids = {}
+    tc_path = folder / "tokenizer_config.json"
+    if tc_path.is_file():
+        tc = json.loads(tc_path.read_text())
+        for name in ("bos", "eos", "pad"):
+            ids[name] = _special_token_id(tok, tc.get(f"{name}_token"))
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        for name in ("bos", "eos", "pad"):
+            value = cfg.get(f"{name}_token_id", cfg.get("text_config", {}).get(f"{name}_token_id"))
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if ids.get(name) is None and isinstance(value, int):
+                ids[name] = value
+    tok.bos_id, tok.eos_id, tok.pad_id = ids.get("bos"), ids.get("eos"), ids.get("pad")
+    return tok

@@ -1,5 +1,22 @@
-"""Checkpoint interop: Hugging Face key names and layouts."""
+"""Checkpoint interop: Hugging Face key names and layouts, safetensors load / save."""
 
+from step3_jax.checkpoint.hf import (
+    CheckpointReport,
+    inspect_checkpoint,
+    load_pretrained,
+    read_hf_config,
+    save_pretrained,
+)
 from step3_jax.checkpoint.hf_keys import from_hf_layout, hf_name, hf_shapes, to_hf_layout
 
-__all__ = ["from_hf_layout", "hf_name", "hf_shapes", "to_hf_layout"]
+__all__ = [
+    "CheckpointReport",
+    "from_hf_layout",
+    "hf_name",
+    "hf_shapes",
+    "inspect_checkpoint",
+    "load_pretrained",
+    "read_hf_config",
+    "save_pretrained",
+    "to_hf_layout",
+]

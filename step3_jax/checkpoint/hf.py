@@ -1,0 +1,617 @@
+"""Hugging Face Step-3 checkpoints (``stepfun-ai/step3``, ``stepfun-ai/step3-fp8``): load, save, inspect.
+
+``load_pretrained`` validates the whole checkpoint against the model its ``config.json`` describes (keys,
+shapes, dtypes, file integrity) from the safetensors headers alone, before any tensor is read. Then it streams
+the tensors one at a time: read into one host buffer, converted to the module layout (a view), and placed with
+``jax.make_array_from_callback`` so every device receives only its own slice of its sharding. Host memory
+stays near the size of the largest tensor, never the model.
+
+Block-FP8 checkpoints (``X.weight`` float8_e4m3fn + ``X.weight_scale_inv`` float32 per 128 x 128 block) load
+kept in FP8 for the FFN / expert weights of an FP8 model (``quantization="fp8"``, the default for such a
+checkpoint) or dequantised to the parameter dtype (``quantization=None``); FP8 tensors the model keeps in its
+parameter dtype (attention projections) are always dequantised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from step3_jax import quant
+from step3_jax.checkpoint.hf_keys import (
+    SCALE_SUFFIX,
+    VISION_PREFIXES,
+    from_hf_layout,
+    hf_layout_shape,
+    hf_name,
+    is_fp8,
+    is_scale,
+    is_vision_key,
+    scale_key,
+    to_hf_layout,
+)
+from step3_jax.checkpoint.safetensors_io import (
+    DTYPES,
+    SafetensorsWriter,
+    TensorInfo,
+    TensorSpec,
+    dtype_name,
+    read_header,
+    read_tensor,
+)
+from step3_jax.config import Step3Config
+from step3_jax.model import Step3ForCausalLM, count_params, param_shardings
+from step3_jax.sharding import DEFAULT_RULES, ShardingRules
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+STEP3_MODEL_TYPES = ("step3_vl", "step3_text")
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size")
+FLOAT_SOURCES = ("F32", "BF16", "F16", "F64")  # loadable (converted) into a float parameter
+SCALE_SOURCES = ("F32", "BF16", "F16")
+FP8_SOURCE = "F8_E4M3"
+MAX_LISTED = 20
+_AUTO = "auto"
+
+
+# ---------------------------------------------------------------------- finding and validating the files
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint folder as found on disk: its config.json and the header entry of every tensor."""
+
+    folder: Path
+    hf_config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    files: list[Path]
+
+
+def _refuse_pickle(folder: Path, names: list[str]):
+    raise ValueError(
+        f"only safetensors checkpoints are supported; {folder} has {', '.join(names)} (PyTorch pickle format, "
+        "which is never unpickled here: it can run arbitrary code). Convert the weights to safetensors first."
+    )
+
+
+def _find_files(path: Path) -> tuple[Path, Path | None, list[Path]]:
+    """(folder, index file or None, safetensors files when there is no index)."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path.parent, [path.name])
+        if path.name.endswith(".safetensors"):
+            return path.parent, None, [path]
+        if path.name.endswith(".index.json"):
+            return path.parent, path, []
+        raise ValueError(f"{path}: not a checkpoint folder, a .safetensors file or a safetensors index")
+    if (path / INDEX_NAME).is_file():
+        return path, path / INDEX_NAME, []
+    if (path / SINGLE_NAME).is_file():
+        return path, None, [path / SINGLE_NAME]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return path, None, files
+    pickles = sorted(
+        f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES or f.name.endswith(".bin.index.json")
+    )
+    if pickles:
+        _refuse_pickle(path, pickles)
+    raise FileNotFoundError(f"{path}: no {INDEX_NAME}, {SINGLE_NAME} or other *.safetensors file")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(f"{index}: no 'weight_map' object mapping tensor names to file names")
+    return weight_map
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read ``config.json`` of a checkpoint folder and check that it describes Step-3."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} (it defines the model the weights belong to)")
+    try:
+        hf = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    check_step3_config(hf, str(path))
+    return hf
+
+
+def check_step3_config(hf: Any, where: str = "config") -> None:
+    """Raise ValueError unless ``hf`` is a Step-3 config (VLM ``step3_vl`` with ``text_config``, or ``step3_text``)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} is not a Step-3 config: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    text = hf.get("text_config", hf)
+    text_type = text.get("model_type") if isinstance(text, dict) else None
+    if model_type not in STEP3_MODEL_TYPES or (model_type == "step3_vl" and text_type not in (None, "step3_text")):
+        raise ValueError(
+            f"{where} is not a Step-3 config: model_type {model_type!r}"
+            + (f" with text_config model_type {text_type!r}" if model_type == "step3_vl" else "")
+            + " (expected 'step3_vl' with a 'step3_text' text_config, or 'step3_text')"
+        )
+    if not isinstance(text, dict):
+        raise ValueError(f"{where}: text_config must be an object, got {type(text).__name__}")
+    missing = [f for f in REQUIRED_FIELDS if f not in text]
+    if missing:
+        raise ValueError(f"{where}: Step-3 config lacks the field(s) {', '.join(missing)}")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Find the files of a checkpoint, read config.json and every safetensors header (no tensor data)."""
+    folder, index, files = _find_files(Path(path))
+    hf_config = read_hf_config(folder)
+    if index is not None:
+        weight_map = _read_index(index)
+        names = sorted(set(weight_map.values()))
+        pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
+        if pickles:
+            _refuse_pickle(folder, pickles)
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names file(s) absent from {folder}: {', '.join(absent)}")
+        files = [folder / n for n in names]
+    headers = {f: read_header(f)[0] for f in files}
+    tensors: dict[str, TensorInfo] = {}
+    if index is not None:
+        for key, name in weight_map.items():
+            info = headers[folder / name].get(key)
+            if info is None:
+                raise ValueError(f"{index} maps {key!r} to {name}, which has no such tensor")
+            tensors[key] = info
+    else:
+        for f, header in headers.items():
+            for key, info in header.items():
+                if key in tensors:
+                    raise ValueError(f"tensor {key!r} is in both {tensors[key].file.name} and {f.name}")
+                tensors[key] = info
+    return Checkpoint(folder, hf_config, tensors, files)
+
+
+# ---------------------------------------------------------------------- matching tensors to parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class _Load:
+    """One module weight (plus its FP8 scale parameter, if the model keeps it in FP8) and its source tensors."""
+
+    path: tuple
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    source: TensorInfo
+    scale_path: tuple | None = None  # the model's X_scale_inv parameter (an FP8 weight)
+    scale_shape: tuple[int, ...] | None = None
+    source_scale: TensorInfo | None = None  # the checkpoint's X.weight_scale_inv (an FP8 tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes + (self.source_scale.nbytes if self.source_scale else 0)
+
+
+@dataclasses.dataclass
+class CheckpointReport:
+    """How a checkpoint matches the model of its config: what would load, and every problem found."""
+
+    folder: Path
+    config: Step3Config
+    tensors: dict[str, TensorInfo]
+    loads: list[_Load]
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[str]
+    wrong_dtype: list[str]
+    vision: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape or self.wrong_dtype)
+
+    def problems(self) -> list[str]:
+        out = []
+        for title, items in (
+            ("missing keys", self.missing),
+            ("unexpected keys", self.unexpected),
+            ("wrong shapes", self.wrong_shape),
+            ("wrong dtypes", self.wrong_dtype),
+        ):
+            if items:
+                shown = "\n    ".join(items[:MAX_LISTED])
+                more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+                out.append(f"{title} ({len(items)}):\n    {shown}{more}")
+        return out
+
+    def error_message(self) -> str:
+        return f"checkpoint {self.folder} does not match the Step-3 model of its config.json; nothing was loaded.\n" + (
+            "\n".join(self.problems())
+        )
+
+    @property
+    def dtype_breakdown(self) -> dict[str, tuple[int, int, int]]:
+        """safetensors dtype -> (tensors, elements, bytes), over every tensor in the files."""
+        out: dict[str, list[int]] = {}
+        for t in self.tensors.values():
+            row = out.setdefault(t.dtype, [0, 0, 0])
+            row[0] += 1
+            row[1] += t.size
+            row[2] += t.nbytes
+        return {k: tuple(v) for k, v in sorted(out.items())}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Elements in the files (text weights without FP8 scales, scales, vision) and the model's own counts."""
+        text = scales = vision = 0
+        for key, t in self.tensors.items():
+            if is_vision_key(key):
+                vision += t.size
+            elif key.endswith(".weight_scale_inv"):
+                scales += t.size
+            else:
+                text += t.size
+        model = count_params(self.config)
+        return {
+            "checkpoint_text": text,
+            "checkpoint_fp8_scales": scales,
+            "checkpoint_vision": vision,
+            "model_total": model["total"],
+            "model_active": model["active"],
+        }
+
+
+def _block_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-2], math.ceil(shape[-2] / quant.BLOCK), math.ceil(shape[-1] / quant.BLOCK))
+
+
+def _plan(folder: Path, config: Step3Config, state, tensors: dict[str, TensorInfo]) -> CheckpointReport:
+    flat = {tuple(path): var for path, var in nnx.to_flat_state(state)}
+    loads, missing, wrong_shape, wrong_dtype, used = [], [], [], [], set()
+    for path, var in flat.items():
+        if is_scale(path):
+            continue  # handled with its weight
+        shape, dtype = tuple(var.shape), np.dtype(var.dtype)
+        scale_path = (*path[:-1], str(path[-1]) + SCALE_SUFFIX)
+        scale_var = flat.get(scale_path)
+        key = hf_name(path)
+        info = tensors.get(key)
+        if info is None:
+            missing.append(key)
+            continue
+        used.add(key)
+        skey = scale_key(key)
+        sinfo = tensors.get(skey)
+        if sinfo is not None:
+            used.add(skey)
+        want = hf_layout_shape(path, shape, dtype)
+        if info.shape != want:
+            wrong_shape.append(f"{key}: expected {list(want)}, found {list(info.shape)}")
+            continue
+        if info.dtype == FP8_SOURCE and len(want) >= 2:
+            if sinfo is None:
+                missing.append(f"{skey} (the block scales of float8 {key})")
+                continue
+            if sinfo.shape != _block_shape(want):
+                wrong_shape.append(f"{skey}: expected {list(_block_shape(want))}, found {list(sinfo.shape)}")
+                continue
+            if sinfo.dtype not in SCALE_SOURCES:
+                wrong_dtype.append(f"{skey}: dtype {sinfo.dtype}, expected F32 block scales")
+                continue
+        elif info.dtype in FLOAT_SOURCES:
+            if sinfo is not None:
+                wrong_dtype.append(f"{key}: dtype {info.dtype}, but it has block scales {skey}: expected F8_E4M3")
+                continue
+            sinfo = None
+        else:
+            allowed = ", ".join(FLOAT_SOURCES) + (", F8_E4M3 with scales" if len(want) >= 2 else "")
+            wrong_dtype.append(f"{key}: dtype {info.dtype} cannot be loaded into a {dtype} parameter ({allowed})")
+            continue
+        loads.append(
+            _Load(
+                path=path,
+                shape=shape,
+                dtype=dtype,
+                source=info,
+                scale_path=scale_path if scale_var is not None else None,
+                scale_shape=tuple(scale_var.shape) if scale_var is not None else None,
+                source_scale=sinfo,
+            )
+        )
+    vision = [k for k in tensors if k not in used and is_vision_key(k)]
+    unexpected = [k for k in tensors if k not in used and not is_vision_key(k)]
+    return CheckpointReport(folder, config, tensors, loads, missing, unexpected, wrong_shape, wrong_dtype, vision)
+
+
+def _normalise_dtype(dtype) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+    return name
+
+
+def config_from_checkpoint(hf_config: dict, *, dtype=None, quantization: str | None = _AUTO) -> Step3Config:
+    """The model config of a checkpoint: ``dtype`` (default: the config's torch_dtype) and ``quantization``
+    ("auto": what the checkpoint's quantization_config says; "fp8"; None: plain ``dtype`` weights)."""
+    overrides: dict[str, Any] = {}
+    if dtype is not None:
+        overrides["param_dtype"] = _normalise_dtype(dtype)
+    if quantization != _AUTO:
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be 'auto', 'fp8' or None, got {quantization!r}")
+        overrides["quantization"] = quantization
+    return Step3Config.from_hf_config(hf_config, **overrides)
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike, *, dtype=None, quantization: str | None = _AUTO, mesh: Mesh | None = None, rules=None
+) -> CheckpointReport:
+    """Check a checkpoint against the model of its config.json from the headers alone (no tensor is read)."""
+    ckpt = open_checkpoint(path)
+    try:
+        config = config_from_checkpoint(ckpt.hf_config, dtype=dtype, quantization=quantization)
+    except ValueError as e:
+        raise ValueError(f"{ckpt.folder / CONFIG_NAME}: {e}") from e
+    rules = rules or DEFAULT_RULES
+    abstract = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    return _plan(ckpt.folder, config, nnx.state(abstract), ckpt.tensors)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _host_device():
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu): use the default device
+        return jax.local_devices()[0]
+
+
+@functools.cache
+def _jitted(fn, **kwargs):
+    return jax.jit(functools.partial(fn, **kwargs))
+
+
+def _host_blockwise(fn, *arrays: np.ndarray, **kwargs):
+    """Run a ``quant`` helper on the host CPU, one expert at a time for stacked weights (so its float32
+    temporaries stay the size of one expert), into preallocated numpy outputs."""
+    device = _host_device()
+    jfn = _jitted(fn, **kwargs)
+
+    def one(*xs):
+        return jax.tree.map(np.asarray, jfn(*(jax.device_put(x, device) for x in xs)))
+
+    if arrays[0].ndim <= 2:
+        return one(*arrays)
+    outs, treedef = None, None
+    for i in range(arrays[0].shape[0]):
+        leaves, treedef = jax.tree.flatten(one(*(a[i] for a in arrays)))
+        if outs is None:
+            outs = [np.empty((arrays[0].shape[0], *leaf.shape), leaf.dtype) for leaf in leaves]
+        for out, leaf in zip(outs, leaves, strict=True):
+            out[i] = leaf
+    return jax.tree.unflatten(treedef, outs)
+
+
+def _place(host: np.ndarray, dtype: np.dtype, sharding) -> jax.Array:
+    """Put a host array (any layout, any float dtype) into ``sharding``: each device receives only its slice,
+    converted to ``dtype`` slice by slice."""
+
+    def shard(index):
+        return np.asarray(host[index], dtype=dtype)
+
+    return jax.make_array_from_callback(host.shape, sharding, shard)
+
+
+def _load_one(load: _Load, shardings: dict) -> dict[tuple, jax.Array]:
+    data = read_tensor(load.source)
+    out = {}
+    if load.source.dtype == FP8_SOURCE:
+        scale = read_tensor(load.source_scale).astype(np.float32)
+        if load.scale_path is not None:  # an FP8 parameter: keep the checkpoint's bytes and scales
+            out[load.path] = _place(data, load.dtype, shardings[load.path])
+            out[load.scale_path] = _place(scale, np.dtype(np.float32), shardings[load.scale_path])
+            return out
+        value = _host_blockwise(quant.dequantize_blockwise, data, scale, dtype=load.dtype)
+        del data, scale
+        value = from_hf_layout(load.path, value, load.shape, load.dtype)
+    elif load.scale_path is not None:  # a float checkpoint weight for an FP8 parameter: block-quantise it
+        q, scale = _host_blockwise(quant.quantize_blockwise, data)
+        out[load.path] = _place(q, load.dtype, shardings[load.path])
+        out[load.scale_path] = _place(scale, np.dtype(np.float32), shardings[load.scale_path])
+        return out
+    else:
+        value = from_hf_layout(load.path, data, load.shape, load.dtype)  # a view: no copy
+    out[load.path] = _place(value, load.dtype, shardings[load.path])
+    return out
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    quantization: str | None = _AUTO,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+    progress: bool = True,
+) -> Step3ForCausalLM:
+    """Load a Hugging Face Step-3 checkpoint (folder with config.json and safetensors) into the model.
+
+    Args:
+      path: the checkpoint folder (``model.safetensors.index.json`` + shards, or one ``model.safetensors``),
+        or one ``.safetensors`` file / index inside it.
+      dtype: parameter dtype, ``bfloat16`` or ``float32``; default the checkpoint's ``torch_dtype``.
+      quantization: ``"auto"`` (as the checkpoint's ``quantization_config`` says), ``"fp8"`` (dense MLP, shared
+        and routed expert weights kept / made block-FP8), or ``None`` (every FP8 tensor dequantised to ``dtype``).
+      mesh, rules: place every parameter directly in its sharding on ``mesh`` (default: one device).
+      progress: show a progress bar (tensors and bytes).
+
+    Raises FileNotFoundError for a missing folder / config / shard, and ValueError naming every missing,
+    unexpected, mis-shaped or mis-typed key (vision weights are skipped, not unexpected), a corrupt or
+    truncated file, a config that is not Step-3, or a pickle checkpoint; all before any tensor is loaded.
+    """
+    t0 = time.perf_counter()
+    rules = rules or DEFAULT_RULES
+    report = inspect_checkpoint(path, dtype=dtype, quantization=quantization, mesh=mesh, rules=rules)
+    if not report.ok:
+        raise ValueError(report.error_message())
+    config = report.config
+    if report.vision:
+        log.info(
+            "skipping %d vision tensors (%s...) of %s: the text model does not use them",
+            len(report.vision),
+            "/".join(p.rstrip(".") for p in VISION_PREFIXES),
+            report.folder,
+        )
+    casts = Counter(
+        (ld.source.dtype, ld.dtype.name)
+        for ld in report.loads
+        if ld.source.np_dtype != ld.dtype and not is_fp8(ld.dtype) and ld.source.dtype != FP8_SOURCE
+    )
+    for (src, dst), n in casts.items():
+        log.info("converting %d %s tensors to %s", n, src, dst)
+
+    abstract = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    graphdef, state = nnx.split(abstract)
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
+    else:
+        single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = {tuple(p): single for p, _ in nnx.to_flat_state(state)}
+
+    loads = sorted(report.loads, key=lambda ld: (str(ld.source.file), ld.source.offset))
+    total = sum(ld.nbytes for ld in loads)
+    values: dict[tuple, jax.Array] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        for i, load in enumerate(loads):
+            values.update(_load_one(load, shardings))
+            bar.update(load.nbytes)
+            bar.set_postfix_str(f"{i + 1}/{len(loads)} tensors", refresh=False)
+    for p, var in nnx.to_flat_state(state):
+        var.set_value(values.pop(tuple(p)))
+    log.info(
+        "loaded %d tensors (%.2f GB) from %s in %.1f s",
+        len(loads),
+        total / 1e9,
+        report.folder,
+        time.perf_counter() - t0,
+    )
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------- saving
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"`` (GB = 10**9, GiB = 2**30)."""
+    if isinstance(size, bool):
+        raise ValueError(f"shard_size must be a number of bytes or a string like '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"shard_size must be a number of bytes or a string like '5GB', got {size!r}")
+        unit = (m.group(2) or "B").upper()
+        scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+        value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise ValueError(f"shard_size must be positive, got {size!r}")
+    return value
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_pretrained(
+    model: Step3ForCausalLM,
+    path: str | os.PathLike,
+    *,
+    shard_size: int | str = "5GB",
+    dtype=None,
+    progress: bool = False,
+) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint: safetensors shards ``model-0000i-of-0000N.safetensors`` of at
+    most ``shard_size`` bytes each (a bigger tensor gets a shard of its own), ``model.safetensors.index.json``
+    and ``config.json``. FP8 models are written in the block-FP8 format (``X.weight`` float8_e4m3fn +
+    ``X.weight_scale_inv`` + ``quantization_config``). ``dtype`` casts the non-FP8 weights (default: as stored).
+
+    Tensors are gathered to the host one at a time; each file is written under a temporary name and renamed
+    when complete, and the index is written last, so an interrupted save never looks like a checkpoint.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(shard_size)
+    config: Step3Config = model.config
+    if dtype is not None:
+        config = dataclasses.replace(config, param_dtype=_normalise_dtype(dtype))
+    entries = []
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        keep = is_fp8(value.dtype) or is_scale(p)
+        out_dtype = np.dtype(value.dtype) if keep or dtype is None else np.dtype(jnp.dtype(config.param_dtype))
+        spec = TensorSpec(hf_name(p), dtype_name(out_dtype), hf_layout_shape(p, value.shape, value.dtype))
+        entries.append((tuple(p), value, spec))
+
+    shards: list[list] = [[]]
+    used = 0
+    for entry in entries:
+        nbytes = entry[2].nbytes
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += nbytes
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    stale = sorted(
+        f.name for f in folder.glob("model*.safetensors") if f.name not in names and not f.name.startswith(".")
+    )
+    if stale:
+        log.warning("%s also holds %s from an earlier save; the new index does not use them", folder, stale)
+
+    total = sum(e[2].nbytes for e in entries)
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="saving", disable=not progress) as bar:
+        for name, shard in zip(names, shards, strict=True):
+            with SafetensorsWriter(folder / name, [e[2] for e in shard], {"format": "pt"}) as writer:
+                for p, value, spec in shard:
+                    host = to_hf_layout(p, np.asarray(jax.device_get(value)))
+                    writer.write(host.astype(DTYPES[spec.dtype], copy=False))
+                    weight_map[spec.key] = name
+                    bar.update(spec.nbytes)
+    _write_json(folder / CONFIG_NAME, config.to_hf_config())
+    _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    log.info("saved %d tensors (%.2f GB) in %d file(s) to %s", len(entries), total / 1e9, n, folder)
+    return folder

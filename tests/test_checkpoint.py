@@ -1,0 +1,637 @@
+"""Hugging Face checkpoint interop: tiny random checkpoints written in the exact HF layout (with the reference
+``safetensors`` writer and layout code of this test, not the loader's), loaded, compared, saved, broken."""
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from infer import inspect_checkpoint as inspect_cli
+from step3_jax import Step3Config, Step3ForCausalLM, get_preset, load_pretrained, make_mesh, save_pretrained
+from step3_jax.checkpoint import hf as hf_mod
+from step3_jax.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
+from step3_jax.quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise
+from step3_jax.sharding import DEFAULT_RULES
+from step3_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F8 = np.dtype(ml_dtypes.float8_e4m3fn)
+ATTN_PROJ = ("q_proj", "wq", "k_proj", "v_proj", "o_proj")
+
+
+# ---------------------------------------------------------------------- writing checkpoints the HF way
+
+
+def hf_tensors(model) -> dict[str, np.ndarray]:
+    """Every parameter under its HF key in torch [out, in] layout, spelled out here per module kind."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        a = np.asarray(var.get_value())
+        names = [str(p) for p in path]
+        leaf = names[-1]
+        if leaf.endswith("_scale_inv"):  # FP8 scales, stored as in HF already
+            key = ".".join(names[:-1] + [leaf.removesuffix("_scale_inv"), "weight_scale_inv"])
+        elif leaf == "weight":  # norms
+            key = ".".join(names)
+        else:
+            key = ".".join(names + ["weight"])
+        key = key if key.startswith("lm_head") else "model." + key
+        if a.dtype == F8 or leaf.endswith("_scale_inv") or leaf in ("embed_tokens", "weight"):
+            hf = a
+        elif leaf in ("q_proj", "k_proj", "v_proj"):  # [D, Q] / [D, G, K] -> [Q | G*K, D]
+            hf = a.reshape(a.shape[0], -1).T
+        elif leaf == "wq":  # [Q, H, K] -> [H*K, Q]
+            hf = a.reshape(a.shape[0], -1).T
+        elif leaf == "o_proj":  # [H, K, D] -> [D, H*K]
+            hf = a.reshape(-1, a.shape[-1]).T
+        elif a.ndim == 3:  # stacked experts [E, in, out] -> [E, out, in]
+            hf = a.transpose(0, 2, 1)
+        else:  # mlp / share_expert / router / lm_head [in, out] -> [out, in]
+            hf = a.T
+        out[key] = np.ascontiguousarray(hf)
+    return out
+
+
+VISION = {
+    "vision_model.embeddings.patch_embedding.weight": np.ones((4, 3, 2, 2), np.float32),
+    "vit_downsampler.weight": np.ones((4, 4), BF16),
+    "vit_large_projector.weight": np.ones((6, 4), BF16),
+}
+
+
+def vlm_config(config: Step3Config) -> dict:
+    text = config.to_hf_config()
+    top = {
+        "model_type": "step3_vl",
+        "architectures": ["Step3VLForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": {"hidden_size": 4, "num_hidden_layers": 1},
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+    if "quantization_config" in text:
+        top["quantization_config"] = text.pop("quantization_config")
+    return top
+
+
+def write_checkpoint(folder, tensors: dict, hf_config: dict, num_files: int = 3):
+    """safetensors shards written by the reference library, an index over them, and config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(tensors)
+    weight_map = {}
+    for i in range(num_files):
+        name = f"model-{i + 1:05d}-of-{num_files:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::num_files]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(v.nbytes for v in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    return folder
+
+
+def random_model(config: Step3Config, seed: int) -> Step3ForCausalLM:
+    """The model with random numpy weights (no compilation needed): FP8 weights get e4m3 values spread over
+    the format's range and positive per-block scales, so the real weights have a sensible size."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(state):
+        shape, dtype, name = var.shape, np.dtype(var.dtype), str(path[-1])
+        if dtype == F8:
+            value = np.clip(rng.normal(size=shape) * 64, -448, 448)
+        elif name.endswith("_scale_inv"):
+            value = rng.uniform(0.5, 1.5, shape) * (var.shape[-1] * 128) ** -0.5 / 64
+        elif name == "weight":  # norms
+            value = 1 + 0.1 * rng.normal(size=shape)
+        else:
+            value = rng.normal(size=shape) * (1.0 if name == "embed_tokens" else shape[-2] ** -0.5)
+        var.set_value(jnp.asarray(np.asarray(value, np.float32).astype(dtype)))
+    return nnx.merge(graphdef, state)
+
+
+def params(model) -> dict:
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assert_params_identical(a, b):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert pa[k].dtype == pb[k].dtype and pa[k].shape == pb[k].shape, k
+        assert np.array_equal(pa[k].view(np.uint8), pb[k].view(np.uint8)), k
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids)
+
+
+def forward(model, ids):
+    graphdef, state = nnx.split(model)
+    return np.asarray(_forward(graphdef, state, ids))
+
+
+def ids_for(config, batch=4, length=9):
+    return jax.random.randint(jax.random.key(5), (batch, length), 3, config.vocab_size, dtype=jnp.int32)
+
+
+def fp8_config(test_config):
+    # several full 128-blocks and partial ones in every FFN dimension, one dense and one MoE layer
+    return dataclasses.replace(
+        test_config,
+        hidden_size=160,
+        intermediate_size=300,
+        moe_intermediate_size=288,
+        share_expert_dim=200,
+        moe_num_experts=4,
+        num_hidden_layers=2,
+        moe_layers_enum=(1,),
+        quantization="fp8",
+    )
+
+
+# ---------------------------------------------------------------------- fixtures (built once per session)
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory):
+    config = get_preset("test")  # bfloat16 parameters
+    model = random_model(config, seed=11)
+    tensors = hf_tensors(model)
+    folder = write_checkpoint(tmp_path_factory.mktemp("bf16"), {**tensors, **VISION}, vlm_config(config))
+    return folder, model, tensors
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory, test_config):
+    config = fp8_config(test_config)
+    model = random_model(config, seed=3)
+    tensors = hf_tensors(model)
+    folder = write_checkpoint(tmp_path_factory.mktemp("fp8"), tensors, vlm_config(config), num_files=2)
+    return folder, model, tensors
+
+
+# ---------------------------------------------------------------------- BF16: load, forward, save, round trip
+
+
+def test_bf16_load_equals_source_model_and_skips_vision(bf16_ckpt, caplog):
+    folder, source, tensors = bf16_ckpt
+    assert {str(t.dtype) for t in tensors.values()} == {"bfloat16"}
+    with caplog.at_level(logging.INFO, logger="step3_jax.checkpoint.hf"):
+        model = load_pretrained(folder, progress=False)
+    assert model.config == source.config
+    assert_params_identical(model, source)
+    ids = ids_for(model.config)
+    np.testing.assert_array_equal(forward(model, ids), forward(source, ids))
+    assert "skipping 3 vision tensors" in caplog.text
+
+
+def test_save_load_round_trip_is_bit_exact(bf16_ckpt, tmp_path):
+    folder, source, tensors = bf16_ckpt
+    model = load_pretrained(folder, progress=False)
+    out = save_pretrained(model, tmp_path / "a", shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert set(index["weight_map"]) == set(tensors)  # vision weights are not part of the text model
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    for name in files:
+        assert (out / name).stat().st_size <= 40_000 + 4096  # data plus header
+        # the reference reader reads what we wrote: same keys, dtypes, bytes as the source checkpoint
+        with safe_open(str(out / name), framework="numpy") as f:
+            assert f.metadata() == {"format": "pt"}
+            for key in f.keys():
+                assert index["weight_map"][key] == name
+                got = f.get_tensor(key)
+                assert got.dtype == tensors[key].dtype and np.array_equal(
+                    got.view(np.uint8), tensors[key].view(np.uint8)
+                )
+    assert Step3Config.from_hf_config(json.loads((out / "config.json").read_text())) == source.config
+    again = load_pretrained(out, progress=False)
+    assert_params_identical(again, source)
+    out2 = save_pretrained(again, tmp_path / "b", shard_size=40_000)
+    for name in [*files, "model.safetensors.index.json", "config.json"]:
+        assert (out / name).read_bytes() == (out2 / name).read_bytes(), name
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_interrupted_save_leaves_nothing_that_looks_complete(bf16_ckpt, tmp_path, monkeypatch):
+    source = bf16_ckpt[1]
+    real_write, writes = SafetensorsWriter.write, []
+
+    def failing_write(self, array):
+        writes.append(self.path.name)
+        if len(writes) == 12:
+            raise OSError("disk full")
+        real_write(self, array)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(source, tmp_path / "x", shard_size=20_000)
+    names = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert writes[-1] not in names  # the shard being written never appears under its name
+    assert "model.safetensors.index.json" not in names and not any(n.startswith(".") for n in names)
+    for name in names:  # shards finished before the failure are whole files
+        read_header(tmp_path / "x" / name)
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(tmp_path / "x", progress=False)  # no config.json / index: not mistaken for a checkpoint
+
+
+def test_single_file_and_dtype_override(bf16_ckpt, tmp_path):
+    _, source, tensors = bf16_ckpt
+    folder = tmp_path / "one"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(source.config.to_hf_config()))  # a bare step3_text config
+    model = load_pretrained(folder, dtype="float32", progress=False)
+    assert model.config.param_dtype == "float32"
+    for k, v in params(model).items():
+        assert v.dtype == np.float32
+        np.testing.assert_array_equal(v, params(source)[k].astype(np.float32))  # bf16 -> f32 is exact
+
+
+# ---------------------------------------------------------------------- block FP8
+
+
+def test_fp8_load_keeps_fp8_and_equals_source(fp8_ckpt, tmp_path):
+    folder, source, tensors = fp8_ckpt
+    expert = tensors["model.layers.1.moe.gate_proj.weight"]
+    assert expert.dtype == F8 and expert.shape == (4, 288, 160)
+    assert tensors["model.layers.1.moe.gate_proj.weight_scale_inv"].shape == (4, 3, 2)  # partial blocks
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale_inv"].shape == (2, 3)
+    model = load_pretrained(folder, progress=False)
+    assert model.config.quantization == "fp8"
+    assert model.layers[1].moe.gate_proj.get_value().dtype == FP8_DTYPE
+    assert_params_identical(model, source)
+    ids = ids_for(model.config)
+    np.testing.assert_array_equal(forward(model, ids), forward(source, ids))
+    # save -> load -> save: the block-FP8 format, bit-exact
+    out = save_pretrained(model, tmp_path / "fp8", shard_size=100_000)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    headers = {}
+    for f in out.glob("model-*.safetensors"):
+        headers.update(read_header(f)[0])
+    assert headers.keys() == tensors.keys()
+    for key, info in headers.items():
+        want = tensors[key]
+        got = read_tensor(info)
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), key
+    assert_params_identical(load_pretrained(out, progress=False), source)
+
+
+def _release_like(fp8_ckpt, tmp_path):
+    """The FP8 checkpoint with its attention projections block-quantised too (as the FP8 release stores them)."""
+    folder, source, tensors = fp8_ckpt
+    tensors = dict(tensors)
+    for key in list(tensors):
+        if key.rsplit(".", 2)[-2] in ATTN_PROJ:
+            q, s = quantize_blockwise(jnp.asarray(tensors[key]))
+            tensors[key], tensors[key + "_scale_inv"] = np.asarray(q), np.asarray(s)
+    return write_checkpoint(tmp_path / "release", tensors, json.loads((folder / "config.json").read_text())), tensors
+
+
+def test_fp8_dequantised_load_equals_direct_dequantisation(fp8_ckpt, tmp_path):
+    folder, tensors = _release_like(fp8_ckpt, tmp_path)
+    plain = load_pretrained(folder, quantization=None, progress=False)  # everything dequantised to float32
+    kept = load_pretrained(folder, progress=False)  # FFN weights stay FP8, attention is dequantised
+    assert plain.config.quantization is None and kept.config.quantization == "fp8"
+    hf_plain = hf_tensors(plain)
+    assert set(hf_plain) == {k for k in tensors if not k.endswith("_scale_inv")}
+    for key, value in hf_plain.items():
+        if tensors[key].dtype == F8:
+            want = np.asarray(dequantize_blockwise(tensors[key], tensors[key + "_scale_inv"], dtype=jnp.float32))
+        else:
+            want = tensors[key]
+        assert value.dtype == np.float32 and np.array_equal(value, want), key
+    hf_kept = hf_tensors(kept)
+    for key, value in hf_kept.items():
+        is_attn = key.rsplit(".", 2)[-2] in ATTN_PROJ
+        want = hf_plain[key] if is_attn else tensors[key]
+        assert np.array_equal(value.view(np.uint8), want.view(np.uint8)), key
+    assert "model.layers.0.self_attn.q_proj.weight_scale_inv" not in hf_kept
+
+
+def test_bf16_checkpoint_quantised_on_load(tmp_path, test_config):
+    # A float checkpoint of FP8-sized dims, loaded as an FP8 model: FFN weights are block-quantised on the way.
+    config = dataclasses.replace(fp8_config(test_config), quantization=None)
+    tensors = hf_tensors(random_model(config, seed=4))
+    folder = write_checkpoint(tmp_path / "f32", tensors, config.to_hf_config(), num_files=1)
+    model = load_pretrained(folder, quantization="fp8", progress=False)
+    hf = hf_tensors(model)
+    for key in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.moe.down_proj.weight"):
+        q, s = quantize_blockwise(jnp.asarray(tensors[key]))
+        assert hf[key].dtype == F8 and np.array_equal(hf[key].view(np.uint8), np.asarray(q).view(np.uint8))
+        np.testing.assert_array_equal(hf[key.replace(".weight", ".weight_scale_inv")], s)
+    np.testing.assert_array_equal(
+        hf["model.layers.0.self_attn.wq.weight"], tensors["model.layers.0.self_attn.wq.weight"]
+    )
+
+
+# ---------------------------------------------------------------------- on a mesh of 8 devices
+
+
+def _assert_sharded_as_rules_say(model, mesh):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        want = DEFAULT_RULES.sharding(mesh, var.get_metadata()["logical_axes"], value.shape)
+        assert value.sharding.is_equivalent_to(want, value.ndim), path
+
+
+def test_load_onto_mesh_bf16_checkpoint(bf16_ckpt):
+    folder, source, tensors = bf16_ckpt
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = load_pretrained(folder, dtype="float32", mesh=mesh, progress=False)
+    _assert_sharded_as_rules_say(sharded, mesh)
+    q = sharded.layers[0].self_attn.wq.get_value()  # [Q, H, K], heads over tensor
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2])
+    single = load_pretrained(folder, dtype="float32", progress=False)
+    assert_params_identical(sharded, single)
+    ids = ids_for(single.config, batch=8)
+    got = forward(sharded, jax.device_put(ids, DEFAULT_RULES.sharding(mesh, ("act_batch", None), ids.shape)))
+    np.testing.assert_allclose(got, forward(single, ids), rtol=2e-5, atol=2e-5)
+
+
+def test_load_onto_mesh_fp8_checkpoint(fp8_ckpt):
+    folder, source, _ = fp8_ckpt
+    # no fsdp: splitting the model dim would reorder sums, and a last-bit difference can flip the FP8
+    # rounding of an activation (a visible 2^-4 step), so only meshes that keep reductions whole compare tightly
+    mesh = make_mesh(data=4, expert=2)
+    sharded = load_pretrained(folder, mesh=mesh, progress=False)
+    _assert_sharded_as_rules_say(sharded, mesh)
+    experts = sharded.layers[1].moe.gate_proj.get_value()
+    assert experts.dtype == FP8_DTYPE and experts.addressable_shards[0].data.shape[0] == 2
+    assert_params_identical(sharded, source)
+    ids = ids_for(source.config, batch=8)
+    got = forward(sharded, jax.device_put(ids, DEFAULT_RULES.sharding(mesh, ("act_batch", None), ids.shape)))
+    want = forward(source, ids)
+    # Tokens agree to float32 noise, except where a last-bit difference in summation order flips the FP8
+    # rounding of an activation (a 2^-4 step in one channel); a layout or scale error would hit every token.
+    token_diff = np.abs(got - want).max(-1)
+    assert np.mean(token_diff < 1e-4) >= 0.9, token_diff
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    # 288 FFN columns over tensor=2 leave 144 per shard: not whole 128-blocks, said clearly
+    bad = load_pretrained(folder, mesh=make_mesh(data=2, tensor=2, expert=2), progress=False)
+    with pytest.raises(ValueError, match="moe_intermediate_size = 288 .* 144 FFN columns per shard"):
+        forward(bad, ids)
+
+
+# ---------------------------------------------------------------------- bad input: clear errors, nothing loaded
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _rewrite(folder, key_fn):
+    """Rewrite every shard of ``folder`` through ``key_fn(tensors) -> tensors`` (index kept in step)."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for name in sorted(set(index["weight_map"].values())):
+        tensors = {}
+        for key, info in read_header(folder / name)[0].items():
+            tensors[key] = read_tensor(info)
+        tensors = key_fn(tensors)
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
+        index["weight_map"].update(dict.fromkeys(tensors, name))
+    index_path.write_text(json.dumps(index))
+
+
+def _edit(key, fn):
+    def edit(tensors):
+        if key in tensors:
+            tensors[key] = fn(tensors[key])
+        return tensors
+
+    return edit
+
+
+def _drop(key):
+    return lambda t: {k: v for k, v in t.items() if k != key}
+
+
+def _add(key, value):
+    return lambda t: {**t, key: value} if "model.embed_tokens.weight" in t else t
+
+
+def _truncate(folder):
+    f = sorted(folder.glob("model-*.safetensors"))[1]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+
+
+def _corrupt_header(folder):
+    f = sorted(folder.glob("model-*.safetensors"))[0]
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"\x00garbage!!\xff\xfe"
+    f.write_bytes(bytes(data))
+
+
+def _huge_header(folder):
+    f = sorted(folder.glob("model-*.safetensors"))[0]
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", 10**12) + data[8:])
+
+
+def _config(change):
+    def edit(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        change(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+
+    return edit
+
+
+L0 = "model.layers.0"
+BAD_CASES = {
+    "missing key": (
+        lambda f: _rewrite(f, _drop(f"{L0}.self_attn.wq.weight")),
+        ValueError,
+        r"missing keys \(1\):\s+model\.layers\.0\.self_attn\.wq\.weight",
+    ),
+    "unexpected key": (
+        lambda f: _rewrite(f, _add(f"{L0}.self_attn.extra.weight", np.ones(3, BF16))),
+        ValueError,
+        r"unexpected keys \(1\):\s+model\.layers\.0\.self_attn\.extra\.weight",
+    ),
+    "wrong shape": (
+        lambda f: _rewrite(f, _edit(f"{L0}.mlp.up_proj.weight", lambda a: np.ascontiguousarray(a.T))),
+        ValueError,
+        r"model\.layers\.0\.mlp\.up_proj\.weight: expected \[56, 40\], found \[40, 56\]",
+    ),
+    "wrong dtype": (
+        lambda f: _rewrite(f, _edit("model.norm.weight", lambda a: a.astype(np.int32))),
+        ValueError,
+        r"model\.norm\.weight: dtype I32 cannot be loaded into a bfloat16 parameter",
+    ),
+    "fp8 without scales": (
+        lambda f: _rewrite(f, _edit(f"{L0}.mlp.gate_proj.weight", lambda a: a.astype(F8))),
+        ValueError,
+        r"model\.layers\.0\.mlp\.gate_proj\.weight_scale_inv \(the block scales of float8",
+    ),
+    "truncated file": (_truncate, ValueError, r"model-00002-of-00003\.safetensors: truncated"),
+    "corrupt header": (_corrupt_header, ValueError, r"model-00001-of-00003\.safetensors: corrupt safetensors header"),
+    "impossible header length": (
+        _huge_header,
+        ValueError,
+        r"model-00001-of-00003\.safetensors: not a valid safetensors",
+    ),
+    "index names an absent file": (
+        lambda f: (f / "model-00003-of-00003.safetensors").unlink(),
+        FileNotFoundError,
+        r"names file\(s\) absent .*model-00003-of-00003\.safetensors",
+    ),
+    "not a step-3 config": (
+        _config(lambda c: c.update(model_type="llama")),
+        ValueError,
+        r"config\.json is not a Step-3 config: model_type 'llama'",
+    ),
+    "config without text fields": (
+        _config(lambda c: c["text_config"].pop("hidden_size")),
+        ValueError,
+        r"lacks the field\(s\) hidden_size",
+    ),
+    "unsupported quantization": (
+        _config(lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4})),
+        ValueError,
+        r"quant_method 'gptq' is not supported",
+    ),
+    "missing config": (lambda f: (f / "config.json").unlink(), FileNotFoundError, r"no config\.json"),
+    "pickle index": (
+        lambda f: (f / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"a": "pytorch_model-1.bin"}})
+        ),
+        ValueError,
+        r"only safetensors checkpoints are supported.*pytorch_model-1\.bin",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_checkpoint_clear_error_and_nothing_loaded(bf16_ckpt, tmp_path, monkeypatch, case):
+    mutate, error, message = BAD_CASES[case]
+    folder = _copy(bf16_ckpt[0], tmp_path)
+    mutate(folder)
+    reads = []
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info: reads.append(info) or read_tensor(info))
+    with pytest.raises(error, match=message):
+        load_pretrained(folder, progress=False)
+    assert reads == []  # validation happens on the headers, before any tensor is read
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    folder = tmp_path / "torch"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(get_preset("test").to_hf_config()))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match="only safetensors checkpoints are supported.*pytorch_model.bin"):
+        load_pretrained(folder, progress=False)
+    (folder / "weights.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="only safetensors checkpoints are supported.*weights.pt"):
+        load_pretrained(folder / "weights.pt", progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(tmp_path / "nowhere", progress=False)
+
+
+def test_vision_keys_are_not_unexpected_but_other_prefixes_are(bf16_ckpt, tmp_path):
+    folder = _copy(bf16_ckpt[0], tmp_path)
+    _rewrite(folder, _add("vit_downsampler2.weight", np.ones(2, BF16)))
+    load_pretrained(folder, progress=False)  # fine: a vision weight
+    _rewrite(folder, _add("vision_tower.weight", np.ones(2, BF16)))
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\):\s+vision_tower\.weight"):
+        load_pretrained(folder, progress=False)
+
+
+def test_wrong_fp8_scale_shape_named(fp8_ckpt, tmp_path):
+    folder = _copy(fp8_ckpt[0], tmp_path)
+    key = "model.layers.1.moe.up_proj.weight_scale_inv"
+    _rewrite(folder, _edit(key, lambda a: np.ascontiguousarray(a[:, :2])))
+    with pytest.raises(ValueError, match=rf"{key}: expected \[4, 3, 2\], found \[4, 2, 2\]"):
+        load_pretrained(folder, progress=False)
+
+
+# ---------------------------------------------------------------------- config, CLI, tokenizer
+
+
+def test_hf_quantization_config_round_trip():
+    cfg = dataclasses.replace(get_preset("test"), quantization="fp8")
+    hf = json.loads(json.dumps(cfg.to_hf_config()))
+    assert hf["quantization_config"]["weight_block_size"] == [128, 128]
+    assert Step3Config.from_hf_config(hf) == cfg
+    assert "quantization_config" not in get_preset("test").to_hf_config()
+    for bad, field in [
+        ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "weight_block_size"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}, "fmt"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, "activation_scheme"),
+        ({"quant_method": "awq"}, "quant_method"),
+    ]:
+        with pytest.raises(ValueError, match=f"quantization_config.{field}"):
+            Step3Config.from_hf_config(dict(hf, quantization_config=bad))
+    with pytest.raises(ValueError, match="quantization"):
+        dataclasses.replace(cfg, quantization="int4")
+
+
+def test_inspect_cli(bf16_ckpt, fp8_ckpt, tmp_path, capsys):
+    assert inspect_cli.main([str(fp8_ckpt[0])]) == 0
+    out = capsys.readouterr().out
+    assert "step3_vl" in out and "hidden_size" in out and "F8_E4M3" in out and "quantization: fp8" in out
+    assert "no problems" in out
+    folder = _copy(bf16_ckpt[0], tmp_path)
+    _rewrite(folder, lambda t: _add("model.bogus.weight", np.ones(2, BF16))(_drop("model.norm.weight")(t)))
+    assert inspect_cli.main([str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "model.norm.weight" in out and "model.bogus.weight" in out and "3 vision tensors skipped" in out
+    assert inspect_cli.main([str(folder), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["missing"] == ["model.norm.weight"] and report["unexpected"] == ["model.bogus.weight"]
+    assert report["parameters"]["checkpoint_text"] + 40 == report["parameters"]["model_total"] + 2
+
+
+def test_tokenizer_from_checkpoint_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["hello world", "the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok.decoder = __import__("tokenizers").decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer)
+    assert (loaded.bos_id, loaded.eos_id) == (tok.token_to_id("<s>"), tok.token_to_id("</s>"))
+    ids = loaded.encode("hello the lazy fox")
+    assert ids[0] == loaded.bos_id and ids[1:] == tok.encode("hello the lazy fox", add_special_tokens=False).ids
+    assert loaded.decode(ids) == "hello the lazy fox"
+    assert loaded.vocab_size == tok.get_vocab_size()
+    # without tokenizer_config.json the ids come from config.json
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7]}))
+    assert (load_tokenizer(tmp_path).bos_id, load_tokenizer(tmp_path).eos_id) == (1, 2)
+    # a folder without tokenizer.json, or none at all: the byte-level default
+    assert isinstance(load_tokenizer(tmp_path / "elsewhere"), ByteTokenizer)
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
+        load_tokenizer(tmp_path)
