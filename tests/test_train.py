@@ -1,0 +1,202 @@
+"""Training: learning signal, sharded equals single-device, exact resume, balancing, non-finite steps, LoRA."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from step3_jax import make_mesh
+from step3_jax.tokenizer import ByteTokenizer
+from train import lora
+from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents
+from train.train import TrainConfig, Trainer, TrainingError, main, run
+
+TOK = ByteTokenizer()
+DOCS = ["the quick brown fox jumps over the lazy dog. " * 3, "pack my box with five dozen liquor jugs! " * 3]
+
+
+def small_tc(**kw):
+    base = dict(seq_len=32, batch_size=8, steps=4, lr=3e-3, warmup_steps=2, compute_dtype="float32", save_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def data_for(tc, docs=DOCS * 8):
+    return pack_documents(docs, TOK, tc.seq_len, seed=0)
+
+
+def test_packing_masks_documents_and_resumes_exactly():
+    data = pack_documents(["ab", "cdef", "g" * 40], TOK, 8, seed=1)
+    b = data.batch(np.arange(len(data)))
+    # targets never cross into another document, positions restart in each document
+    seg, pos, mask = b["segment_ids"], b["positions"], b["loss_mask"]
+    assert np.all(pos[seg != np.roll(seg, 1, axis=1)][1:] == 0) or np.all(pos[:, 0] == 0)
+    assert set(np.unique(mask)) <= {0.0, 1.0} and mask.min() == 0.0
+    it = BatchIterator(data, 2, seed=3)
+    [next(it) for _ in range(5)]
+    state = it.get_state()
+    expect = [next(it)["input_ids"] for _ in range(4)]
+    it2 = BatchIterator(data, 2, seed=3)
+    it2.set_state(state)
+    for e in expect:
+        np.testing.assert_array_equal(next(it2)["input_ids"], e)
+
+
+def test_embedded_corpus_needs_no_download():
+    docs = embedded_corpus()
+    assert len(docs) > 50 and sum(map(len, docs)) > 100_000
+
+
+def test_loss_falls_on_a_repeated_corpus(test_config):
+    tc = small_tc(steps=150, warmup_steps=10, lr=1e-2)
+    trainer = Trainer(test_config, tc, data_for(tc))
+    hist = run(trainer, progress=False)
+    first, last = hist[0]["loss"], np.mean([h["loss"] for h in hist[-10:]])
+    assert first > 4.0  # about log(vocab) at the start
+    assert last < 0.4 * first, (first, last)
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, tensor=2, expert=2)])  # data, tensor and expert parallel at once
+def test_sharded_training_matches_single_device(test_config, axes):
+    config = dataclasses.replace(test_config, moe_num_experts=8)
+    tc = small_tc(steps=3)
+    single = run(Trainer(config, tc, data_for(tc)), progress=False)
+    sharded = run(Trainer(config, tc, data_for(tc), mesh=make_mesh(**axes)), progress=False)
+    np.testing.assert_allclose([h["loss"] for h in sharded], [h["loss"] for h in single], rtol=1e-4)
+
+
+def test_grad_accumulation_matches_one_big_batch(test_config):
+    tc = small_tc(steps=2)
+    one = run(Trainer(test_config, tc, data_for(tc)), progress=False)
+    acc = run(Trainer(test_config, dataclasses.replace(tc, grad_accum=4), data_for(tc)), progress=False)
+    np.testing.assert_allclose([h["loss"] for h in acc], [h["loss"] for h in one], rtol=1e-4)
+
+
+def test_kill_and_resume_continues_the_same_trajectory(test_config, tmp_path):
+    tc = small_tc(steps=6, save_every=3)
+    straight = run(Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "a"), progress=False)
+    first = Trainer(test_config, dataclasses.replace(tc, steps=3), data_for(tc), workdir=tmp_path / "b")
+    run(first, progress=False)
+    first.close()  # "killed" after step 3 (its checkpoint at step 3 is the last good one)
+    resumed = Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "b")
+    assert resumed.restore() and resumed.step == 3
+    rest = run(resumed, progress=False)
+    resumed.close()
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    np.testing.assert_allclose([h["loss"] for h in rest], [h["loss"] for h in straight[3:]], rtol=1e-6)
+
+
+def test_resume_with_another_model_shape_is_refused(test_config, tmp_path):
+    tc = small_tc(steps=1, save_every=1)
+    t = Trainer(test_config, tc, data_for(tc), workdir=tmp_path)
+    run(t, progress=False)
+    t.close()
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other = dataclasses.replace(test_config, hidden_size=48)
+    with pytest.raises(ValueError, match="different model.*hidden_size.*nothing was overwritten"):
+        Trainer(other, tc, data_for(tc), workdir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_balancing_loss_evens_out_a_skewed_router(test_config):
+    config = dataclasses.replace(test_config, moe_num_experts=8)
+    tc = small_tc(steps=40, lr=1e-2, aux_loss_coef=1.0, z_loss_coef=0.0)
+    trainer = Trainer(config, tc, data_for(tc))
+    # skew: every router strongly prefers expert 0
+    params = nnx.to_flat_state(trainer.params)
+    for path, var in params:
+        if path[-1] == "gate" and path[-2] == "moe":
+            var.set_value(var.get_value().at[:, 0].add(3.0))
+    hist = run(trainer, progress=False)
+    start, end = np.max(hist[0]["expert_load"]), np.max(hist[-1]["expert_load"])
+    assert start > 0.3 and end < 0.6 * start, (start, end)
+    assert hist[-1]["aux_loss"] < hist[0]["aux_loss"]
+
+
+def test_non_finite_steps_are_skipped_then_stop(test_config):
+    tc = small_tc(steps=10, max_bad_steps=3)
+    trainer = Trainer(test_config, tc, data_for(tc))
+    for path, var in nnx.to_flat_state(trainer.params):
+        if path[-1] == "lm_head":
+            var.set_value(var.get_value().at[0, 0].set(jnp.nan))
+    before = jax.tree.map(np.asarray, trainer.params)
+    with pytest.raises(TrainingError, match="3 steps in a row had non-finite"):
+        run(trainer, progress=False)
+    assert trainer.skipped == 3
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(a, b, equal_nan=True), before, jax.tree.map(np.asarray, trainer.params)
+    )
+    assert all(jax.tree.leaves(same))
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(test_config):
+    cfg = lora.LoraConfig(rank=4, experts=True)
+    tc = small_tc(steps=5, lr=1e-2)
+    trainer = Trainer(test_config, tc, data_for(tc), lora=cfg)
+    base_before = jax.tree.map(np.asarray, trainer.frozen)
+    adapters_before = jax.tree.map(np.asarray, trainer.params)
+    hist = run(trainer, progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(trainer.frozen), strict=True):
+        np.testing.assert_array_equal(a, b)  # base weights untouched
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(adapters_before), jax.tree.leaves(trainer.params), strict=True)
+    ]
+    assert all(changed)
+    assert any("moe/gate_proj" in k for k in trainer.params) and any("self_attn/wq" in k for k in trainer.params)
+    merged = trainer.model  # base + adapters folded in
+    graphdef = nnx.graphdef(merged)
+    ids = jnp.asarray(data_for(tc).tokens[:2, :16])
+    on_the_fly = nnx.merge(graphdef, lora.apply_lora(trainer.frozen, trainer.params, cfg))(ids)
+    np.testing.assert_allclose(merged(ids), on_the_fly, rtol=1e-6, atol=1e-6)
+    base_logits = nnx.merge(graphdef, trainer.frozen)(ids)
+    assert not np.allclose(merged(ids), base_logits, atol=1e-4)
+
+
+def test_bad_inputs(test_config, tmp_path):
+    with pytest.raises(ValueError, match="no data files"):
+        read_documents([])
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_documents([tmp_path / "missing.txt"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="contain no text"):
+        read_documents([tmp_path / "empty.txt"])
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_documents([tmp_path / "bad.jsonl"])
+    tc = small_tc(seq_len=1024)
+    with pytest.raises(ValueError, match="seq_len 1024 exceeds the model's max_position_embedding 512"):
+        Trainer(test_config, tc, pack_documents(DOCS * 40, TOK, 1024))
+    with pytest.raises(ValueError, match="grad_accum"):
+        small_tc(batch_size=6, grad_accum=4)
+
+
+def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS * 20))
+    args = [
+        "--preset",
+        "test",
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--compute-dtype",
+        "float32",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "final loss" in out and (tmp_path / "run" / "loss.png").exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert main(args) == 2  # checkpoints exist and no --resume
+    assert "--resume" in capsys.readouterr().err

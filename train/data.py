@@ -1,0 +1,177 @@
+"""Training data: text / JSONL files -> tokenised documents -> packed fixed-length sequences.
+
+Documents are tokenised (BOS ... EOS), shuffled once with the seed, concatenated and cut into rows of
+``seq_len + 1`` tokens. Each row carries ``segment_ids`` (which document a token belongs to, so attention
+never crosses documents) and ``positions`` (restarting at 0 in each document). Targets are the next token
+inside the same document; the first token of a new document is never a target of the previous one.
+
+Every epoch visits the rows in a fresh permutation of ``(seed, epoch)``. The iterator's whole state is
+``{"epoch", "index"}``: saved with a checkpoint, it resumes the exact same batch sequence. The packed
+rows are held in memory (this loader is for small-scale research corpora, up to a few hundred million
+tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int | None
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+
+
+def embedded_corpus() -> list[str]:
+    """A corpus that ships with Python itself: the ~80 topics of the language reference (about 0.5 MB of
+    English), as used by ``help()``. Needs no download."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> list[str]:
+    """Read documents: a ``.jsonl`` file gives one document per line (its ``text_field``); any other file is
+    read as plain UTF-8 text, one document per file."""
+    if not paths:
+        raise ValueError("no data files given")
+    docs: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"data file {p} does not exist")
+        if p.suffix == ".jsonl":
+            with p.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
+                    docs.append(record[text_field])
+        else:
+            docs.append(p.read_text(encoding="utf-8"))
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"the data files {[str(p) for p in paths]} contain no text")
+    return docs
+
+
+@dataclasses.dataclass
+class PackedDataset:
+    """Packed rows: tokens, segment_ids, positions, each int32 ``[rows, seq_len + 1]``."""
+
+    tokens: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1] - 1
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs/targets for the given row indices. ``loss_mask`` is 0 where the target starts a new document."""
+        tok, seg, pos = self.tokens[rows], self.segment_ids[rows], self.positions[rows]
+        return {
+            "input_ids": tok[:, :-1],
+            "targets": tok[:, 1:],
+            "segment_ids": seg[:, :-1],
+            "positions": pos[:, :-1],
+            "loss_mask": (seg[:, 1:] == seg[:, :-1]).astype(np.float32),
+        }
+
+
+def pack_documents(
+    docs: Iterable[str], tokenizer: Tokenizer, seq_len: int, *, seed: int = 0, vocab_size: int | None = None
+) -> PackedDataset:
+    """Tokenise, shuffle (by ``seed``) and pack documents into rows of ``seq_len + 1`` tokens."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    token_docs = []
+    for d in docs:
+        ids = list(tokenizer.encode(d))
+        if tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+        token_docs.append(np.asarray(ids, np.int32))
+    if not token_docs:
+        raise ValueError("no documents to pack")
+    order = np.random.default_rng(seed).permutation(len(token_docs))
+    tokens = np.concatenate([token_docs[i] for i in order])
+    if vocab_size is not None and tokens.max() >= vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} does not fit the model's vocab_size {vocab_size}")
+    segs = np.concatenate([np.full(len(token_docs[i]), j, np.int32) for j, i in enumerate(order)])
+    pos = np.concatenate([np.arange(len(token_docs[i]), dtype=np.int32) for i in order])
+    row = seq_len + 1
+    rows = len(tokens) // row
+    if rows == 0:
+        raise ValueError(f"the corpus has {len(tokens)} tokens, fewer than one row of seq_len + 1 = {row}")
+    cut = rows * row
+    pos = pos[:cut].reshape(rows, row)
+    # A row that starts inside a document keeps counting positions from the row start, so every row is a
+    # self-contained set of documents (the first may be a suffix of a longer one).
+    segs = segs[:cut].reshape(rows, row)
+    pos = pos - np.where(segs == segs[:, :1], pos[:, :1], 0)
+    return PackedDataset(tokens[:cut].reshape(rows, row), segs, pos.astype(np.int32))
+
+
+class BatchIterator:
+    """Deterministic, resumable iterator over a :class:`PackedDataset` (rows reshuffled every epoch).
+
+    ``shard_index / shard_count`` give each process of a multi-process run its slice of every batch.
+    """
+
+    def __init__(
+        self,
+        data: PackedDataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size > len(data):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} packed rows of the corpus")
+        if batch_size % shard_count:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {shard_count} processes")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.epoch, self.index = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data) // self.batch_size
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.data))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        rows = self._perm(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        per = self.batch_size // self.shard_count
+        rows = rows[self.shard_index * per : (self.shard_index + 1) * per]
+        self.index += 1
+        return self.data.batch(rows)
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

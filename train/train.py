@@ -1,0 +1,493 @@
+"""Train a Step-3-shaped model: optax AdamW, MoE load balancing, sharding, orbax checkpoints, exact resume.
+
+Importable (``Trainer``) and a CLI (``python -m train.train --help``).
+
+- Parameters and AdamW state are float32; the forward runs in ``compute_dtype`` (bfloat16 by default)
+  by casting the parameters inside the loss, so gradients land on the float32 master weights.
+- Loss = next-token cross-entropy (within documents) + ``aux_loss_coef`` * load-balancing loss
+  (E * sum_e f_e * P_e per MoE layer: f_e the fraction of routed slots, P_e the mean router probability)
+  + ``z_loss_coef`` * router z-loss (mean logsumexp(router logits)^2).
+- A step whose loss or gradients are not finite is skipped (parameters and optimizer state unchanged)
+  and counted; ``max_bad_steps`` of them in a row stop the run with an error.
+- Checkpoints (orbax, asynchronous, last ``keep`` kept) hold parameters, optimizer state, step, RNG key and
+  the data iterator state, so a resumed run continues the exact loss trajectory. Orbax writes each
+  checkpoint to a temporary directory and renames it when complete, so an interrupted save never
+  damages the previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from step3_jax.config import PRESETS, Step3Config, get_preset
+from step3_jax.model import Step3ForCausalLM, count_params, create_model
+from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
+from train import lora as lora_lib
+from train.data import BatchIterator, PackedDataset, embedded_corpus, pack_documents, read_documents
+from train.lora import LoraConfig
+
+log = logging.getLogger(__name__)
+
+# Dense BF16 peak FLOP/s by device kind, for the MFU estimate (vendor datasheets).
+PEAK_BF16_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H800": 989e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step (all accumulation micro-batches together)
+    grad_accum: int = 1
+    steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    compute_dtype: str = "bfloat16"
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 3
+    max_bad_steps: int = 5
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "keep", "max_bad_steps", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"TrainConfig.batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}"
+            )
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"TrainConfig.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}"
+            )
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"TrainConfig.compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
+        if self.warmup_steps < 0 or self.save_every < 0:
+            raise ValueError("TrainConfig.warmup_steps and save_every must be >= 0")
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    decay_steps = max(tc.steps, tc.warmup_steps + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, tc.warmup_steps, decay_steps, end_value=tc.lr * tc.min_lr_ratio
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
+    )
+
+
+def _decay_mask(params):
+    # No weight decay on norm weights (vectors).
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def forward_with_router(model: Step3ForCausalLM, input_ids, positions, segment_ids):
+    """Logits and, per MoE layer, (router logits [B, T, E], expert ids [B, T, C]). Runs the same layer
+    halves (attention, then FFN on the routed tokens) as the model's own forward."""
+    x = model.embed(input_ids)
+    router = []
+    for layer in model.layers:
+        h, normed, _ = layer.attention(x, positions, segment_ids=segment_ids)
+        routing = None
+        if layer.is_moe:
+            logits = layer.moe.router_logits(normed)
+            routing = layer.moe.route_from_logits(logits)
+            router.append((logits, routing[1]))
+        x = h + layer.ffn(normed, routing)
+    return model.logits(x), router
+
+
+def balance_losses(router, num_experts: int):
+    """(load-balancing loss, router z-loss, expert load [L_moe, E]) averaged over MoE layers."""
+    if not router:
+        zero = jnp.zeros((), jnp.float32)
+        return zero, zero, jnp.zeros((0, num_experts), jnp.float32)
+    aux, z, loads = [], [], []
+    for logits, ids in router:
+        logits = logits.reshape(-1, num_experts)
+        probs = jax.nn.softmax(logits, axis=-1)
+        load = jnp.bincount(ids.reshape(-1), length=num_experts) / ids.size  # fraction of routed slots
+        aux.append(num_experts * jnp.sum(load * probs.mean(axis=0)))
+        z.append(jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2))
+        loads.append(load)
+    return jnp.mean(jnp.stack(aux)), jnp.mean(jnp.stack(z)), jnp.stack(loads)
+
+
+def _full_params(trainable, frozen):
+    return trainable
+
+
+def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: int, combine=_full_params):
+    """``combine(trainable, frozen)`` gives the model's parameters (identity for full training, base + adapters
+    for LoRA); only ``trainable`` is differentiated."""
+    compute = jnp.dtype(tc.compute_dtype)
+    params = combine(trainable, frozen)
+    cast = jax.tree.map(lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    model = nnx.merge(graphdef, cast)
+    logits, router = forward_with_router(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    aux, z, load = balance_losses(router, num_experts)
+    total = ce + tc.aux_loss_coef * aux + tc.z_loss_coef * z
+    return total, {"loss": ce, "aux_loss": aux, "z_loss": z, "expert_load": load}
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(graphdef, tx, tc: TrainConfig, num_experts: int, combine=_full_params):
+    def grad_fn(params, frozen, batch):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, graphdef, batch, tc, num_experts, combine)
+
+    def step(params, opt_state, frozen, batch):
+        if tc.grad_accum == 1:
+            (_, metrics), grads = grad_fn(params, frozen, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:]), batch)
+
+            def body(acc, mb):
+                (_, m), g = grad_fn(params, frozen, mb)
+                return jax.tree.map(jnp.add, acc, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            first = jax.tree.map(lambda x: x[0], micro)
+            m0 = jax.eval_shape(lambda: grad_fn(params, frozen, first)[0][1])
+            init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0))
+            (grads, metrics), _ = jax.lax.scan(body, init, micro)
+            grads = jax.tree.map(lambda g: g / tc.grad_accum, grads)
+            metrics = jax.tree.map(lambda m: m / tc.grad_accum, metrics)
+        finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), finite=finite)
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    return step
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns model parameters, optimizer state, data iterator and checkpoints of one run."""
+
+    def __init__(
+        self,
+        model_config: Step3Config,
+        train_config: TrainConfig,
+        data: PackedDataset,
+        *,
+        mesh=None,
+        rules: ShardingRules = DEFAULT_RULES,
+        workdir: str | Path | None = None,
+        base_model: Step3ForCausalLM | None = None,
+        lora: LoraConfig | None = None,
+    ):
+        """Train ``model_config`` from scratch, or from ``base_model``'s weights (e.g. ``load_pretrained``);
+        with ``lora``, only LoRA adapters on ``base_model`` (or a fresh model) are trained."""
+        if data.seq_len != train_config.seq_len:
+            raise ValueError(f"data rows have seq_len {data.seq_len}, the train config says {train_config.seq_len}")
+        if train_config.seq_len > model_config.max_position_embedding:
+            raise ValueError(
+                f"seq_len {train_config.seq_len} exceeds the model's max_position_embedding "
+                f"{model_config.max_position_embedding}"
+            )
+        self.tc, self.data, self.mesh, self.rules, self.lora = train_config, data, mesh, rules, lora
+        self.workdir = Path(workdir) if workdir is not None else None
+        if base_model is not None:
+            if base_model.config != model_config:
+                raise ValueError("base_model.config differs from model_config")
+            self.model_config = model_config
+            model = base_model
+        else:
+            # Full training keeps float32 master weights; LoRA leaves the base in its own dtype.
+            dtype = "float32" if lora is None else model_config.param_dtype
+            self.model_config = dataclasses.replace(model_config, param_dtype=dtype)
+            model = create_model(self.model_config, seed=train_config.seed, mesh=mesh, rules=rules)
+        self.graphdef, state = nnx.split(model)
+        if lora is None:
+            self.params, self.frozen, combine = state, None, _full_params
+        else:
+            self.frozen = state
+            self.params = lora_lib.init_lora(state, lora, jax.random.key(train_config.seed + 1))
+
+            def combine(adapters, base):
+                return lora_lib.apply_lora(base, adapters, lora)
+
+        self._combine = combine
+        self.tx = make_optimizer(train_config)
+        self.opt_state = jax.jit(self.tx.init)(self.params)
+        self.step = 0
+        self.bad_in_row = 0
+        self.skipped = 0
+        self.iterator = BatchIterator(data, train_config.batch_size, seed=train_config.seed)
+        self._step_fn = jax.jit(
+            make_train_step(self.graphdef, self.tx, train_config, self.model_config.moe_num_experts, combine),
+            donate_argnums=(0, 1),
+        )
+        self.manager = None
+        if self.workdir is not None:
+            self.manager = ocp.CheckpointManager(
+                (self.workdir / "checkpoints").resolve(),
+                options=ocp.CheckpointManagerOptions(max_to_keep=train_config.keep, create=True),
+            )
+            self._check_run_metadata()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _run_metadata(self) -> dict[str, Any]:
+        lora = dataclasses.asdict(self.lora) if self.lora else None
+        return {"model": self.model_config.to_hf_config(), "seq_len": self.tc.seq_len, "lora": lora}
+
+    def _check_run_metadata(self) -> None:
+        meta_path = self.workdir / "run.json"
+        if meta_path.exists():
+            saved = json.loads(meta_path.read_text())
+            if saved != json.loads(json.dumps(self._run_metadata())):
+                diff = sorted(
+                    k
+                    for k in set(saved["model"]) | set(self._run_metadata()["model"])
+                    if saved["model"].get(k) != self._run_metadata()["model"].get(k)
+                )
+                raise ValueError(
+                    f"{self.workdir} holds a run of a different model or sequence length "
+                    f"(differs in: {diff or ['seq_len']}); use another --workdir, nothing was overwritten"
+                )
+        else:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            meta_path.write_text(json.dumps(self._run_metadata(), indent=1))
+
+    def _state(self):
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def save(self, *, wait: bool = False) -> None:
+        if self.manager is None:
+            return
+        self.manager.save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self._state()),
+                progress=ocp.args.JsonSave(
+                    {"step": self.step, "data": self.iterator.get_state(), "skipped": self.skipped}
+                ),
+            ),
+        )
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore(self) -> bool:
+        """Restore the latest checkpoint in the workdir; False if there is none."""
+        if self.manager is None or self.manager.latest_step() is None:
+            return False
+        step = self.manager.latest_step()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state())
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()),
+        )
+        self.params = restored.state["params"]
+        self.opt_state = restored.state["opt_state"]
+        progress = restored.progress
+        self.step, self.skipped = progress["step"], progress["skipped"]
+        self.iterator.set_state(progress["data"])
+        log.info("resumed from step %d", step)
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _device_batch(self, batch: dict[str, np.ndarray]):
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {
+            k: jax.device_put(v, self.rules.sharding(self.mesh, ("act_batch", None), v.shape)) for k, v in batch.items()
+        }
+
+    def train_step(self) -> dict[str, Any]:
+        batch = self._device_batch(next(self.iterator))
+        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.frozen, batch)
+        metrics = jax.device_get(metrics)
+        self.step += 1
+        if not bool(metrics["finite"]):
+            self.skipped += 1
+            self.bad_in_row += 1
+            log.warning("step %d: non-finite loss or gradients, update skipped", self.step)
+            if self.bad_in_row >= self.tc.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_in_row} steps in a row had non-finite loss or gradients (last at step {self.step}); "
+                    "stopping. The last good checkpoint is intact."
+                )
+        else:
+            self.bad_in_row = 0
+        if self.manager is not None and self.tc.save_every and self.step % self.tc.save_every == 0:
+            self.save()
+        return metrics
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    @property
+    def model(self) -> Step3ForCausalLM:
+        """The trained model (for LoRA: adapters merged into the base weights)."""
+        return nnx.merge(self.graphdef, self._combine(self.params, self.frozen))
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x activated non-embedding parameters + causal attention scores."""
+        c = self.model_config
+        counts = count_params(c)
+        dense = counts["active"] - counts["embeddings"] + c.vocab_size * c.hidden_size  # lm_head is a matmul
+        attn = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * self.tc.seq_len  # 12 * L*H*K*T / 2
+        return 6.0 * dense + attn
+
+
+def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None, on_metrics=None) -> list[dict]:
+    """Train until ``trainer.tc.steps``; returns the per-step metrics (JSON-able)."""
+    from tqdm import tqdm
+
+    tc = trainer.tc
+    history = []
+    peak = PEAK_BF16_FLOPS.get(jax.devices()[0].device_kind)
+    fpt = trainer.flops_per_token()
+    n_dev = len(jax.devices()) if trainer.mesh is None else trainer.mesh.size
+    log_file = log_path.open("a") if log_path else None
+    bar = tqdm(total=tc.steps, initial=trainer.step, disable=not progress, desc="train", dynamic_ncols=True)
+    try:
+        while trainer.step < tc.steps:
+            t0 = time.perf_counter()
+            m = trainer.train_step()
+            dt = time.perf_counter() - t0
+            tokens = tc.batch_size * tc.seq_len
+            record = {
+                "step": trainer.step,
+                "loss": float(m["loss"]),
+                "aux_loss": float(m["aux_loss"]),
+                "z_loss": float(m["z_loss"]),
+                "grad_norm": float(m["grad_norm"]),
+                "skipped": not bool(m["finite"]),
+                "tokens_per_s": tokens / dt,
+                "mfu": (fpt * tokens / dt / (peak * n_dev)) if peak else None,
+                "expert_load": np.round(np.asarray(m["expert_load"]), 4).tolist(),
+            }
+            history.append(record)
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+            if on_metrics:
+                on_metrics(record)
+            bar.update(1)
+            if trainer.step % tc.log_every == 0 or trainer.step == tc.steps:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    return history
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["loss"] for h in history], label="cross-entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.train", description="Train a Step-3-shaped model.")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--data", nargs="*", default=None, help="text or .jsonl files (default: the embedded corpus)")
+    ap.add_argument("--workdir", default="runs/tiny", help="checkpoints, metrics.jsonl, loss.png")
+    ap.add_argument("--mesh", default="", help="mesh axes, e.g. data=2,expert=4 (default: one device)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    ap.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(TrainConfig):
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        config = get_preset(args.preset)
+        from step3_jax.tokenizer import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
+        docs = read_documents(args.data) if args.data else embedded_corpus()
+        data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
+        mesh = make_mesh(**_parse_mesh(args.mesh)) if args.mesh else None
+        workdir = Path(args.workdir)
+        if not args.resume and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+            raise ValueError(f"{workdir} already has checkpoints: pass --resume to continue, or another --workdir")
+        trainer = Trainer(config, tc, data, mesh=mesh, workdir=workdir)
+        if args.resume and not trainer.restore():
+            print(f"no checkpoint in {workdir}; starting from scratch", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"training preset {args.preset!r}: {count_params(config)['total'] / 1e6:.1f}M parameters, "
+        f"{len(data)} rows of {tc.seq_len} tokens, batch {tc.batch_size}, {tc.steps} steps"
+    )
+    try:
+        history = run(trainer, progress=not args.no_progress, log_path=workdir / "metrics.jsonl")
+        trainer.save(wait=True)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    if history:
+        plot_loss(history, workdir / "loss.png")
+        last = history[-1]
+        mean_tps = float(np.mean([h["tokens_per_s"] for h in history[len(history) // 2 :]]))
+        print(
+            f"final loss {last['loss']:.3f} (first {history[0]['loss']:.3f}); {mean_tps:.0f} tokens/s; "
+            f"{trainer.skipped} steps skipped; checkpoints in {workdir / 'checkpoints'}; curve {workdir / 'loss.png'}"
+        )
+    return 0
+
+
+def _parse_mesh(spec: str) -> dict[str, int]:
+    out = {}
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        if not size.isdigit():
+            raise ValueError(f"--mesh: expected name=size pairs like data=2,expert=4, got {spec!r}")
+        out[name.strip()] = int(size)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
