@@ -1,7 +1,13 @@
-"""Batched generation with the contiguous KV cache, and the demo CLI (``python -m infer.generate``).
+"""The generation CLI (``python -m infer.generate``) on the continuous-batching engine, and ``generate_ids``.
 
-``generate_ids`` pads prompts on the right to a bucketed length, prefills them in one call, then decodes
-one token per step with a jitted step function whose shapes never change, so decoding compiles once.
+``python -m infer.generate`` loads a checkpoint folder (``--checkpoint``) or builds a preset with random weights,
+reads prompts from ``--prompt`` (repeatable) or ``--prompts-file`` (one per line), runs them through
+:class:`infer.engine.Engine`, streams the text of a single prompt as it is generated (``--stream``), shows a
+progress bar for batches, and prints per-request and aggregate tokens/s and time per output token.
+
+``generate_ids`` is the simple static-batch path over the contiguous KV cache: prompts right-padded to a
+bucketed length, one prefill call, then a jitted decode step whose shapes never change. The engine's tests use
+it as the reference that the paged, continuously batched engine must reproduce.
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -131,19 +139,76 @@ def generate_ids(
     return GenerationResult(out, prefill_seconds, decode_seconds, timed_steps, b)
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {path} does not exist")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts or ["Step-3 decodes with MFA attention and a mixture of experts."]
+
+
+def _load_model(args):
+    """(model, tokenizer, description) from --checkpoint or --preset."""
+    if args.checkpoint:
+        from step3_jax import load_pretrained
+        from step3_jax.tokenizer import load_tokenizer
+
+        model = load_pretrained(args.checkpoint, dtype=args.dtype, progress=False)
+        return model, load_tokenizer(args.checkpoint), f"checkpoint {args.checkpoint}"
+    config = get_preset(args.preset)
+    if args.dtype:
+        config = dataclasses.replace(config, param_dtype=args.dtype)
+    tokenizer = ByteTokenizer()
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"preset {args.preset!r} has vocab {config.vocab_size}, too small for the byte tokenizer "
+            f"({tokenizer.vocab_size}); checkpoint tokenizers come with the checkpoint loader"
+        )
+    return (
+        create_model(config, seed=args.seed),
+        tokenizer,
+        f"preset {args.preset!r} (random weights, so the text is noise)",
+    )
+
+
+def _fmt_ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from infer.engine import Engine, EngineConfig, summarize
+
     ap = argparse.ArgumentParser(
         prog="python -m infer.generate",
-        description="Generate text with a Step-3 model (default: the tiny preset with random weights).",
+        description="Generate text with a Step-3 model through the continuous-batching engine "
+        "(default: the tiny preset with random weights).",
     )
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset to build")
+    src = ap.add_argument_group("model")
+    src.add_argument("--checkpoint", help="Hugging Face checkpoint folder (config.json + safetensors)")
+    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="preset to build without --checkpoint")
+    src.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0, help="seed for the weights and for sampling")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
+    ap.add_argument("--prompts-file", help="file with one prompt per line (blank lines skipped)")
+    smp = ap.add_argument_group("sampling")
+    smp.add_argument("--max-new-tokens", type=int, default=32)
+    smp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    smp.add_argument("--top-k", type=int, default=0)
+    smp.add_argument("--top-p", type=float, default=1.0)
+    smp.add_argument("--seed", type=int, default=0, help="seed for the weights and for sampling")
+    eng = ap.add_argument_group("engine")
+    eng.add_argument("--max-batch", type=int, default=8, help="decode slots")
+    eng.add_argument("--page-size", type=int, default=16)
+    eng.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: no preemption)")
+    eng.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: fits the prompts)")
+    eng.add_argument("--prefill-chunk", type=int, default=64)
+    eng.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="print text as it is generated (default: when there is one prompt)")  # fmt: skip
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="compile with a short throwaway request first so timings exclude compilation")  # fmt: skip
+    ap.add_argument("--json-out", help="write every request's tokens, text and timings as JSON")
     args = ap.parse_args(argv)
 
     try:
@@ -154,40 +219,107 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
         )
-        config = get_preset(args.preset)
-        if args.dtype:
-            config = dataclasses.replace(config, param_dtype=args.dtype)
-        tokenizer = ByteTokenizer()
-        if config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(
-                f"preset {args.preset!r} has vocab {config.vocab_size}, too small for the byte tokenizer "
-                f"({tokenizer.vocab_size}); checkpoint tokenizers come with the checkpoint loader"
-            )
-        prompts = args.prompt or ["Step-3 decodes with MFA attention and a mixture of experts."]
-        params = dataclasses.replace(params, stop_token_ids=(tokenizer.eos_id,))
+        prompts = _read_prompts(args)
         t0 = time.perf_counter()
-        model = create_model(config, seed=args.seed)
+        model, tokenizer, what = _load_model(args)
         build_seconds = time.perf_counter() - t0
-        result = generate_ids(model, [tokenizer.encode(p) for p in prompts], params)
+        config = model.config
+        eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None) or config.eos_token_ids
+        params = dataclasses.replace(params, stop_token_ids=tuple(i for i in eos if i < config.vocab_size))
+        max_seq_len = args.max_seq_len
+        if max_seq_len is None:  # enough for the prompts (capped at the context), so the CPU demo stays small
+            longest = max(len(tokenizer.encode(p)) for p in prompts)
+            max_seq_len = min(bucket(longest + args.max_new_tokens, 64), config.max_position_embedding)
+        engine = Engine(
+            model,
+            EngineConfig(
+                max_batch=args.max_batch,
+                page_size=args.page_size,
+                num_pages=args.num_pages,
+                max_seq_len=max_seq_len,
+                prefill_chunk=args.prefill_chunk,
+                kv_dtype=args.kv_dtype,
+            ),
+            tokenizer=tokenizer,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    print(
-        f"model: preset {args.preset!r} (random weights, so the text is noise), {config.param_dtype}, "
-        f"built in {build_seconds:.2f} s on {jax.devices()[0].platform}"
-    )
-    for prompt, toks in zip(prompts, result.tokens, strict=True):
-        print(f"\nprompt: {prompt!r}\ntokens: {toks}\ntext:   {tokenizer.decode(toks)!r}")
-    n_new = sum(len(t) for t in result.tokens)
-    print(f"\nprefill: {result.prefill_seconds * 1e3:.1f} ms (includes compilation)")
-    if result.decode_steps_timed:
+    print(f"model: {what}, {config.param_dtype}, built in {build_seconds:.2f} s on {jax.devices()[0].platform}")
+    if args.warmup:
+        t0 = time.perf_counter()
+        engine.warmup([len(tokenizer.encode(p)) for p in prompts])
+        print(f"warm-up (compilation): {time.perf_counter() - t0:.2f} s")
+    stream = args.stream if args.stream is not None else len(prompts) == 1
+    bar = None
+    if not stream and len(prompts) > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc="requests", unit="req", file=sys.stderr)
+    if stream and len(prompts) == 1:
+        print(f"\nprompt: {prompts[0]!r}\ntext:   ", end="", flush=True)
+
+    def on_event(ev):
+        if stream and ev.text:
+            prefix = "" if len(prompts) == 1 else f"[{ev.request_id}] "
+            print(prefix + ev.text, end="" if len(prompts) == 1 else "\n", flush=True)
+        if bar is not None and ev.finished:
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    outputs = engine.generate_outputs(prompts, params, on_event=on_event)
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    if stream and len(prompts) == 1:
+        print()
+
+    failed = 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        if not out.ok:
+            failed += 1
+            print(f"\n[{out.request_id}] prompt: {prompt[:60]!r}\n  error: {out.error}", file=sys.stderr)
+            print(f"\n[{out.request_id}] error: {out.error}")
+            continue
+        if not (stream and len(prompts) == 1):
+            print(f"\n[{out.request_id}] prompt: {prompt!r}\n  text:   {out.text!r}")
         print(
-            f"decode: {result.decode_tokens_per_second:.1f} tokens/s "
-            f"({result.decode_seconds / result.decode_steps_timed * 1e3:.2f} ms per step, batch {result.batch_size}, "
-            f"{result.decode_steps_timed} steps after compilation; {n_new} tokens generated in all)"
+            f"  [{out.request_id}] {len(out.token_ids)} tokens ({out.finish_reason}), {out.tokens_per_second:.1f} "
+            f"tokens/s, time to first token {_fmt_ms(out.time_to_first_token)}, time per output token "
+            f"{_fmt_ms(out.time_per_output_token)}, preemptions {out.num_preemptions}"
         )
-    return 0
+    agg = summarize(outputs, wall)
+    print(
+        f"\naggregate: {agg['requests']} requests ({failed} failed), {agg['output_tokens']} tokens in {wall:.2f} s: "
+        f"{agg['tokens_per_second']:.1f} tokens/s, mean time per output token "
+        f"{_fmt_ms(agg['mean_time_per_output_token'] if agg['output_tokens'] else None)}, max batch "
+        f"{engine.config.max_batch}, {engine.stats['preemptions']} preemptions"
+    )
+    if args.json_out:
+        report = {
+            "model": what,
+            "aggregate": agg,
+            "engine": dataclasses.asdict(engine.config),
+            "requests": [
+                {
+                    "request_id": o.request_id,
+                    "ok": o.ok,
+                    "error": o.error,
+                    "prompt": p,
+                    "token_ids": o.token_ids,
+                    "text": o.text,
+                    "finish_reason": o.finish_reason,
+                    "tokens_per_second": o.tokens_per_second,
+                    "time_to_first_token": o.time_to_first_token,
+                    "time_per_output_token": o.time_per_output_token,
+                    "num_preemptions": o.num_preemptions,
+                }
+                for p, o in zip(prompts, outputs, strict=True)
+            ],
+        }
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

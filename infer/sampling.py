@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,21 @@ class SamplingParams:
         m = self.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be an int >= 1, got {m!r}")
-        stops = tuple(self.stop_token_ids)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in stops):
-            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, int) and not isinstance(stops, bool):
+            stops = (stops,)
+        if isinstance(stops, (str, bytes)) or not isinstance(stops, Iterable):
+            raise ValueError(
+                f"SamplingParams.stop_token_ids must be a sequence of token ids (non-negative ints), got "
+                f"{type(stops).__name__} {stops!r}"
+            )
+        stops = tuple(stops)
+        for s in stops:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(
+                    f"SamplingParams.stop_token_ids must be non-negative ints (token ids), got {type(s).__name__} "
+                    f"{s!r} in {self.stop_token_ids!r}"
+                )
         object.__setattr__(self, "stop_token_ids", stops)
 
     @property
@@ -49,6 +62,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
 
     Rows with temperature 0 take the argmax. Otherwise logits are divided by the temperature, restricted to
     the top_k largest (if top_k > 0), then to the smallest set whose probability reaches top_p, and sampled.
+    ``key`` is one PRNG key for the batch, or one key per row (a key array of shape [B]): then a row's sample
+    depends only on its own key and logits, never on its batch neighbours (what continuous batching needs).
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
@@ -67,5 +82,14 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
     p_threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.maximum(kth, p_threshold)
     filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    sampled = jax.random.categorical(key, filtered, axis=-1)
+    if jnp.ndim(key) == 1:
+        sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, filtered)
+    else:
+        sampled = jax.random.categorical(key, filtered, axis=-1)
     return jnp.where(temperature > 0, sampled, greedy_ids).astype(jnp.int32)
+
+
+def request_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """Per-row PRNG keys ``fold_in(key(seed), counter)``: a request's ``n``-th sampled token uses its seed and
+    ``n`` only, so it is the same whatever batch, slot or step it lands in (and after a preemption)."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)

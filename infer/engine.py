@@ -1,0 +1,712 @@
+"""Continuous-batching inference engine over a paged KV cache.
+
+    engine = Engine(model, EngineConfig(max_batch=8, page_size=16))
+    engine.generate(["Hello", "Step-3 is"], SamplingParams(max_new_tokens=32))        # -> list[str]
+    for event in engine.stream(["Hello"]): print(event.text, end="")                   # streaming
+    rid = engine.submit([1, 72, 105], {"temperature": 0.7, "seed": 3}); engine.run()  # request by request
+
+Design (docs/engine.md has the long version):
+
+* **Slots.** Decoding runs on a fixed batch of ``max_batch`` slots; a slot without a decoding request is a padded
+  row (token 0 at position 0, its block-table row pointing at the group's null page). Prefill runs on a fixed
+  ``prefill_batch`` rows of one chunk of at most ``prefill_chunk`` tokens, the chunk length rounded up to a power
+  of two. So the jitted decode step compiles once and the prefill step once per chunk bucket; steady-state decoding
+  never recompiles (``Engine.trace_counts`` counts the traces).
+* **Pages.** A :class:`~step3_jax.kv_cache.PageAllocator` per data-parallel attention group hands out pages of
+  a fixed pool; each group's pool has one extra "null" page that padded rows and padding tokens write into and
+  nothing reads. A request reserves the pages of its prompt at admission (admitted in arrival order while a slot
+  and pages last) and one more page whenever decoding crosses a page boundary.
+* **Steps.** ``step()`` = admit what fits, run one prefill chunk for the oldest admitted-but-not-prefilled
+  requests, run one decode step for every decoding slot, then retire finished requests and free their pages.
+* **Preemption.** When a decoding request needs a page and its group has none free, the most recently admitted
+  request of that group is preempted: its pages are freed and it goes back to the queue (in arrival order) with
+  its prompt + generated tokens as the new prompt (recompute), its remaining budget and sampling state.
+* **Sampling.** Per-row temperature / top-k / top-p, and per-request PRNG keys ``fold_in(key(seed), n)`` for the
+  ``n``-th generated token: a request's samples depend on nothing but its own seed (not on batch neighbours,
+  slots, arrival times or preemptions).
+* **Mesh.** With a model created on a mesh, the decode batch and the page pool are split over the batch mesh axes
+  (data-parallel attention groups, the paper's attention instances; ``model.paged_write_attend``); the experts
+  follow the model's own expert / tensor sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.sampling import SamplingParams, request_keys, sample
+from step3_jax import kv_cache as kvc
+from step3_jax.model import Step3ForCausalLM
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static sizes of an :class:`Engine` (they fix the compiled shapes).
+
+    max_batch: decode slots (padded rows when fewer requests run); divisible by the data-parallel groups.
+    page_size: tokens per KV page.
+    num_pages: pages in the pool over all groups (default: every slot can hold ``max_seq_len`` tokens). Each group
+      needs at least ``max_seq_len / page_size`` pages, so any single request fits on its own.
+    max_seq_len: the context limit (prompt + generated tokens); default the model's ``max_position_embedding``.
+    prefill_chunk: most prompt tokens prefilled per request per step (a power of two >= ``min_bucket``).
+    prefill_batch: requests prefilled per prefill call (rows; divisible by the data-parallel groups).
+    min_bucket: shortest prefill chunk shape (power of two); chunks are rounded up to powers of two.
+    kv_dtype: KV page dtype: None (the model's dtype), "bfloat16", "float32" or "float8_e4m3fn" (per-token scales).
+    """
+
+    max_batch: int = 8
+    page_size: int = 16
+    num_pages: int | None = None
+    max_seq_len: int | None = None
+    prefill_chunk: int = 64
+    prefill_batch: int = 1
+    min_bucket: int = 16
+    kv_dtype: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_batch", "min_bucket"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
+        for name in ("num_pages", "max_seq_len"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"EngineConfig.{name} must be None or an int >= 1, got {v!r}")
+        for name in ("prefill_chunk", "min_bucket"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"EngineConfig.{name} must be a power of two, got {v}")
+        if self.prefill_chunk < self.min_bucket:
+            raise ValueError(
+                f"EngineConfig.prefill_chunk ({self.prefill_chunk}) must be >= min_bucket ({self.min_bucket})"
+            )
+        if self.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
+            raise ValueError(
+                f"EngineConfig.kv_dtype must be None, 'bfloat16', 'float32' or 'float8_e4m3fn', got {self.kv_dtype!r}"
+            )
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """The result of one request. ``finish_reason``: "stop" (a stop token, included in ``token_ids``), "length"
+    (``max_new_tokens`` or the context limit), or "error" (rejected; ``error`` says why, nothing was generated)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    error: str | None = None
+    num_preemptions: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def latency(self) -> float:
+        return self.finish_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean seconds between output tokens after the first (None with fewer than two tokens)."""
+        if self.first_token_time is None or len(self.token_ids) < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (len(self.token_ids) - 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.latency if self.latency > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamEvent:
+    """One streamed step of a request: a new token (``token_id``, with the ``text`` it completes, possibly "" for
+    an unfinished UTF-8 sequence), and/or the end of the request (``finished``, with its ``output``). A rejected
+    request gets one event with ``token_id=None``, ``finished=True`` and an output carrying the error."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    finished: bool
+    output: RequestOutput | None = None
+
+
+# request states
+_WAITING, _PREFILL, _DECODE = "waiting", "prefill", "decode"
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: int  # submission order: queue priority, also after a preemption
+    arrival_time: float
+    output: list[int] = dataclasses.field(default_factory=list)
+    state: str = _WAITING
+    group: int = -1
+    slot: int = -1
+    admitted: int = -1  # admission order (the preemption victim is the largest)
+    target: list[int] = dataclasses.field(default_factory=list)  # tokens to prefill into the cache
+    cached: int = 0  # tokens of the sequence already in the cache
+    preemptions: int = 0
+    first_token_time: float | None = None
+    text_emitted: str = ""
+
+    @property
+    def seq(self) -> list[int]:
+        return self.prompt + self.output
+
+
+def _pow2_at_least(n: int, minimum: int) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class Engine:
+    """Continuous batching over a paged KV cache for a :class:`~step3_jax.model.Step3ForCausalLM`.
+
+    ``tokenizer`` (``encode(text) -> ids``, ``decode(ids) -> text``) lets prompts be strings and results carry
+    text; default: the byte tokenizer when the model's vocabulary holds it, else token ids only.
+    ``clock`` (default ``time.perf_counter``) stamps arrival / first token / finish times.
+    """
+
+    def __init__(
+        self,
+        model: Step3ForCausalLM,
+        config: EngineConfig | None = None,
+        *,
+        tokenizer=None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        cfg = config or EngineConfig()
+        mc = model.config
+        self.model = model
+        self.model_config = mc
+        self.clock = clock
+        if tokenizer is None:
+            from step3_jax.tokenizer import ByteTokenizer
+
+            tokenizer = ByteTokenizer() if mc.vocab_size >= ByteTokenizer.vocab_size else None
+        self.tokenizer = tokenizer
+        mesh, rules = model.ctx.mesh, model.ctx.rules
+        self.mesh = mesh
+        groups = kvc.num_page_groups(mesh, rules)
+        self.groups = groups
+        max_seq_len = cfg.max_seq_len or mc.max_position_embedding
+        if max_seq_len > mc.max_position_embedding:
+            raise ValueError(
+                f"EngineConfig.max_seq_len {max_seq_len} exceeds the model's max_position_embedding "
+                f"{mc.max_position_embedding}"
+            )
+        for name in ("max_batch", "prefill_batch"):
+            if getattr(cfg, name) % groups:
+                raise ValueError(
+                    f"EngineConfig.{name} ({getattr(cfg, name)}) must be divisible by the {groups} data-parallel "
+                    f"attention groups of the mesh"
+                )
+        self.max_pages_per_seq = -(-max_seq_len // cfg.page_size)
+        slots_per_group = cfg.max_batch // groups
+        num_pages = cfg.num_pages or groups * slots_per_group * self.max_pages_per_seq
+        if num_pages % groups:
+            raise ValueError(f"EngineConfig.num_pages ({num_pages}) must be divisible by the {groups} groups")
+        pages_per_group = num_pages // groups
+        if pages_per_group < self.max_pages_per_seq:
+            raise ValueError(
+                f"EngineConfig.num_pages = {num_pages} gives {pages_per_group} pages per data-parallel group, fewer "
+                f"than the {self.max_pages_per_seq} pages of one max_seq_len={max_seq_len} request; raise num_pages "
+                f"or lower max_seq_len"
+            )
+        self.config = dataclasses.replace(cfg, num_pages=num_pages, max_seq_len=max_seq_len)
+        self.max_seq_len = max_seq_len
+        self.pages_per_group = pages_per_group
+        self.null_page = pages_per_group  # local id of each group's extra page: padding writes land there
+        self.slots_per_group = slots_per_group
+        self.prefill_rows_per_group = cfg.prefill_batch // groups
+        self.allocators = [
+            CheckedPageAllocator(pages_per_group, cfg.page_size, self.max_pages_per_seq) for _ in range(groups)
+        ]
+        pool = kvc.create_page_pool(
+            mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
+        )
+        self._pool = pool
+        self._graphdef, self._state = nnx.split(model)
+        self.trace_counts = {"prefill": 0, "decode": 0}
+        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
+        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._slots: list[_Request | None] = [None] * cfg.max_batch
+        self._queue: list[tuple[int, _Request]] = []  # heap by arrival
+        self._requests: dict[str, _Request] = {}
+        self._pending_events: list[StreamEvent] = []
+        self._no_admit: set[int] = set()  # groups that preempted this step
+        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
+        self._ids = itertools.count()
+        self.stats = {
+            "steps": 0,
+            "decode_steps": 0,
+            "prefill_calls": 0,
+            "preemptions": 0,
+            "finished": 0,
+            "rejected": 0,
+            "generated_tokens": 0,
+            "peak_pages_in_use": 0,
+        }
+
+    # ------------------------------------------------------------------ jitted steps
+
+    def _cache(self, pool, block_table, start) -> kvc.PagedKVCache:
+        return kvc.PagedKVCache(
+            k=pool["k"],
+            v=pool["v"],
+            k_scale=pool["k_scale"],
+            v_scale=pool["v_scale"],
+            block_table=block_table,
+            lengths=start,
+        )
+
+    @staticmethod
+    def _pool_of(cache: kvc.PagedKVCache) -> dict:
+        return {"k": cache.k, "v": cache.v, "k_scale": cache.k_scale, "v_scale": cache.v_scale}
+
+    def _decode_impl(self, state, pool, tokens, block_table, start, seeds, counters, temperature, top_k, top_p):
+        self.trace_counts["decode"] += 1  # runs only while tracing: counts compilations
+        model = nnx.merge(self._graphdef, state)
+        logits, cache = model(tokens[:, None], cache=self._cache(pool, block_table, start))
+        keys = request_keys(seeds, counters)
+        return sample(logits[:, -1], keys, temperature, top_k, top_p), self._pool_of(cache)
+
+    def _prefill_impl(self, state, pool, ids, block_table, start, last, seeds, counters, temperature, top_k, top_p):
+        self.trace_counts["prefill"] += 1
+        model = nnx.merge(self._graphdef, state)
+        logits, cache = model(ids, cache=self._cache(pool, block_table, start))
+        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        keys = request_keys(seeds, counters)
+        return sample(logits, keys, temperature, top_k, top_p), self._pool_of(cache)
+
+    # ------------------------------------------------------------------ submission
+
+    def validate(self, prompt, params=None) -> tuple[list[int], SamplingParams]:
+        """Check one request; returns (prompt ids, SamplingParams) or raises ValueError naming the bad field."""
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, Mapping):
+            fields = {f.name for f in dataclasses.fields(SamplingParams)}
+            unknown = sorted(set(params) - fields)
+            if unknown:
+                raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(fields)}")
+            params = SamplingParams(**params)
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams or a dict, got {type(params).__name__}")
+        vocab = self.model_config.vocab_size
+        bad_stops = [s for s in params.stop_token_ids if s >= vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary [0, {vocab})")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the engine has no tokenizer; pass token ids")
+            if not prompt:
+                raise ValueError("prompt is empty: it needs at least one token")
+            ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
+            ids = list(prompt.tolist() if isinstance(prompt, np.ndarray) else prompt)
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise ValueError(f"prompt token ids must be ints, got {type(t).__name__} {t!r}")
+            ids = [int(t) for t in ids]
+        else:
+            raise ValueError(f"prompt must be text or a sequence of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: it needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt has token ids outside [0, {vocab}): {bad[:5]}")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens is longer than the context limit: max_seq_len {self.max_seq_len} "
+                f"leaves no room for a new token"
+            )
+        return ids, params
+
+    def submit(self, prompt, params: SamplingParams | Mapping | None = None, *, request_id: str | None = None) -> str:
+        """Queue one request (text or token ids); returns its id. Raises ValueError for a bad request (nothing is
+        queued; requests already running are unaffected)."""
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        request_id = str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        try:
+            ids, params = self.validate(prompt, params)
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r} rejected: {e}") from None
+        req = _Request(request_id, ids, params, next(self._arrivals), self.clock())
+        req.target = list(ids)
+        self._requests[request_id] = req
+        heapq.heappush(self._queue, (req.arrival, req))
+        return request_id
+
+    def _reject(self, request_id: str, prompt, error: str) -> RequestOutput:
+        now = self.clock()
+        ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
+        out = RequestOutput(request_id, ids, [], None, "error", error=error, arrival_time=now, finish_time=now)
+        self.stats["rejected"] += 1
+        self._pending_events.append(StreamEvent(request_id, None, "", True, out))
+        return out
+
+    def submit_or_reject(self, prompt, params=None, *, request_id: str | None = None) -> str:
+        """Like :meth:`submit`, but a bad request becomes a finished "error" output (streamed as an event) instead
+        of an exception: what batch front ends use so one bad request does not stop the others."""
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        try:
+            return self.submit(prompt, params, request_id=rid)
+        except ValueError as e:
+            self._reject(rid, prompt, str(e))
+            return rid
+
+    # ------------------------------------------------------------------ scheduling
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._queue)
+
+    def has_work(self) -> bool:
+        return bool(self._queue) or self.num_running > 0 or bool(self._pending_events)
+
+    def pages_in_use(self) -> int:
+        return sum(a.num_pages - a.num_free for a in self.allocators)
+
+    def _group_slots(self, g: int) -> range:
+        return range(g * self.slots_per_group, (g + 1) * self.slots_per_group)
+
+    def _admit(self) -> None:
+        """Admit queued requests in arrival order while a slot and the pages of their prompt are free."""
+        ps = self.config.page_size
+        while self._queue:
+            _, req = self._queue[0]
+            need = -(-(len(req.target) + 1) // ps)
+            best, best_free = None, -1
+            for g in range(self.groups):
+                if g in self._no_admit:
+                    continue
+                free_slot = any(self._slots[s] is None for s in self._group_slots(g))
+                free = self.allocators[g].num_free
+                if free_slot and free >= need and free > best_free:
+                    best, best_free = g, free
+            if best is None:
+                return
+            heapq.heappop(self._queue)
+            slot = next(s for s in self._group_slots(best) if self._slots[s] is None)
+            self.allocators[best].reserve(req.id, len(req.target))
+            req.state, req.group, req.slot, req.cached = _PREFILL, best, slot, 0
+            req.admitted = next(self._admissions)
+            self._slots[slot] = req
+
+    def _preempt(self, req: _Request) -> None:
+        """Free ``req``'s pages and requeue it; its prompt + generated tokens are recomputed when it returns.
+        Its group admits nothing more this step (re-admitting at once would only thrash)."""
+        self._no_admit.add(req.group)
+        self.allocators[req.group].free(req.id)
+        self._slots[req.slot] = None
+        req.state, req.group, req.slot, req.cached = _WAITING, -1, -1, 0
+        req.target = req.seq[:-1] if req.output else list(req.prompt)
+        req.preemptions += 1
+        self.stats["preemptions"] += 1
+        heapq.heappush(self._queue, (req.arrival, req))
+        log.debug("preempted %s (%d tokens to recompute)", req.id, len(req.target))
+
+    def _ensure_page(self, req: _Request) -> bool:
+        """Make sure ``req`` owns a page for its next token, preempting the group's most recently admitted requests
+        while none is free. Returns False if ``req`` itself was preempted."""
+        alloc = self.allocators[req.group]
+        need = -(-(req.cached + 1) // self.config.page_size)
+        while len(alloc.pages(req.id)) < need and alloc.num_free == 0:
+            holders = [r for r in self._slots if r is not None and r.group == req.group]
+            victim = max(holders, key=lambda r: r.admitted)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        alloc.reserve(req.id, req.cached + 1)
+        return True
+
+    def _row_arrays(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
+        n = len(reqs)
+        seeds = np.zeros((n,), np.uint32)
+        temperature = np.zeros((n,), np.float32)
+        top_k = np.zeros((n,), np.int32)
+        top_p = np.ones((n,), np.float32)
+        for i, r in enumerate(reqs):
+            if r is None:
+                continue
+            seeds[i] = r.params.seed % (1 << 32)
+            temperature[i] = r.params.temperature
+            top_k[i] = r.params.top_k
+            top_p[i] = r.params.top_p
+        return seeds, np.asarray(counters, np.int32), temperature, top_k, top_p
+
+    def _table_row(self, req: _Request | None) -> np.ndarray:
+        row = np.full((self.max_pages_per_seq,), self.null_page, np.int32)
+        if req is not None:
+            pages = self.allocators[req.group].pages(req.id)
+            row[: len(pages)] = pages
+        return row
+
+    def _prefill(self) -> list[StreamEvent]:
+        """One chunk for up to ``prefill_rows_per_group`` admitted requests of each group, oldest admission first."""
+        cfg = self.config
+        rows: list[_Request | None] = []
+        for g in range(self.groups):
+            todo = sorted(
+                (r for r in self._slots if r is not None and r.group == g and r.state == _PREFILL),
+                key=lambda r: r.admitted,
+            )[: self.prefill_rows_per_group]
+            rows += todo + [None] * (self.prefill_rows_per_group - len(todo))
+        if all(r is None for r in rows):
+            return []
+        lens = [0 if r is None else min(cfg.prefill_chunk, len(r.target) - r.cached) for r in rows]
+        width = min(_pow2_at_least(max(lens), cfg.min_bucket), cfg.prefill_chunk)
+        n = len(rows)
+        ids = np.zeros((n, width), np.int32)
+        table = np.stack([self._table_row(r) for r in rows])
+        start = np.zeros((n,), np.int32)
+        last = np.zeros((n,), np.int32)
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            ids[i, : lens[i]] = r.target[r.cached : r.cached + lens[i]]
+            start[i] = r.cached
+            last[i] = lens[i] - 1
+        counters = [0 if r is None else len(r.output) for r in rows]
+        args = (ids, table, start, last, *self._row_arrays(rows, counters))
+        tokens, self._pool = self._prefill_fn(self._state, self._pool, *args)
+        tokens = np.asarray(tokens)
+        self.stats["prefill_calls"] += 1
+        events = []
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            r.cached += lens[i]
+            if r.cached < len(r.target):
+                continue
+            r.state = _DECODE
+            if not r.output:  # a fresh request: its first token comes from the prompt's last logits
+                events += self._append(r, int(tokens[i]))
+        return events
+
+    def _decode(self) -> list[StreamEvent]:
+        for r in sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted):
+            if r.state == _DECODE:  # may have been preempted for an earlier one meanwhile
+                self._ensure_page(r)
+        rows = [r if r is not None and r.state == _DECODE else None for r in self._slots]
+        if all(r is None for r in rows):
+            return []
+        n = len(rows)
+        tokens = np.zeros((n,), np.int32)
+        start = np.zeros((n,), np.int32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                tokens[i] = r.seq[-1]
+                start[i] = r.cached
+        table = np.stack([self._table_row(r) for r in rows])
+        counters = [0 if r is None else len(r.output) for r in rows]
+        args = (tokens, table, start, *self._row_arrays(rows, counters))
+        out, self._pool = self._decode_fn(self._state, self._pool, *args)
+        out = np.asarray(out)
+        self.stats["decode_steps"] += 1
+        events = []
+        for i, r in enumerate(rows):
+            if r is not None:
+                r.cached += 1
+                events += self._append(r, int(out[i]))
+        return events
+
+    def _append(self, req: _Request, token: int) -> list[StreamEvent]:
+        now = self.clock()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.output.append(token)
+        self.stats["generated_tokens"] += 1
+        reason = None
+        if token in req.params.stop_token_ids:
+            reason = "stop"
+        elif len(req.output) >= req.params.max_new_tokens or len(req.seq) >= self.max_seq_len:
+            reason = "length"
+        text = self._text_delta(req, final=reason is not None)
+        if reason is None:
+            return [StreamEvent(req.id, token, text, False)]
+        return [StreamEvent(req.id, token, text, True, self._finish(req, reason, now))]
+
+    def _text_delta(self, req: _Request, final: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        full = self.tokenizer.decode(req.output)
+        if full.endswith("\ufffd") and not final:  # an unfinished UTF-8 sequence: wait for the rest
+            return ""
+        delta = full[len(req.text_emitted) :] if full.startswith(req.text_emitted) else full
+        req.text_emitted = full
+        return delta
+
+    def _finish(self, req: _Request, reason: str, now: float) -> RequestOutput:
+        self.allocators[req.group].free(req.id)
+        self._slots[req.slot] = None
+        del self._requests[req.id]
+        self.stats["finished"] += 1
+        text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+        return RequestOutput(
+            req.id,
+            list(req.prompt),
+            list(req.output),
+            text,
+            reason,
+            num_preemptions=req.preemptions,
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+            finish_time=now,
+        )
+
+    # ------------------------------------------------------------------ driving
+
+    def step(self) -> list[StreamEvent]:
+        """One engine iteration: admit, one prefill chunk, one decode step. Returns the events it produced."""
+        events, self._pending_events = self._pending_events, []
+        self._no_admit = set()
+        self._admit()
+        events += self._prefill()
+        events += self._decode()
+        self._admit()  # slots freed by finished requests take new ones before the next step's prefill
+        self.stats["steps"] += 1
+        self.stats["peak_pages_in_use"] = max(self.stats["peak_pages_in_use"], self.pages_in_use())
+        return events
+
+    def events(self) -> Iterator[StreamEvent]:
+        """Step until every submitted request has finished, yielding events as they come (submitting more from
+        the consumer is fine: they are picked up)."""
+        while self.has_work():
+            yield from self.step()
+
+    def run(self, on_event: Callable[[StreamEvent], None] | None = None) -> dict[str, RequestOutput]:
+        """Step until idle; returns the outputs of the requests that finished, by request id."""
+        done = {}
+        for ev in self.events():
+            if on_event is not None:
+                on_event(ev)
+            if ev.finished:
+                done[ev.request_id] = ev.output
+        return done
+
+    def _submit_all(self, prompts, params) -> list[str]:
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list (of texts or token-id lists), got one string")
+        prompts = list(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+            per = list(params)
+        else:
+            per = [params] * len(prompts)
+        return [self.submit_or_reject(p, sp) for p, sp in zip(prompts, per, strict=True)]
+
+    def stream(self, prompts, params=None) -> Iterator[StreamEvent]:
+        """Submit ``prompts`` (bad ones become error events) and yield events until every request has finished."""
+        self._submit_all(prompts, params)
+        yield from self.events()
+
+    def generate_outputs(
+        self, prompts, params=None, *, on_event: Callable[[StreamEvent], None] | None = None
+    ) -> list[RequestOutput]:
+        """Run ``prompts`` (texts or token-id lists) to completion; ``params`` is one SamplingParams / dict for all
+        or one per prompt. A bad request gets an "error" output; the others run normally. Outputs in prompt order."""
+        ids = self._submit_all(prompts, params)
+        done = self.run(on_event)
+        return [done[i] for i in ids]
+
+    def generate(self, prompts, params=None) -> list[str]:
+        """Synchronous text generation for notebooks: one completion string per prompt. Raises ValueError naming
+        every bad request (after the good ones have run; ``generate_outputs`` returns per-request errors instead)."""
+        outs = self.generate_outputs(prompts, params)
+        errors = [f"prompt {i}: {o.error}" for i, o in enumerate(outs) if not o.ok]
+        if errors:
+            raise ValueError("; ".join(errors))
+        if self.tokenizer is None:
+            raise ValueError("the engine has no tokenizer to turn tokens into text; use generate_outputs")
+        return [o.text for o in outs]
+
+    def prefill_buckets(self, prompt_length: int) -> set[int]:
+        """The prefill chunk shapes a prompt of ``prompt_length`` tokens will use (alone in its prefill call)."""
+        cfg, out = self.config, set()
+        for s in range(0, prompt_length, cfg.prefill_chunk):
+            n = min(cfg.prefill_chunk, prompt_length - s)
+            out.add(min(_pow2_at_least(n, cfg.min_bucket), cfg.prefill_chunk))
+        return out
+
+    def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> None:
+        """Compile the decode step and the prefill buckets that prompts of these lengths use, with throwaway
+        requests (so later timings exclude compilation). The engine must be idle."""
+        if self.has_work():
+            raise RuntimeError("warmup() needs an idle engine")
+        buckets = set()
+        for n in prompt_lengths:
+            buckets |= self.prefill_buckets(min(max(int(n), 1), self.max_seq_len - 1))
+        for i, b in enumerate(sorted(buckets)):
+            self.submit([0] * min(b, self.max_seq_len - 2), SamplingParams(max_new_tokens=2), request_id=f"warmup-{i}")
+        self.run()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        for k in self.stats:
+            self.stats[k] = 0
+
+
+class CheckedPageAllocator(kvc.PageAllocator):
+    """A :class:`~step3_jax.kv_cache.PageAllocator` that also checks its own invariants (no page owned twice, owned
+    + free == pool) in ``check()``; the engine's tests call it every step."""
+
+    def check(self) -> None:
+        owned = [p for pages in self._pages.values() for p in pages]
+        every = owned + list(self._free)
+        if len(every) != self.num_pages or sorted(every) != list(range(self.num_pages)):
+            raise AssertionError(
+                f"page pool corrupted: {len(owned)} owned + {len(self._free)} free != {self.num_pages}"
+            )
+
+
+def summarize(outputs: Sequence[RequestOutput], wall_seconds: float) -> dict[str, float]:
+    """Aggregate throughput of a batch of outputs: tokens, tokens/s over the wall time, mean time per output token."""
+    ok = [o for o in outputs if o.ok]
+    tokens = sum(len(o.token_ids) for o in ok)
+    tpots = [o.time_per_output_token for o in ok if o.time_per_output_token is not None]
+    ttfts = [o.time_to_first_token for o in ok if o.time_to_first_token is not None]
+    return {
+        "requests": len(outputs),
+        "failed": len(outputs) - len(ok),
+        "output_tokens": tokens,
+        "wall_seconds": wall_seconds,
+        "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 else 0.0,
+        "mean_time_per_output_token": float(np.mean(tpots)) if tpots else math.nan,
+        "mean_time_to_first_token": float(np.mean(ttfts)) if ttfts else math.nan,
+    }

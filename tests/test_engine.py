@@ -1,0 +1,358 @@
+"""Continuous-batching engine (infer/engine.py): identical greedy results to each request alone and to the
+contiguous cache, chunked prefill == one-shot prefill, preemption, a 500-request load test, per-request errors,
+seeded sampling, streaming, no recompilation in steady state, data-parallel serving on a mesh, the CLI."""
+
+import json
+import math
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer.engine import Engine, EngineConfig, StreamEvent
+from infer.generate import generate_ids, main
+from infer.sampling import SamplingParams, request_keys, sample
+from step3_jax import KVCache, create_model, make_mesh
+from step3_jax.kv_cache import PageAllocator, PagedKVCache
+
+SMALL = EngineConfig(max_batch=4, page_size=4, num_pages=16, max_seq_len=64, prefill_chunk=16, min_bucket=16)
+
+
+@pytest.fixture(scope="module")
+def model(test_config):
+    return create_model(test_config, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, SMALL)
+
+
+def alone(engine, prompt, params):
+    """The request run by itself through an idle engine."""
+    assert not engine.has_work()
+    return engine.generate_outputs([prompt], params)[0].token_ids
+
+
+def random_prompt(rng, n, vocab=263):
+    return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
+
+
+def drive(engine, schedule):
+    """Submit ``schedule[step] = [(prompt, params), ...]`` at those engine steps; returns outputs by id + events."""
+    outputs, events, ids, step = {}, [], {}, 0
+    last = max(schedule)
+    while step <= last or engine.has_work():
+        for i, (prompt, params) in enumerate(schedule.get(step, [])):
+            ids[(step, i)] = engine.submit(prompt, params)
+        for ev in engine.step():
+            events.append(ev)
+            if ev.finished:
+                assert ev.request_id not in outputs, "a request finished twice"
+                outputs[ev.request_id] = ev.output
+        for a in engine.allocators:
+            a.check()
+        step += 1
+    return {key: outputs[rid] for key, rid in ids.items()}, events
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+def test_continuous_batching_greedy_equals_each_request_alone_and_contiguous_cache(model, engine):
+    rng = random.Random(0)
+    lengths = [1, 3, 9, 17, 33, 5, 12, 2, 26, 7]  # chunked prefill (chunk 16) for the long ones
+    news = [6, 1, 9, 4, 12, 7, 3, 10, 5, 8]
+    reqs = [(random_prompt(rng, n), SamplingParams(max_new_tokens=m)) for n, m in zip(lengths, news, strict=True)]
+    schedule = {0: reqs[:3], 1: reqs[3:5], 4: reqs[5:6], 5: reqs[6:8], 11: reqs[8:]}  # arrivals over time
+    outputs, _ = drive(engine, schedule)
+    assert len(outputs) == len(reqs)
+    # the contiguous-cache static batch (one compile): greedy tokens without stop tokens are prefixes of longer runs
+    contiguous = generate_ids(model, [p for p, _ in reqs], SamplingParams(max_new_tokens=max(news))).tokens
+    for (step, i), out in outputs.items():
+        prompt, params = schedule[step][i]
+        assert out.finish_reason == "length" and len(out.token_ids) == params.max_new_tokens
+        assert out.token_ids == alone(engine, prompt, params)
+        assert out.token_ids == contiguous[reqs.index((prompt, params))][: params.max_new_tokens]
+
+
+def test_chunked_paged_prefill_and_paged_decode_equal_one_shot_contiguous(model, test_config):
+    """Model level: the prompt prefilled in chunks of 8 through a paged cache (shuffled pages, a padded last
+    chunk) gives the logits of a one-shot prefill through the contiguous cache; decode steps agree too."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache))
+    n, chunk, decode = 21, 8, 5
+    ids = jax.random.randint(jax.random.key(3), (1, n + decode), 3, test_config.vocab_size, dtype=jnp.int32)
+    contig = KVCache.create(test_config, 1, 32)
+    ref, contig = step(state, ids[:, :n], contig)
+    alloc = PageAllocator(num_pages=12, page_size=4, max_pages_per_seq=8, shuffle_seed=5)
+    alloc.reserve(0, 32)
+    paged = PagedKVCache.create(test_config, alloc.block_table([0]), num_pages=12, page_size=4)
+    chunks = []
+    for s in range(0, n, chunk):
+        piece = np.zeros((1, chunk), np.int32)
+        m = min(chunk, n - s)
+        piece[0, :m] = np.asarray(ids[0, s : s + m])
+        logits, paged = step(state, jnp.asarray(piece), paged.replace(lengths=jnp.array([s], jnp.int32)))
+        chunks.append(np.asarray(logits[0, :m]))
+    np.testing.assert_allclose(np.concatenate(chunks), np.asarray(ref[0]), rtol=2e-5, atol=2e-5)
+    paged = paged.replace(lengths=jnp.array([n], jnp.int32))
+    for t in range(n, n + decode):
+        lc, contig = step(state, ids[:, t : t + 1], contig)
+        lp, paged = step(state, ids[:, t : t + 1], paged)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(lc), rtol=2e-5, atol=2e-5)
+
+
+def test_preemption_requeues_and_results_are_unchanged(engine):
+    """Four long requests in a pool that holds one max-length sequence: requests are preempted (pages freed,
+    requeued, recomputed) and still produce exactly their results alone."""
+    rng = random.Random(1)
+    reqs = [(random_prompt(rng, n), SamplingParams(max_new_tokens=30)) for n in (20, 14, 25, 9)]
+    before = engine.stats["preemptions"]
+    outputs, events = drive(engine, {0: reqs})
+    assert engine.stats["preemptions"] > before
+    assert sum(o.num_preemptions for o in outputs.values()) > 0
+    for (_, i), out in outputs.items():
+        assert len(out.token_ids) == 30
+        assert out.token_ids == alone(engine, *reqs[i])
+    # the stream never repeats a token of a preempted request: one event per generated token
+    for out in outputs.values():
+        assert sum(ev.request_id == out.request_id and ev.token_id is not None for ev in events) == 30
+    assert engine.pages_in_use() == 0
+
+
+def test_500_requests_under_load_all_complete_once_with_bounded_memory(model):
+    """500 requests with random prompt / output lengths, arriving in waves, through a pool that holds less than a
+    third of what the running batch would need: none lost or duplicated, preemption happens, the page pool never
+    over-commits and the cache arrays never grow; preempted requests still equal their results alone."""
+    cfg = EngineConfig(max_batch=8, page_size=4, num_pages=24, max_seq_len=48, prefill_chunk=16, min_bucket=8,
+                       prefill_batch=2)  # fmt: skip
+    eng = Engine(model, cfg)
+    pool_shapes = [x.shape for x in eng._pool["k"]]
+    rng = random.Random(7)
+    reqs = [
+        (random_prompt(rng, rng.randint(1, 20)), SamplingParams(max_new_tokens=rng.randint(1, 16))) for _ in range(500)
+    ]
+    schedule = {}
+    for i, r in enumerate(reqs):  # 25 waves of 20 arrivals, every 10 steps
+        schedule.setdefault(10 * (i // 20), []).append(r)
+    outputs, events = drive(eng, schedule)
+    assert len(outputs) == 500 and len({o.request_id for o in outputs.values()}) == 500
+    finished = [ev.request_id for ev in events if ev.finished]
+    assert sorted(finished) == sorted(o.request_id for o in outputs.values())  # each exactly once
+    for (step, i), out in outputs.items():
+        prompt, params = schedule[step][i]
+        assert out.ok and out.prompt_ids == prompt and len(out.token_ids) == params.max_new_tokens
+    assert eng.stats["preemptions"] > 0
+    assert eng.stats["peak_pages_in_use"] <= 24 and eng.pages_in_use() == 0
+    assert [x.shape for x in eng._pool["k"]] == pool_shapes
+    assert eng.trace_counts["decode"] == 1 and eng.trace_counts["prefill"] <= 2  # buckets 8 and 16
+    preempted = [(k, o) for k, o in outputs.items() if o.num_preemptions][:3]
+    assert preempted
+    for (step, i), out in preempted:
+        prompt, params = schedule[step][i]
+        assert out.token_ids == generate_ids(model, [prompt], params).tokens[0]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+BAD_REQUESTS = [
+    ([1] * 64, None, "longer than the context limit"),
+    ([], None, "prompt is empty"),
+    ("", None, "prompt is empty"),
+    ([1, 2], {"temperature": -1.0}, "temperature"),
+    ([1, 2], {"temperature": float("nan")}, "temperature"),
+    ([1, 2], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ([1, 2], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ([1, 2], {"stop_token_ids": ("###",)}, "stop_token_ids must be non-negative ints.*str"),
+    ([1, 2], {"stop_token_ids": (2.5,)}, "stop_token_ids must be non-negative ints.*float"),
+    ([1, 2], {"stop_token_ids": "###"}, "stop_token_ids must be a sequence of token ids"),
+    ([1, 2], {"stop_token_ids": (999,)}, r"outside the vocabulary \[0, 263\)"),
+    ([1, 2], {"temprature": 0.5}, "unknown sampling parameter"),
+    ([1, 999], None, r"outside \[0, 263\)"),
+]
+
+
+def test_bad_requests_are_rejected_per_request_while_others_continue(engine):
+    good = [([1, 40, 41, 42], SamplingParams(max_new_tokens=8)), ([1, 9], SamplingParams(max_new_tokens=5))]
+    expected = [alone(engine, *g) for g in good]
+    for g in good:
+        engine.submit(*g)
+    engine.step()  # the good ones are running
+    for prompt, params, msg in BAD_REQUESTS:
+        with pytest.raises(ValueError, match=msg):
+            engine.submit(prompt, params)
+    done = engine.run()
+    assert sorted(o.token_ids for o in done.values()) == sorted(expected)
+    # the batch front end turns each bad request into an error output, in place, and runs the rest
+    prompts = [good[0][0]] + [b[0] for b in BAD_REQUESTS] + [good[1][0]]
+    params = [good[0][1]] + [b[1] for b in BAD_REQUESTS] + [good[1][1]]
+    outs = engine.generate_outputs(prompts, params)
+    assert outs[0].token_ids == expected[0] and outs[-1].token_ids == expected[1]
+    for out, (_, _, msg) in zip(outs[1:-1], BAD_REQUESTS, strict=True):
+        assert out.finish_reason == "error" and out.token_ids == [] and re_search(msg, out.error)
+    with pytest.raises(ValueError, match="prompt 1: .*prompt is empty"):
+        engine.generate(["hi", ""], SamplingParams(max_new_tokens=2))
+
+
+def re_search(pattern, text):
+    import re
+
+    return re.search(pattern, text) is not None
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_temperature_zero_is_greedy_and_seeds_reproduce_whatever_the_neighbours(engine):
+    prompt = [1, 33, 34, 35]
+    greedy = alone(engine, prompt, SamplingParams(max_new_tokens=8))
+    assert (
+        alone(engine, prompt, SamplingParams(temperature=0.0, top_k=7, top_p=0.5, seed=9, max_new_tokens=8)) == greedy
+    )
+    hot = SamplingParams(temperature=1.5, seed=11, max_new_tokens=8)
+    a = alone(engine, prompt, hot)
+    # the same request among other sampled requests, arriving later, in another slot: the same tokens
+    others = [([1, 50 + i, 60], SamplingParams(temperature=1.0, seed=i, max_new_tokens=6)) for i in range(5)]
+    outputs, _ = drive(engine, {0: others[:3], 2: [(prompt, hot)] + others[3:]})
+    assert outputs[(2, 0)].token_ids == a
+    assert alone(engine, prompt, SamplingParams(temperature=1.5, seed=12, max_new_tokens=8)) != a
+    assert alone(engine, prompt, SamplingParams(temperature=2.0, top_k=1, seed=3, max_new_tokens=8)) == greedy
+
+
+def test_top_k_and_top_p_tokens_stay_in_their_set_on_the_model(model, engine, test_config):
+    """Sampled tokens checked against the full-forward logits at their position: top-k tokens rank < k, and a
+    top-p token's higher-ranked tokens hold less than top_p of the (tempered) probability."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    prompt = [1, 70, 71, 72]
+    for params in (
+        SamplingParams(temperature=1.3, top_k=3, seed=5, max_new_tokens=20),
+        SamplingParams(temperature=1.3, top_p=0.3, seed=6, max_new_tokens=20),
+    ):
+        toks = alone(engine, prompt, params)
+        seq = np.zeros((1, 32), np.int32)
+        seq[0, : len(prompt) + len(toks)] = prompt + toks
+        logits = np.asarray(forward(state, jnp.asarray(seq)))[0] / params.temperature
+        for j, t in enumerate(toks):
+            row = logits[len(prompt) - 1 + j]
+            higher = row > row[t] + 1e-4
+            if params.top_k:
+                assert higher.sum() < params.top_k
+            else:
+                p = np.exp(row - row.max())
+                p /= p.sum()
+                assert p[higher].sum() < params.top_p + 1e-4
+
+
+def test_sampler_top_k_top_p_sets_and_frequencies_with_per_row_keys():
+    """Statistical test (fixed seed): 4000 rows of random logits; samples never leave the top-k / nucleus set, and
+    within the set the frequencies match the renormalised probabilities."""
+    n, v = 4000, 12
+    logits = jax.random.normal(jax.random.key(0), (v,)) * 2.0
+    rows = jnp.broadcast_to(logits, (n, v))
+    keys = request_keys(jnp.arange(n, dtype=jnp.uint32), jnp.zeros((n,), jnp.int32))
+    probs = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-probs)
+
+    def draw(k, p):
+        return np.asarray(sample(rows, keys, jnp.ones((n,)), jnp.full((n,), k, jnp.int32), jnp.full((n,), p)))
+
+    for k, p, allowed in [
+        (4, 1.0, order[:4]),
+        (0, 0.5, order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1]),
+        (3, 0.9, order[: min(3, int(np.searchsorted(np.cumsum(probs[order]), 0.9)) + 1)]),
+    ]:
+        got = draw(k, p)
+        assert set(got.tolist()) <= set(allowed.tolist())
+        expect = probs[allowed] / probs[allowed].sum()
+        freq = np.array([(got == a).sum() for a in allowed]) / n
+        assert np.abs(freq - expect).max() < 4 * math.sqrt(0.25 / n) + 0.01
+    # per-row keys: a row's draw depends only on its key, not on the other rows
+    sub = np.asarray(sample(rows[:7], keys[:7], jnp.ones((7,)), jnp.zeros((7,), jnp.int32), jnp.ones((7,))))
+    assert sub.tolist() == draw(0, 1.0)[:7].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- streaming, compiles
+
+
+def test_streaming_events_and_callback(engine):
+    prompts = ["Step-3", "MFA attention ✓"]
+    params = SamplingParams(max_new_tokens=9)
+    events = list(engine.stream(prompts, params))
+    assert all(isinstance(e, StreamEvent) for e in events)
+    outs = {e.request_id: e.output for e in events if e.finished}
+    assert len(outs) == 2
+    for rid, out in outs.items():
+        mine = [e for e in events if e.request_id == rid]
+        assert (
+            [e.token_id for e in mine] == out.token_ids and mine[-1].finished and not any(e.finished for e in mine[:-1])
+        )
+        assert "".join(e.text for e in mine) == out.text == engine.tokenizer.decode(out.token_ids)
+        assert out.time_to_first_token is not None and out.time_to_first_token >= 0
+    seen = []
+    texts = engine.generate(prompts, params)
+    assert texts == [o.text for o in sorted(outs.values(), key=lambda o: int(o.request_id.split("-")[1]))]
+    engine.generate_outputs(prompts, params, on_event=seen.append)
+    assert sum(e.finished for e in seen) == 2 and len(seen) == 18
+
+
+def test_steady_state_decoding_never_recompiles(engine):
+    rng = random.Random(5)
+    engine.generate_outputs([random_prompt(rng, n) for n in (3, 12, 30)], SamplingParams(max_new_tokens=3))
+    counts = dict(engine.trace_counts)
+    cache_sizes = engine._decode_fn._cache_size(), engine._prefill_fn._cache_size()
+    assert counts["decode"] == 1 and counts["prefill"] == 1  # one decode program, one prefill bucket (16)
+    prompts = [random_prompt(rng, rng.randint(1, 40)) for _ in range(12)]
+    params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.randint(0, 5), seed=i,
+                             max_new_tokens=rng.randint(1, 12)) for i in range(12)]  # fmt: skip
+    engine.generate_outputs(prompts, params)
+    assert engine.trace_counts == counts
+    assert (engine._decode_fn._cache_size(), engine._prefill_fn._cache_size()) == cache_sizes
+
+
+# ---------------------------------------------------------------------------------------------- mesh, CLI
+
+
+def test_data_parallel_engine_on_a_mesh_equals_one_device(test_config, engine):
+    """4 data-parallel attention groups x 2-way tensor-parallel FFN on 8 CPU devices: the page pool is split over
+    the groups, each group keeps its own pages, and greedy results equal the single-device engine."""
+    mesh = make_mesh(data=4, tensor=2)
+    sharded = create_model(test_config, seed=1, mesh=mesh)
+    eng = Engine(sharded, EngineConfig(max_batch=4, page_size=4, num_pages=64, max_seq_len=64, prefill_chunk=16,
+                                       min_bucket=8, prefill_batch=4))  # fmt: skip
+    assert eng.groups == 4 and eng.pages_per_group == 16
+    assert eng._pool["k"][0].sharding.spec[0] == "data"
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, n) for n in (5, 19, 2, 11, 8, 27)]
+    params = SamplingParams(max_new_tokens=6)
+    outs = eng.generate_outputs(prompts, params)
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.token_ids == alone(engine, p, params)
+
+
+def test_cli_reads_a_prompt_file_loads_a_checkpoint_and_reports_throughput(tmp_path, capsys, model):
+    from step3_jax import save_pretrained
+
+    save_pretrained(model, tmp_path / "ckpt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond\n" + "x" * 600 + "\n")
+    shapes = ["--max-batch", "4", "--page-size", "4", "--num-pages", "16", "--max-seq-len", "64", "--prefill-chunk",
+              "16"]  # the engine fixture's shapes: compiled programs are reused  # fmt: skip
+    rc = main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts-file", str(prompts), "--max-new-tokens", "4",
+               "--json-out", str(tmp_path / "out.json"), *shapes])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 1  # the over-long third prompt failed, the others ran
+    assert "longer than the context limit" in captured.out + captured.err
+    assert "tokens/s" in captured.out and "time per output token" in captured.out
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert [r["ok"] for r in report["requests"]] == [True, True, False]
+    assert report["requests"][0]["token_ids"] == generate_ids(model, [[1, *[b + 3 for b in b"first prompt"]]],
+                                                              SamplingParams(max_new_tokens=4)).tokens[0]  # fmt: skip
+    assert main(["--preset", "test", "--dtype", "float32", "--max-new-tokens", "3", "--prompt", "hi", "--stream",
+                 *shapes]) == 0  # fmt: skip
+    assert "tokens/s" in capsys.readouterr().out
