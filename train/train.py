@@ -184,7 +184,7 @@ def make_train_step(graphdef, tx, tc: TrainConfig, num_experts: int, combine=_fu
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), finite=finite)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), finite=finite)
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
     return step

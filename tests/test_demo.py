@@ -1,0 +1,15 @@
+"""The README's main command end to end, at a few steps: train -> save HF checkpoint -> load -> engine generate."""
+
+from infer.demo import main
+
+
+def test_demo_trains_saves_loads_and_generates(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["--preset", "test", "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--out", str(out)]
+    assert main([*args, "--max-new-tokens", "5", "--no-progress", "--prompt", "The"]) == 0
+    text = capsys.readouterr().out
+    assert "1/3 training" in text and "2/3 saved" in text and "3/3 generating" in text
+    assert "tokens/s" in text and "ms per output token" in text
+    assert (out / "model" / "config.json").exists() and list((out / "model").glob("*.safetensors"))
+    assert main([*args, "--steps", "0"]) == 2  # bad input: a clear error, no crash
+    assert "steps" in capsys.readouterr().err
