@@ -1,0 +1,1064 @@
+"""Attention-FFN disaggregation (AFD): attention and FFN of every layer on separate device groups.
+
+The paper's decoding system (sections 3 and 7 of the Step-3 report): *attention instances* hold the embedding,
+the KV cache, the attention layers, the MoE routers, the final norm and the lm_head, and run data-parallel
+attention (each device its own sequences and its own KV pages); *FFN instances* hold the dense FFNs, the shared
+experts and the routed experts, split by expert and/or tensor parallelism. Per layer the attention side sends the
+post-attention-normed hidden states (FP8 with per-token 128-channel scales) plus the routing (top-k weights and
+expert ids) to the FFN side, which sends the FFN output back in BF16; the decode batch is split into micro-batches
+so that the attention of one micro-batch runs while the FFN of another (and the transfers) are in flight.
+
+Here both sides call the model's own layer halves, ``DecoderLayer.attention`` (+ ``MoE.route``) and
+``DecoderLayer.ffn``: there is no second copy of the model. One set of parameters is split by path into the
+attention half and the FFN half; each half lives only on its own submesh (``jax.make_mesh(..., devices=...)``), and
+each side runs its own jitted per-layer programs (one per layer kind, reused across layers), with the model's
+``shard_map`` paths inside (paged data-parallel attention; expert/tensor-parallel MoE on the FFN mesh).
+
+Transfers (single process): per-shard single-device copies in one batched ``jax.device_put``, reassembled with
+``jax.make_array_from_single_device_arrays``. A plain ``jax.device_put`` of a batch-sharded attention array onto a
+replicated FFN sharding goes through the host and blocks the dispatching thread until the producer has finished
+(measured on the CPU backend of jax 0.11.2), which would serialise the pipeline; the per-shard copies are
+asynchronous. Each attention shard is broadcast to every FFN device (the paper's A->F broadcast); each FFN output
+row block goes back to the one attention device that owns those rows.
+
+Transfers (several processes, ``jax.distributed``): attention devices in process 0, FFN devices in process 1, one
+global ``(role, x)`` mesh whose rows are the two sides; a jitted ``shard_map`` with ``lax.ppermute`` over ``role``
+moves each attention device's rows to its FFN partner and back. Every process runs the same driver loop
+(multi-controller JAX), dispatching only its own side's programs and joining every transfer.
+
+Wire format per layer and micro-batch of ``b`` rows and ``T`` tokens (A->F): ``x [b, T, D]`` (float8_e4m3fn with
+``scale [b, T, D/128]`` float32, or bfloat16, or the model dtype), and for MoE layers ``weights [b, T, top_k]``
+float32 and ``ids [b, T, top_k]`` int32, packed into one byte array per message. F->A: the FFN output ``[b, T, D]``
+in the model's activation dtype (bfloat16 for Step-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from step3_jax import kv_cache as kvc
+from step3_jax.config import PRESETS, Step3Config, get_preset
+from step3_jax.model import Step3ForCausalLM, param_shardings
+from step3_jax.quant import BLOCK, dequantize_activations, quantize_activations
+from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
+
+log = logging.getLogger(__name__)
+
+TRANSFERS = ("fp8", "bf16", "model")
+STAGES = ("attention", "a2f", "ffn", "f2a")
+# jit program name (as profiler traces name it) -> pipeline stage; one compiled program per name in a decode step,
+# so a name's executions in run-id order are its dispatches in order
+_PROGRAMS = {
+    "jit_afd_embed": "embed",
+    "jit_afd_attention_dense": "attention",
+    "jit_afd_attention_moe": "attention",
+    "jit_afd_ffn_dense": "ffn",
+    "jit_afd_ffn_moe": "ffn",
+    "jit_afd_logits": "logits",
+    "jit_afd_a2f": "a2f",
+    "jit_afd_f2a": "f2a",
+}
+
+
+def _named(fn, name: str):
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class AFDConfig:
+    """How to disaggregate. ``expert_parallel`` of the ``ffn_devices`` split the experts, the remaining factor
+    splits every expert's FFN columns (tensor parallel); ``None`` picks the largest expert-parallel size that
+    divides both the FFN devices and the number of experts."""
+
+    attention_devices: int = 4
+    ffn_devices: int = 4
+    expert_parallel: int | None = None
+    micro_batches: int = 3
+    transfer: str = "fp8"  # A->F hidden states: "fp8" (+ scales), "bf16", or "model" (the model dtype, exact)
+    page_size: int = 16
+    kv_dtype: str | None = None  # paged KV cache dtype (default: the model's; "float8_e4m3fn" for FP8 pages)
+    # several processes: a step that makes no progress for this long means the peer failed: exit with an error
+    peer_timeout_s: float = 120.0
+
+
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"AFD {name} must be a positive int, got {v!r}")
+
+
+def ffn_layout(config: Step3Config, afd: AFDConfig) -> tuple[int, int]:
+    """``(expert_parallel, tensor_parallel)`` of the FFN devices; raises ``ValueError`` for impossible splits."""
+    n = afd.ffn_devices
+    experts = config.moe_num_experts
+    if afd.expert_parallel is None:
+        ep = max(d for d in range(1, n + 1) if n % d == 0 and experts % d == 0)
+    else:
+        _positive_int("expert_parallel", afd.expert_parallel)
+        ep = afd.expert_parallel
+        if n % ep:
+            raise ValueError(f"expert_parallel = {ep} does not divide the {n} FFN devices")
+        if experts % ep:
+            raise ValueError(
+                f"moe_num_experts = {experts} cannot be split over expert_parallel = {ep} FFN devices; choose an "
+                f"expert-parallel size that divides {experts}"
+            )
+    tp = n // ep
+    ffn = config.moe_intermediate_size
+    if ffn % tp:
+        raise ValueError(
+            f"moe_intermediate_size = {ffn} cannot be split over the tensor-parallel size {tp} "
+            f"({n} FFN devices / expert_parallel {ep}); choose an expert_parallel or ffn_devices that fits"
+        )
+    if config.quantization == "fp8" and tp > 1 and ffn > BLOCK and (ffn // tp) % BLOCK:
+        raise ValueError(
+            f"FP8 experts need whole {BLOCK}-wide scale blocks per tensor-parallel shard: moe_intermediate_size = "
+            f"{ffn} over tensor-parallel size {tp} leaves {ffn // tp} columns"
+        )
+    return ep, tp
+
+
+def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int, int]:
+    """Check an AFD request before any work starts; returns the FFN ``(expert_parallel, tensor_parallel)``."""
+    if isinstance(afd.attention_devices, int) and afd.attention_devices == 0:
+        raise ValueError("AFD needs at least one attention device, got attention_devices = 0")
+    if isinstance(afd.ffn_devices, int) and afd.ffn_devices == 0:
+        raise ValueError("AFD needs at least one FFN device, got ffn_devices = 0")
+    for name in ("attention_devices", "ffn_devices", "micro_batches", "page_size"):
+        _positive_int(name, getattr(afd, name))
+    need = afd.attention_devices + afd.ffn_devices
+    if need > num_devices:
+        raise ValueError(
+            f"AFD asks for {afd.attention_devices} attention + {afd.ffn_devices} FFN = {need} devices, but only "
+            f"{num_devices} exist"
+        )
+    if afd.transfer not in TRANSFERS:
+        raise ValueError(f"AFD transfer must be one of {TRANSFERS}, got {afd.transfer!r}")
+    if afd.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
+        raise ValueError(f"AFD kv_dtype must be bfloat16, float32 or float8_e4m3fn, got {afd.kv_dtype!r}")
+    return ffn_layout(config, afd)
+
+
+def is_ffn_param(path, _value=None) -> bool:
+    """Parameters of the FFN side: dense FFNs, shared experts, routed experts (not the router ``moe.gate``)."""
+    names = [str(p) for p in path]
+    return "mlp" in names or "share_expert" in names or ("moe" in names and names[-1] != "gate")
+
+
+def _is_top_param(path, _value=None) -> bool:
+    return str(path[0]) in ("embed_tokens", "norm", "lm_head")
+
+
+def microbatch_sizes(batch: int, micro_batches: int) -> list[int]:
+    """Contiguous split of ``batch`` rows into ``micro_batches`` as even as possible (larger ones first)."""
+    if batch < micro_batches:
+        raise ValueError(f"a batch of {batch} sequences cannot fill {micro_batches} micro-batches")
+    return [batch // micro_batches + (i < batch % micro_batches) for i in range(micro_batches)]
+
+
+# ---------------------------------------------------------------------------------------------- wire format
+
+
+def encode(normed: jax.Array, transfer: str) -> dict[str, jax.Array]:
+    """Attention side: the post-attention-normed hidden states as they go on the wire."""
+    if transfer == "fp8":
+        q, scale = quantize_activations(normed)
+        return {"x": q, "scale": scale}
+    if transfer == "bf16":
+        return {"x": normed.astype(jnp.bfloat16)}
+    return {"x": normed}
+
+
+def decode(payload: dict[str, jax.Array], dtype) -> jax.Array:
+    """FFN side: back to the model's activation dtype."""
+    if "scale" in payload:
+        return dequantize_activations(payload["x"], payload["scale"], dtype=dtype)
+    return payload["x"].astype(dtype)
+
+
+def payload_struct(config: Step3Config, transfer: str, is_moe: bool, b: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The A->F message fields of one layer and micro-batch (``b`` rows, ``t`` tokens each)."""
+    d, k = config.hidden_size, config.moe_top_k
+    x_dtype = {"fp8": jnp.float8_e4m3fn, "bf16": jnp.bfloat16, "model": config.dtype}[transfer]
+    out = {"x": jax.ShapeDtypeStruct((b, t, d), x_dtype)}
+    if transfer == "fp8":
+        out["scale"] = jax.ShapeDtypeStruct((b, t, math.ceil(d / BLOCK)), jnp.float32)
+    if is_moe:
+        out["weights"] = jax.ShapeDtypeStruct((b, t, k), jnp.float32)
+        out["ids"] = jax.ShapeDtypeStruct((b, t, k), jnp.int32)
+    return out
+
+
+def pack(fields: dict[str, jax.Array]) -> jax.Array:
+    """All fields of a message as one byte array ``[b, t, bytes]`` (one transfer per layer and micro-batch)."""
+    parts = []
+    for name in sorted(fields):
+        v = fields[name]
+        u = jax.lax.bitcast_convert_type(v, jnp.uint8)  # [..., n] or [..., n, itemsize]
+        parts.append(u.reshape(*v.shape[:2], -1))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def unpack(buf: jax.Array, struct: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    out, offset = {}, 0
+    for name in sorted(struct):
+        s = struct[name]
+        n = math.prod(s.shape[2:])
+        size = n * jnp.dtype(s.dtype).itemsize
+        u = buf[..., offset : offset + size]
+        offset += size
+        if jnp.dtype(s.dtype).itemsize > 1:
+            u = u.reshape(*buf.shape[:2], n, jnp.dtype(s.dtype).itemsize)
+        out[name] = jax.lax.bitcast_convert_type(u, s.dtype).reshape(*buf.shape[:2], *s.shape[2:])
+    return out
+
+
+def message_struct(struct: dict[str, jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    any_field = next(iter(struct.values()))
+    nbytes = sum(math.prod(s.shape[2:]) * jnp.dtype(s.dtype).itemsize for s in struct.values())
+    return jax.ShapeDtypeStruct((*any_field.shape[:2], nbytes), jnp.uint8)
+
+
+def return_dtype(config: Step3Config, transfer: str):
+    """F->A: the FFN output in the model's activation dtype (BF16 for Step-3), keeping the residual stream's
+    precision as the paper does; rounding a float32 test model's outputs to BF16 would only add error."""
+    del transfer
+    return config.dtype
+
+
+def _by_rows(arr: jax.Array) -> list[jax.Array]:
+    """The single-device shards of a batch-sharded array, in row order."""
+    return [s.data for s in sorted(arr.addressable_shards, key=lambda s: s.index[0].start or 0)]
+
+
+# ---------------------------------------------------------------------------------------------- transports
+
+
+class LocalTransport:
+    """Both sides in this process: asynchronous single-device copies between the two submeshes.
+
+    With as many FFN as attention devices, attention device ``i`` sends its rows to FFN device ``i`` (the FFN
+    program all-gathers them over the FFN mesh) and gets the same rows back. Otherwise every attention shard is
+    broadcast to every FFN device (one part per attention device, concatenated inside the FFN program) and row
+    block ``i`` of the output comes back from FFN device ``i mod N``."""
+
+    def __init__(self, attn_mesh: Mesh, ffn_mesh: Mesh):
+        self.attn_devices = list(attn_mesh.devices.flat)
+        self.ffn_devices = list(ffn_mesh.devices.flat)
+        self.paired = len(self.attn_devices) == len(self.ffn_devices)
+        self.replicated = NamedSharding(ffn_mesh, PartitionSpec())
+        self.ffn_rows = NamedSharding(ffn_mesh, PartitionSpec(tuple(ffn_mesh.axis_names)))
+        self.out_parts = 1 if self.paired else len(self.attn_devices)
+        self.out_sharding = self.ffn_rows if self.paired else self.replicated
+
+    def to_ffn(self, message, struct):
+        shards = _by_rows(message)
+        if self.paired:
+            copies = jax.device_put(shards, self.ffn_devices)
+            return (jax.make_array_from_single_device_arrays(struct.shape, self.ffn_rows, copies),)
+        n = len(self.ffn_devices)
+        copies = jax.device_put([s for s in shards for _ in range(n)], self.ffn_devices * len(shards))
+        return tuple(
+            jax.make_array_from_single_device_arrays(s.shape, self.replicated, copies[i * n : (i + 1) * n])
+            for i, s in enumerate(shards)
+        )
+
+    def to_attention(self, parts, struct, sharding):
+        if self.paired:
+            srcs = _by_rows(parts[0])
+        else:
+            n = len(self.ffn_devices)
+            srcs = [p.addressable_shards[i % n].data for i, p in enumerate(parts)]
+        copies = jax.device_put(srcs, self.attn_devices)
+        return jax.make_array_from_single_device_arrays(struct.shape, sharding, copies)
+
+
+class CollectiveTransport:
+    """Attention devices in one process, FFN devices in another: ``lax.ppermute`` over the ``role`` axis of one
+    global ``(role, x)`` mesh (row 0 attention, row 1 FFN) moves each attention device's rows to its FFN partner
+    and back. Both processes run every transfer program; the side without data feeds zeros (never read)."""
+
+    def __init__(self, attn_mesh: Mesh, ffn_mesh: Mesh, has_attention: bool, has_ffn: bool):
+        a, f = list(attn_mesh.devices.flat), list(ffn_mesh.devices.flat)
+        if len(a) != len(f):
+            raise ValueError(
+                f"multi-process AFD pairs every attention device with one FFN device: it needs as many attention "
+                f"as FFN devices, got {len(a)} and {len(f)}"
+            )
+        self.n = len(a)
+        self.mesh = Mesh(np.array([a, f], dtype=object), ("role", "x"))
+        self.global_rows = NamedSharding(self.mesh, PartitionSpec(("role", "x")))
+        self.has_attention, self.has_ffn = has_attention, has_ffn
+        self.local_devices = a if has_attention else f
+        self.ffn_rows = NamedSharding(ffn_mesh, PartitionSpec(tuple(ffn_mesh.axis_names)))
+        self.out_parts = 1
+        self.out_sharding = self.ffn_rows
+        self._dummies: dict = {}
+        self._a2f = self._permute(0, 1, "afd_a2f")
+        self._f2a = self._permute(1, 0, "afd_f2a")
+
+    def _permute(self, src: int, dst: int, name: str):
+        spec = PartitionSpec(("role", "x"))
+
+        def move(x):
+            return jax.lax.ppermute(x, "role", [(src, dst)])
+
+        move.__name__ = name
+        return jax.jit(jax.shard_map(move, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+    def _globalise(self, arr, struct, own: bool):
+        """This side's ``[b, ...]`` array (zeros on the side without data) -> its half of a global ``[2b, ...]``."""
+        b = struct.shape[0]
+        if own:
+            shards = _by_rows(arr)
+        else:
+            key = (tuple(struct.shape), jnp.dtype(struct.dtype))
+            if key not in self._dummies:
+                zero = np.zeros((b // self.n, *struct.shape[1:]), struct.dtype)
+                self._dummies[key] = jax.device_put([zero] * self.n, self.local_devices)
+            shards = self._dummies[key]
+        return jax.make_array_from_single_device_arrays((2 * b, *struct.shape[1:]), self.global_rows, shards)
+
+    def _localise(self, garr, struct, sharding):
+        return jax.make_array_from_single_device_arrays(struct.shape, sharding, _by_rows(garr))
+
+    def to_ffn(self, message, struct):
+        g = self._a2f(self._globalise(message, struct, self.has_attention))
+        return (self._localise(g, struct, self.ffn_rows),) if self.has_ffn else None
+
+    def to_attention(self, parts, struct, sharding):
+        g = self._f2a(self._globalise(None if parts is None else parts[0], struct, self.has_ffn))
+        return self._localise(g, struct, sharding) if self.has_attention else None
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+
+
+@dataclasses.dataclass
+class AFDResult:
+    tokens: list[list[int]]  # generated ids per prompt (cut after a stop token)
+    logits: list[np.ndarray] | None  # per step, float32 [batch, vocab] of the token chosen at that step
+    prefill_seconds: float
+    decode_seconds: float  # decode steps after the first (which compiles)
+    decode_steps_timed: int
+    batch_size: int
+    trace: list[dict] | None = None  # per-stage intervals of the traced decode step (see stage_intervals)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.batch_size * self.decode_steps_timed / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    rows: int  # real sequences
+    padded: int  # rows incl. padding to a multiple of the attention devices
+    kv: list  # per layer PagedLayer (attention side)
+    block_table: jax.Array | None
+    h: jax.Array | None = None  # residual stream after the last attention
+    f: jax.Array | None = None  # FFN output of the last layer, back on the attention side
+
+
+class AFDRunner:
+    """Greedy batched generation with attention and FFN on disjoint device groups (see the module docstring).
+
+    Build it with :meth:`create` (initialise each half directly on its submesh) or :meth:`from_model` (place a
+    built or loaded model's halves). Under ``jax.distributed`` with two processes, process 0 runs the attention
+    side on its local devices and process 1 the FFN side; both call :meth:`generate` with the same arguments."""
+
+    def __init__(
+        self,
+        config: Step3Config,
+        afd: AFDConfig,
+        *,
+        attention_params=None,
+        ffn_params=None,
+        seed: int = 0,
+        devices: Sequence[jax.Device] | None = None,
+        rules: ShardingRules = DEFAULT_RULES,
+    ):
+        devices = list(jax.devices() if devices is None else devices)
+        self.ep, self.tp = validate(config, afd, len(devices))
+        self.config, self.afd, self.rules = config, afd, rules
+        m, n = afd.attention_devices, afd.ffn_devices
+        self.multiprocess = jax.process_count() > 1
+        if self.multiprocess:
+            if jax.process_count() != 2:
+                raise ValueError(f"multi-process AFD runs on exactly 2 processes, got {jax.process_count()}")
+            by_proc = [[d for d in devices if d.process_index == p] for p in (0, 1)]
+            if len(by_proc[0]) < m or len(by_proc[1]) < n:
+                raise ValueError(
+                    f"multi-process AFD takes {m} attention devices from process 0 and {n} FFN devices from process "
+                    f"1, which have {len(by_proc[0])} and {len(by_proc[1])}"
+                )
+            attn_devs, ffn_devs = by_proc[0][:m], by_proc[1][:n]
+            me = jax.process_index()
+            self.has_attention, self.has_ffn = me == 0, me == 1
+        else:
+            attn_devs, ffn_devs = devices[:m], devices[m : m + n]
+            self.has_attention = self.has_ffn = True
+        self.attn_mesh = make_mesh(data=m, devices=attn_devs)
+        self.ffn_mesh = make_mesh(tensor=self.tp, expert=self.ep, devices=ffn_devs)
+        if self.multiprocess:
+            self.transport = CollectiveTransport(self.attn_mesh, self.ffn_mesh, self.has_attention, self.has_ffn)
+        else:
+            self.transport = LocalTransport(self.attn_mesh, self.ffn_mesh)
+        self._place(attention_params, ffn_params, seed)
+        self._build_programs()
+        self._dispatch_log: list[tuple[str, str, int, int]] | None = None
+        log.info(
+            "AFD: %d attention devices (data parallel), %d FFN devices (EP %d x TP %d), %d micro-batches, %s transfer",
+            m, n, self.ep, self.tp, afd.micro_batches, afd.transfer,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, config: Step3Config, afd: AFDConfig, *, seed: int = 0, **kw) -> AFDRunner:
+        """Random weights (same seed, same weights as ``create_model(config, seed=seed)``), each half initialised
+        directly in its shards on its own submesh."""
+        return cls(config, afd, seed=seed, **kw)
+
+    @classmethod
+    def from_model(cls, model: Step3ForCausalLM, afd: AFDConfig, **kw) -> AFDRunner:
+        """Place an existing (built or loaded) model's two halves on the two submeshes."""
+        _, ffn, attn = nnx.split(model, is_ffn_param, ...)
+        return cls(model.config, afd, attention_params=attn, ffn_params=ffn, **kw)
+
+    def _view(self, mesh: Mesh) -> Step3ForCausalLM:
+        return nnx.eval_shape(lambda: Step3ForCausalLM(self.config, rngs=nnx.Rngs(0), mesh=mesh, rules=self.rules))
+
+    def _place(self, attention_params, ffn_params, seed: int) -> None:
+        """Materialise each side's half on its submesh (only the local side's under several processes)."""
+        self.attn_graph, attn_abs_ffn, attn_abs = nnx.split(self._view(self.attn_mesh), is_ffn_param, ...)
+        self.ffn_graph, ffn_abs, ffn_abs_attn = nnx.split(self._view(self.ffn_mesh), is_ffn_param, ...)
+        self._attn_abs_ffn, self._ffn_abs_attn = attn_abs_ffn, ffn_abs_attn
+        self.attention_params = self.ffn_params = None
+        if self.has_attention:
+            shard = param_shardings(attn_abs, self.attn_mesh, self.rules)
+            self.attention_params = (
+                jax.device_put(attention_params, shard)
+                if attention_params is not None
+                else self._init_half(self.attn_mesh, False, shard, seed)
+            )
+        if self.has_ffn:
+            shard = param_shardings(ffn_abs, self.ffn_mesh, self.rules)
+            self.ffn_params = (
+                jax.device_put(ffn_params, shard)
+                if ffn_params is not None
+                else self._init_half(self.ffn_mesh, True, shard, seed)
+            )
+
+    def _init_half(self, mesh, ffn_side: bool, shardings, seed: int):
+        config, rules = self.config, self.rules
+
+        def init(seed):  # the unused half's initialisers are dead code: XLA drops them
+            model = Step3ForCausalLM(config, rngs=nnx.Rngs(jax.random.key(seed)), mesh=mesh, rules=rules)
+            _, ffn, attn = nnx.split(model, is_ffn_param, ...)
+            return ffn if ffn_side else attn
+
+        return jax.jit(init, out_shardings=shardings)(jnp.asarray(seed, jnp.int32))
+
+    def _build_programs(self) -> None:
+        config, transfer = self.config, self.afd.transfer
+        self.layer_kind = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
+        act = lambda mesh, shape: self.rules.sharding(mesh, ("act_batch",) + (None,) * (len(shape) - 1), shape)  # noqa: E731
+        self._act_sharding = act
+        ret_dtype = return_dtype(config, transfer)
+        out_parts, out_sharding = self.transport.out_parts, self.transport.out_sharding
+
+        # per-layer graphdefs and parameters; one graphdef per layer kind (dense / MoE) serves all its layers
+        self._attn_layer, self._ffn_layer = [], []
+        attn_kind, ffn_kind = {}, {}
+        if self.has_attention:
+            half = nnx.merge(self.attn_graph, self._attn_abs_ffn, self.attention_params)
+            gd, rest, self._top_params = nnx.split(half, lambda p, v: not _is_top_param(p, v), ...)
+            self._top = (gd, rest)
+            for i, layer in enumerate(half.layers):
+                gd, abs_ffn, params = nnx.split(layer, is_ffn_param, ...)
+                attn_kind.setdefault(self.layer_kind[i], (gd, abs_ffn))
+                self._attn_layer.append(params)
+        if self.has_ffn:
+            half = nnx.merge(self.ffn_graph, self.ffn_params, self._ffn_abs_attn)
+            for i, layer in enumerate(half.layers):
+                gd, params, abs_attn = nnx.split(layer, is_ffn_param, ...)
+                ffn_kind.setdefault(self.layer_kind[i], (gd, abs_attn))
+                self._ffn_layer.append(params)
+
+        def attention_program(kind, gd, abs_ffn):
+            def afd_attention(params, x, f, positions, pages, table, start):
+                layer = nnx.merge(gd, abs_ffn, params)
+                x = x + f.astype(x.dtype)  # the previous layer's residual add, on the attention side
+                kv = kvc.PagedLayer(*pages, block_table=table)
+                h, normed, kv = layer.attention(x, positions, kv, start)
+                fields = encode(normed, transfer)
+                if layer.is_moe:
+                    fields["weights"], fields["ids"] = layer.moe.route(normed)
+                message = pack(fields)
+                message = jax.lax.with_sharding_constraint(message, act(self.attn_mesh, message.shape))
+                return h, message, (kv.k, kv.v, kv.k_scale, kv.v_scale)
+
+            name = "afd_attention_moe" if kind else "afd_attention_dense"
+            return jax.jit(_named(afd_attention, name), donate_argnames=("pages",))
+
+        def ffn_program(kind, gd, abs_attn):
+            def afd_ffn(params, parts):
+                layer = nnx.merge(gd, params, abs_attn)
+                buf = jnp.concatenate(parts, axis=0)
+                payload = unpack(buf, payload_struct(config, transfer, layer.is_moe, buf.shape[0], buf.shape[1]))
+                normed = decode(payload, config.dtype)
+                routing = (payload["weights"], payload["ids"]) if layer.is_moe else None
+                out = layer.ffn(normed, routing).astype(ret_dtype)
+                return tuple(jnp.split(out, out_parts, axis=0))
+
+            name = "afd_ffn_moe" if kind else "afd_ffn_dense"
+            return jax.jit(_named(afd_ffn, name), out_shardings=(out_sharding,) * out_parts)
+
+        self._attn_fn = {k: attention_program(k, *v) for k, v in attn_kind.items()}
+        self._ffn_fn = {k: ffn_program(k, *v) for k, v in ffn_kind.items()}
+
+        if self.has_attention:
+            top_gd, top_abs = self._top
+
+            def afd_embed(params, ids):
+                x = nnx.merge(top_gd, top_abs, params).embed(ids)
+                return x, jnp.zeros_like(x)  # (residual, "FFN output") so every layer runs the same program
+
+            def afd_logits(params, h, f, last):
+                x = h + f.astype(h.dtype)
+                x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, D]
+                logits = nnx.merge(top_gd, top_abs, params).logits(x)[:, 0]
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+
+            self._embed_fn = jax.jit(afd_embed)
+            self._logits_fn = jax.jit(afd_logits)
+
+    # ------------------------------------------------------------------ generation
+
+    def _log(self, program: str, layer: int, mb: int) -> None:
+        if self._dispatch_log is not None:
+            self._dispatch_log.append((program, _PROGRAMS[program], layer, mb))
+
+    def _kv_for(self, padded: int, max_len: int):
+        """Per-micro-batch paged cache: each attention device owns the pages of its own rows (local page ids)."""
+        ps = self.afd.page_size
+        max_pages = -(-max_len // ps)
+        m = self.afd.attention_devices
+        local_rows = padded // m
+        num_pages = padded * max_pages
+        dtype = jnp.dtype(self.afd.kv_dtype or self.config.dtype)
+        fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
+        g, kd = self.config.num_kv_heads, self.config.head_dim
+        pages, scales = (num_pages, ps, g, kd), (num_pages, ps, g)
+
+        def make(shape, axes, fill, dt):  # jnp.full with a sharding: created in place, one compile per shape
+            return jnp.full(shape, fill, dt, device=self.rules.sharding(self.attn_mesh, axes, shape))
+
+        pool = {
+            "k": [make(pages, kvc.PAGE_AXES, 0, dtype) for _ in range(self.config.num_hidden_layers)],
+            "v": [make(pages, kvc.PAGE_AXES, 0, dtype) for _ in range(self.config.num_hidden_layers)],
+            "k_scale": [make(scales, kvc.PAGE_SCALE_AXES, 1, jnp.float32) for _ in range(self.config.num_hidden_layers)]
+            if fp8
+            else None,
+            "v_scale": [make(scales, kvc.PAGE_SCALE_AXES, 1, jnp.float32) for _ in range(self.config.num_hidden_layers)]
+            if fp8
+            else None,
+        }
+        local = np.arange(local_rows * max_pages, dtype=np.int32).reshape(local_rows, max_pages)
+        table = np.concatenate([local] * m, axis=0)
+        table = jax.device_put(table, self._act_sharding(self.attn_mesh, table.shape))
+        layers = [  # per layer (k, v, k_scale, v_scale) page pools; the block table is shared
+            (
+                pool["k"][i],
+                pool["v"][i],
+                None if pool["k_scale"] is None else pool["k_scale"][i],
+                None if pool["v_scale"] is None else pool["v_scale"][i],
+            )
+            for i in range(self.config.num_hidden_layers)
+        ]
+        return layers, table
+
+    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last):
+        """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits)."""
+        cfg = self.config
+        t = None
+        for j, mb in enumerate(mbs):
+            if self.has_attention:
+                self._log("jit_afd_embed", -1, j)
+                mb.h, mb.f = self._embed_fn(self._top_params, ids[j])
+            t = positions[j].shape[1]
+        for i in range(cfg.num_hidden_layers):
+            kind = self.layer_kind[i]
+            for j, mb in enumerate(mbs):
+                struct = message_struct(payload_struct(cfg, self.afd.transfer, kind, mb.padded, t))
+                payload = None
+                if self.has_attention:
+                    self._log("jit_afd_attention_moe" if kind else "jit_afd_attention_dense", i, j)
+                    mb.h, payload, mb.kv[i] = self._attn_fn[kind](
+                        self._attn_layer[i], mb.h, mb.f, positions[j], mb.kv[i], mb.block_table, start[j]
+                    )
+                if self.multiprocess:
+                    self._log("jit_afd_a2f", i, j)
+                parts = self.transport.to_ffn(payload, struct)
+                out = None
+                if self.has_ffn:
+                    self._log("jit_afd_ffn_moe" if kind else "jit_afd_ffn_dense", i, j)
+                    out = self._ffn_fn[kind](self._ffn_layer[i], parts)
+                back = jax.ShapeDtypeStruct((mb.padded, t, cfg.hidden_size), return_dtype(cfg, self.afd.transfer))
+                if self.multiprocess:
+                    self._log("jit_afd_f2a", i, j)
+                mb.f = self.transport.to_attention(out, back, self._act_sharding(self.attn_mesh, back.shape))
+        if not self.has_attention:
+            return None
+        results = []
+        for j, mb in enumerate(mbs):
+            self._log("jit_afd_logits", cfg.num_hidden_layers, j)
+            results.append(self._logits_fn(self._top_params, mb.h, mb.f, last[j]))
+        return results
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 16,
+        *,
+        stop_token_ids: Sequence[int] = (),
+        return_logits: bool = False,
+        trace_dir: str | Path | None = None,
+    ) -> AFDResult:
+        """Greedy generation of ``max_new_tokens`` after each prompt (lists of token ids), prompts right-padded
+        to one bucket and prefilled through the same pipeline. Every step runs the whole batch (fixed shapes);
+        tokens after a stop token are cut. With ``trace_dir``, the last decode step runs under the JAX profiler
+        and ``result.trace`` holds its per-stage intervals (:func:`stage_intervals`)."""
+        from infer.generate import bucket
+
+        cfg, afd = self.config, self.afd
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        _positive_int("max_new_tokens", max_new_tokens)
+        for i, p in enumerate(prompts):
+            bad = [x for x in p if not 0 <= int(x) < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+        sizes = microbatch_sizes(len(prompts), afd.micro_batches)
+        longest = max(len(p) for p in prompts)
+        width = bucket(longest)
+        max_len = width + max_new_tokens
+        if max_len > cfg.max_position_embedding:
+            raise ValueError(
+                f"prompt bucket of {width} tokens + max_new_tokens {max_new_tokens} = {max_len} exceeds the model's "
+                f"context of {cfg.max_position_embedding} tokens"
+            )
+        m = afd.attention_devices
+        mbs, ids, lengths, offsets = [], [], [], []
+        row = 0
+        for size in sizes:
+            padded = -(-size // m) * m
+            kv, table = self._kv_for(padded, max_len) if self.has_attention else ([None] * cfg.num_hidden_layers, None)
+            mbs.append(_MicroBatch(size, padded, kv, table))
+            block = np.zeros((padded, width), np.int32)
+            lens = np.ones((padded,), np.int32)  # padding rows: one token 0
+            for r, p in enumerate(prompts[row : row + size]):
+                block[r, : len(p)] = p
+                lens[r] = len(p)
+            ids.append(block)
+            lengths.append(lens)
+            offsets.append(row)
+            row += size
+
+        put = lambda a: jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape)) if self.has_attention else a  # noqa: E731
+        positions = [put(np.broadcast_to(np.arange(width, dtype=np.int32), (mb.padded, width)).copy()) for mb in mbs]
+        zeros = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]
+        watchdog = _Watchdog(self.afd.peer_timeout_s) if self.multiprocess else None
+        t0 = time.perf_counter()
+        res = self._forward(mbs, [put(x) for x in ids], positions, zeros, [put(x - 1) for x in lengths])
+        steps: list[list[np.ndarray]] = []
+        step_logits: list[np.ndarray] = []
+
+        def collect(res):
+            if res is None:
+                return None
+            toks = [np.asarray(tok)[: mb.rows] for (tok, _), mb in zip(res, mbs, strict=True)]
+            steps.append(toks)
+            if return_logits:
+                step_logits.append(
+                    np.concatenate([np.asarray(lg)[: mb.rows] for (_, lg), mb in zip(res, mbs, strict=True)])
+                )
+            return [tok for tok, _ in res]
+
+        last_tok = collect(res)
+        if watchdog:
+            _sync_point(self)
+            watchdog.tick()
+        prefill_seconds = time.perf_counter() - t0
+        trace = None
+        timed_start, timed = None, 0
+        for step in range(1, max_new_tokens):
+            if step == 2:
+                timed_start = time.perf_counter()
+            traced = trace_dir is not None and step == max_new_tokens - 1
+            ctx = (
+                jax.profiler.trace(str(trace_dir), profiler_options=_profile_options())
+                if traced
+                else contextlib.nullcontext()
+            )
+            if traced:
+                self._dispatch_log = []
+            with ctx:
+                cur = [lengths[j] + (step - 1) for j in range(len(mbs))]
+                pos = [put(c[:, None]) for c in cur]
+                st = [put(c) for c in cur]
+                toks = [tok[:, None] for tok in last_tok] if self.has_attention else [None] * len(mbs)
+                if not self.has_attention:  # the FFN process only needs shapes
+                    toks = [np.zeros((mb.padded, 1), np.int32) for mb in mbs]
+                res = self._forward(mbs, toks, pos, st, [put(np.zeros((mb.padded,), np.int32)) for mb in mbs])
+                last_tok = collect(res)
+                if watchdog:
+                    _sync_point(self)
+                    watchdog.tick()
+                elif res is not None:
+                    jax.block_until_ready(res)
+            if traced:
+                trace = stage_intervals(trace_dir, self._dispatch_log)
+                self._dispatch_log = None
+            if step >= 2:
+                timed += 1
+        decode_seconds = time.perf_counter() - timed_start if timed_start is not None else 0.0
+        if watchdog:
+            watchdog.stop()
+
+        tokens: list[list[int]] = []
+        if self.has_attention:
+            stops = set(int(s) for s in stop_token_ids)
+            for j, mb in enumerate(mbs):
+                for r in range(mb.rows):
+                    seq = []
+                    for s in steps:
+                        seq.append(int(s[j][r]))
+                        if seq[-1] in stops:
+                            break
+                    tokens.append(seq)
+        return AFDResult(
+            tokens=tokens,
+            logits=step_logits if return_logits else None,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            decode_steps_timed=timed,
+            batch_size=len(prompts),
+            trace=trace,
+        )
+
+
+class _Watchdog:
+    """Multi-process runs block inside cross-process collectives when the peer is gone; JAX's heartbeat usually
+    ends the process first, and this bounds the wait in every case: no step finished for ``timeout_s`` -> log
+    the reason and exit the process (status 75)."""
+
+    def __init__(self, timeout_s: float):
+        import threading
+
+        self.timeout_s = timeout_s
+        self.last = time.monotonic()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="afd-watchdog", daemon=True)
+        self.thread.start()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def _run(self) -> None:
+        import os
+
+        while not self.done.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.timeout_s:
+                log.critical(
+                    "AFD process %d: no step finished for %.0f s (peer_timeout_s); the peer process failed or "
+                    "hangs. Exiting.",
+                    jax.process_index(),
+                    idle,
+                )
+                logging.shutdown()
+                os._exit(75)
+
+
+def _sync_point(runner: AFDRunner) -> None:
+    """Both processes finish a step together (the FFN side has no outputs of its own to wait for)."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("afd_step")
+
+
+# ---------------------------------------------------------------------------------------------- traces
+
+
+def _profile_options() -> jax.profiler.ProfileOptions:
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0  # Python function events would slow the dispatching thread many times over
+    return opts
+
+
+def _load_trace_events(trace_dir: str | Path) -> list[dict]:
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir} (did the profiler run?)")
+    with gzip.open(files[-1]) as fh:
+        return json.load(fh)["traceEvents"]
+
+
+def stage_intervals(trace_dir: str | Path, dispatch_log: list[tuple[str, str, int, int]]) -> list[dict]:
+    """Per-stage intervals of one traced step from the profiler's trace: the device work of every program
+    execution (first op start to last op end over its devices, matched to its layer and micro-batch by dispatch
+    order), and for single-process runs the transfers as "in flight" intervals between the producer's end and the
+    consumer's start (A->F: attention end -> FFN start; F->A: FFN end -> next attention / logits start).
+    Times in microseconds from the first recorded op."""
+    events = _load_trace_events(trace_dir)
+    ops: dict[tuple[str, int], list[float]] = {}
+    devices: dict[tuple[str, int], set] = {}
+    for e in events:
+        args = e.get("args") or {}
+        mod, run = args.get("hlo_module"), args.get("run_id")
+        if e.get("ph") != "X" or mod not in _PROGRAMS or run is None:
+            continue
+        key = (mod, int(run))
+        span = ops.setdefault(key, [math.inf, -math.inf])
+        span[0] = min(span[0], e["ts"])
+        span[1] = max(span[1], e["ts"] + e.get("dur", 0))
+        devices.setdefault(key, set()).add(str(args.get("device_ordinal", e.get("pid"))))
+    runs: dict[str, list[int]] = {}
+    for mod, run in ops:
+        runs.setdefault(mod, []).append(run)
+    seen: dict[str, int] = {}
+    out = []
+    for program, stage, layer, mb in dispatch_log:
+        k = seen.get(program, 0)
+        seen[program] = k + 1
+        ids = sorted(runs.get(program, []))
+        if k >= len(ids):
+            continue  # not executed on this process's devices
+        key = (program, ids[k])
+        start, end = ops[key]
+        out.append(dict(stage=stage, layer=layer, mb=mb, start=start, end=end, devices=sorted(devices[key])))
+    if not out:
+        raise ValueError(f"no AFD program executions found in the trace under {trace_dir}")
+    by = {(r["stage"], r["layer"], r["mb"]): r for r in out}
+    if not any(r["stage"] in ("a2f", "f2a") for r in out):
+        for r in list(out):
+            if r["stage"] == "attention" and ("ffn", r["layer"], r["mb"]) in by:
+                f = by[("ffn", r["layer"], r["mb"])]
+                out.append(
+                    dict(
+                        stage="a2f",
+                        layer=r["layer"],
+                        mb=r["mb"],
+                        start=r["end"],
+                        end=max(r["end"], f["start"]),
+                        devices=[],
+                    )
+                )
+            if r["stage"] == "ffn":
+                nxt = by.get(("attention", r["layer"] + 1, r["mb"])) or by.get(("logits", r["layer"] + 1, r["mb"]))
+                if nxt is not None:
+                    out.append(
+                        dict(
+                            stage="f2a",
+                            layer=r["layer"],
+                            mb=r["mb"],
+                            start=r["end"],
+                            end=max(r["end"], nxt["start"]),
+                            devices=[],
+                        )
+                    )
+    t0 = min(r["start"] for r in out)
+    for r in out:
+        r["start"] -= t0
+        r["end"] -= t0
+    return sorted(out, key=lambda r: (r["start"], r["stage"]))
+
+
+def overlaps(intervals: list[dict]) -> list[tuple[dict, dict]]:
+    """Pairs (attention of micro-batch a, FFN of micro-batch b != a) whose device work overlaps in time."""
+    att = [r for r in intervals if r["stage"] == "attention"]
+    ffn = [r for r in intervals if r["stage"] == "ffn"]
+    return [
+        (a, f) for a in att for f in ffn if a["mb"] != f["mb"] and max(a["start"], f["start"]) < min(a["end"], f["end"])
+    ]
+
+
+def write_chrome_trace(intervals: list[dict], path: str | Path) -> None:
+    """Chrome-trace JSON (chrome://tracing, Perfetto): one row per stage, events named by layer and micro-batch."""
+    rows = {s: i for i, s in enumerate(("embed", "attention", "a2f", "ffn", "f2a", "logits"))}
+    events = [{"ph": "M", "pid": 0, "tid": i, "name": "thread_name", "args": {"name": s}} for s, i in rows.items()]
+    for r in intervals:
+        events.append(
+            {
+                "ph": "X",
+                "pid": 0,
+                "tid": rows[r["stage"]],
+                "ts": r["start"],
+                "dur": max(r["end"] - r["start"], 0.001),
+                "name": f"{r['stage']} L{r['layer']} mb{r['mb']}",
+                "args": {"layer": r["layer"], "micro_batch": r["mb"], "devices": r["devices"]},
+            }
+        )
+    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
+def plot_gantt(intervals: list[dict], path: str | Path, title: str = "AFD pipeline") -> None:
+    """Gantt chart of the stages (rows) coloured by micro-batch, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = ["embed", "attention", "a2f", "ffn", "f2a", "logits"]
+    present = [s for s in order if any(r["stage"] == s for r in intervals)]
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(present) + 1.5))
+    for r in intervals:
+        y = present.index(r["stage"])
+        ax.barh(
+            y, (r["end"] - r["start"]) / 1e3, left=r["start"] / 1e3, color=colors(r["mb"] % 10), edgecolor="k", lw=0.3
+        )
+    ax.set_yticks(range(len(present)), present)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    mbs = sorted({r["mb"] for r in intervals})
+    ax.legend(
+        handles=[plt.Rectangle((0, 0), 1, 1, color=colors(m % 10)) for m in mbs],
+        labels=[f"micro-batch {m}" for m in mbs],
+        loc="upper right",
+        fontsize=8,
+    )
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m infer.afd",
+        description="Greedy generation with attention and FFN on separate device groups (attention-FFN "
+        "disaggregation), pipelined over micro-batches. On a CPU, --cpu-devices fakes several devices.",
+    )
+    ap.add_argument("--checkpoint", help="Hugging Face checkpoint folder (default: --preset with random weights)")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
+    ap.add_argument("--attention-devices", type=int, default=4)
+    ap.add_argument("--ffn-devices", type=int, default=4)
+    ap.add_argument("--expert-parallel", type=int, default=None, help="FFN expert-parallel size (rest: tensor)")
+    ap.add_argument("--micro-batches", type=int, default=3)
+    ap.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="A->F hidden-state format")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
+    ap.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
+    ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    ap.add_argument("--batch", type=int, default=6, help="without --prompt: this many copies of a demo prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the colocated model and compare tokens")  # fmt: skip
+    ap.add_argument("--trace-dir", help="profile the last decode step here; writes afd_trace.json + afd_gantt.png")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    try:
+        afd = AFDConfig(
+            attention_devices=args.attention_devices,
+            ffn_devices=args.ffn_devices,
+            expert_parallel=args.expert_parallel,
+            micro_batches=args.micro_batches,
+            transfer=args.transfer,
+            page_size=args.page_size,
+            kv_dtype=args.kv_dtype,
+        )
+        t0 = time.perf_counter()
+        if args.checkpoint:
+            from step3_jax import load_pretrained
+            from step3_jax.tokenizer import load_tokenizer
+
+            model = load_pretrained(args.checkpoint, dtype=args.dtype, progress=False)
+            tokenizer = load_tokenizer(args.checkpoint)
+            validate(model.config, afd, len(jax.devices()))
+            runner = AFDRunner.from_model(model, afd)
+            del model
+        else:
+            from step3_jax.tokenizer import ByteTokenizer
+
+            config = get_preset(args.preset)
+            if args.dtype:
+                config = dataclasses.replace(config, param_dtype=args.dtype)
+            tokenizer = ByteTokenizer()
+            runner = AFDRunner.create(config, afd, seed=args.seed)
+        config = runner.config
+        texts = args.prompt or ["Attention and FFN on different devices."] * args.batch
+        prompts = [[t % config.vocab_size for t in tokenizer.encode(x)] for x in texts]
+        microbatch_sizes(len(prompts), afd.micro_batches)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"AFD on {jax.devices()[0].platform}: {afd.attention_devices} attention devices (data parallel) + "
+        f"{afd.ffn_devices} FFN devices (EP {runner.ep} x TP {runner.tp}), {afd.micro_batches} micro-batches, "
+        f"{afd.transfer} A->F; built in {time.perf_counter() - t0:.2f} s"
+    )
+    trace_dir = Path(args.trace_dir) if args.trace_dir else None
+    res = runner.generate(prompts, args.max_new_tokens, trace_dir=trace_dir)
+    print(f"prefill {res.prefill_seconds:.2f} s, decode {res.decode_tokens_per_second:.1f} tokens/s (after compile)")
+    for text, toks in zip(texts, res.tokens, strict=True):
+        print(f"  {text[:40]!r} -> {toks}")
+    if args.compare:
+        from infer.generate import generate_ids
+        from infer.sampling import SamplingParams
+        from step3_jax.model import create_model
+
+        if args.checkpoint:
+            print("(--compare skipped for checkpoints: it would load the model a second time)")
+        else:
+            want = generate_ids(
+                create_model(config, seed=args.seed), prompts, SamplingParams(max_new_tokens=args.max_new_tokens)
+            )
+            same = sum(a == b for a, b in zip(res.tokens, want.tokens, strict=True))
+            print(f"colocated model: {same}/{len(prompts)} sequences with identical greedy tokens")
+            if same < len(prompts) and afd.transfer == "fp8" and config.quantization != "fp8":
+                note = "FP8 hidden states round what a model without FP8 GEMMs keeps exact, which can flip near-ties"
+                print(f"  ({note} of random weights; --transfer bf16 / model are exact for such models)")
+    if trace_dir is not None and res.trace:
+        write_chrome_trace(res.trace, trace_dir / "afd_trace.json")
+        plot_gantt(res.trace, trace_dir / "afd_gantt.png", title=f"AFD {afd.attention_devices}A{afd.ffn_devices}F, "
+                   f"{afd.micro_batches} micro-batches, one decode step")  # fmt: skip
+        pairs = overlaps(res.trace)
+        print(f"trace: {trace_dir / 'afd_trace.json'}, {trace_dir / 'afd_gantt.png'}; {len(pairs)} overlapping "
+              f"(attention, FFN) pairs of different micro-batches")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""One process of the two-process AFD test (tests/test_afd.py): 4 fake CPU devices each, gloo collectives,
+``jax.distributed`` on localhost; process 0 runs the attention side, process 1 the FFN side.
+
+    python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--exit-early]
+
+Process 0 writes the generated tokens to OUT_JSON. With ``--exit-early`` process 1 exits right after joining
+(a failed peer), and process 0 must then exit with a clear error instead of hanging."""
+
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main() -> int:
+    import dataclasses
+    import json
+    import logging
+
+    import numpy as np
+
+    from infer.afd import AFDConfig, AFDRunner
+    from step3_jax.config import get_preset
+
+    logging.basicConfig(level=logging.INFO, format=f"[process {sys.argv[1]}] %(message)s")
+    process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=process_id,
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=10,
+        shutdown_timeout_seconds=10,
+    )
+    if "--exit-early" in sys.argv and process_id == 1:
+        os._exit(0)  # a peer that dies after joining: no goodbye, no shutdown barrier
+    # the test's config, prompts and seed (tests/test_afd.py)
+    config = dataclasses.replace(get_preset("test"), param_dtype="float32", moe_num_experts=8)
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in (5, 3, 7, 4, 6, 2, 5)]
+    afd = AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3, transfer="model", peer_timeout_s=45.0)
+    runner = AFDRunner.create(config, afd, seed=3)
+    res = runner.generate(prompts, 4)
+    if process_id == 0:
+        with open(out, "w") as fh:
+            json.dump(res.tokens, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

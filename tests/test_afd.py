@@ -1,0 +1,245 @@
+"""Attention-FFN disaggregation (infer/afd.py) on 8 fake CPU devices: same tokens and logits as the colocated
+model for several attention:FFN splits and micro-batch counts, FP8 / BF16 transfers, pipelining overlap checked
+from the profiler trace, clear errors for impossible requests, and a two-process run over jax.distributed."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer.afd import AFDConfig, AFDRunner, overlaps, plot_gantt, write_chrome_trace
+from infer.generate import generate_ids
+from infer.sampling import SamplingParams
+from step3_jax.model import create_model
+
+SEED = 3
+NEW = 4
+PROMPT_LENS = (5, 3, 7, 4, 6, 2, 5)  # 7 sequences: not divisible by 2 or 3 micro-batches
+
+
+@pytest.fixture(scope="module")
+def config(test_config):
+    return dataclasses.replace(test_config, moe_num_experts=8)
+
+
+@pytest.fixture(scope="module")
+def prompts(config):
+    rng = np.random.default_rng(0)
+    return [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in PROMPT_LENS]
+
+
+def colocated(config, prompts):
+    model = create_model(config, seed=SEED)
+    return model, generate_ids(model, prompts, SamplingParams(max_new_tokens=NEW)).tokens
+
+
+def teacher_forced_logits(model, prompts, tokens):
+    """Colocated logits of every generated token's position, from one full (causal, right-padded) forward over
+    prompt + AFD tokens."""
+    seqs = [p + t for p, t in zip(prompts, tokens, strict=True)]
+    ids = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    graphdef, state = nnx.split(model)
+    logits = np.asarray(jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, jnp.asarray(ids)))
+    out = [logits[i, len(p) - 1 : len(p) - 1 + len(t)] for i, (p, t) in enumerate(zip(prompts, tokens, strict=True))]
+    return np.stack(out, axis=1)  # [steps, batch, V]
+
+
+def greedy_of(logits) -> list[list[int]]:
+    """Per-sequence argmax of teacher-forced logits [steps, batch, V]: the colocated model's greedy tokens exactly
+    when they equal the AFD tokens (same prefix at every step, by induction)."""
+    return np.argmax(logits, axis=-1).T.tolist()
+
+
+def rel_err(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def reference(config, prompts):
+    return colocated(config, prompts)
+
+
+FOUR_FOUR = AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3, transfer="model")
+
+
+@pytest.fixture(scope="module")
+def four_four(config, prompts):
+    """The single-process 4A4F run (also the reference of the two-process test)."""
+    runner = AFDRunner.create(config, FOUR_FOUR, seed=SEED)
+    return runner, runner.generate(prompts, NEW, return_logits=True)
+
+
+@pytest.mark.parametrize(
+    "attn, ffn, ep, micro", [(4, 4, None, 3), (2, 6, 2, 2)], ids=["4A4F-ep4-mb3", "2A6F-ep2tp3-mb2"]
+)
+def test_afd_equals_colocated(config, prompts, reference, four_four, attn, ffn, ep, micro):
+    """Identical greedy tokens and logits (float32, exact transfer) for a batch of 7 split into 3 or 2 micro-batches,
+    4 attention + 4 FFN devices (expert parallel 4) and 2 + 6 (expert parallel 2 x tensor parallel 3)."""
+    model, want = reference
+    afd = AFDConfig(attention_devices=attn, ffn_devices=ffn, expert_parallel=ep, micro_batches=micro, transfer="model")
+    runner = four_four[0] if afd == FOUR_FOUR else AFDRunner.create(config, afd, seed=SEED)
+    assert runner.attn_mesh.devices.size == attn and runner.ffn_mesh.devices.size == ffn
+    assert not set(runner.attn_mesh.devices.flat) & set(runner.ffn_mesh.devices.flat)
+    # the halves really live apart: experts only on the FFN mesh, attention and router only on the attention mesh
+    experts = runner._ffn_layer[1]["moe"]["gate_proj"].get_value()
+    assert set(experts.sharding.device_set) == set(runner.ffn_mesh.devices.flat)
+    assert experts.addressable_shards[0].data.shape[0] == config.moe_num_experts // runner.ep
+    router = runner._attn_layer[1]["moe"]["gate"].get_value()
+    assert set(router.sharding.device_set) == set(runner.attn_mesh.devices.flat)
+    assert "mlp" not in runner._attn_layer[0] and "self_attn" not in runner._ffn_layer[0]
+
+    res = four_four[1] if afd == FOUR_FOUR else runner.generate(prompts, NEW, return_logits=True)
+    assert res.tokens == want
+    np.testing.assert_allclose(
+        np.stack(res.logits), teacher_forced_logits(model, prompts, res.tokens), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_fp8_transfer_is_lossless_for_fp8_experts(config, prompts):
+    """With FP8 weights the FFN's GEMMs quantise their inputs per token and 128 channels anyway, so the FP8 wire
+    format loses nothing more: identical greedy tokens and logits to the colocated FP8 model."""
+    cfg = dataclasses.replace(config, quantization="fp8")
+    runner = AFDRunner.create(cfg, AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3), seed=SEED)
+    res = runner.generate(prompts, NEW, return_logits=True)
+    want = teacher_forced_logits(create_model(cfg, seed=SEED), prompts, res.tokens)
+    assert res.tokens == greedy_of(want)
+    err = rel_err(np.stack(res.logits), want)
+    assert err < 1e-5, err
+
+
+def test_fp8_transfer_of_float_model_stays_within_fp8_error(config, prompts, reference):
+    """FP8 hidden states on a float32 model with float weights: logits move by about
+    e4m3's rounding (3 mantissa bits), never more; teacher-forced on the AFD tokens, so a near-tie of the random
+    model that flips a token does not matter. 6 attention + 2 FFN devices, 3 micro-batches."""
+    model, _ = reference
+    afd = AFDConfig(attention_devices=6, ffn_devices=2, micro_batches=3, transfer="fp8")
+    res = AFDRunner.create(config, afd, seed=SEED).generate(prompts, NEW, return_logits=True)
+    got, want = np.stack(res.logits), teacher_forced_logits(model, prompts, res.tokens)
+    assert 0 < rel_err(got, want) < 0.1, rel_err(got, want)
+    assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.9
+
+
+def test_bf16_transfer_of_bf16_model_matches(config, prompts):
+    """A BF16 model's hidden states go over the wire unchanged in the BF16 mode and its FFN outputs come back
+    in its own dtype: the same greedy tokens, logits equal up to BF16 accumulation order."""
+    cfg = dataclasses.replace(config, param_dtype="bfloat16")
+    afd = AFDConfig(attention_devices=6, ffn_devices=2, micro_batches=3, transfer="bf16")
+    res = AFDRunner.create(cfg, afd, seed=SEED).generate(prompts, NEW, return_logits=True)
+    want = teacher_forced_logits(create_model(cfg, seed=SEED), prompts, res.tokens)
+    assert res.tokens == greedy_of(want)
+    err = rel_err(np.stack(res.logits), want)
+    assert err < 1e-2, err
+
+
+def test_pipeline_overlaps_attention_and_ffn(config, tmp_path):
+    """From the profiler trace of one decode step: the attention of one micro-batch runs while the FFN of another
+    is running. One device per side: the CPU runtime runs multi-device programs one at a time (measured), so the
+    fake-CPU overlap shows with single-device sides; a wide FFN makes its work outlast the host's dispatch."""
+    wide = dataclasses.replace(config, moe_intermediate_size=4096, share_expert_dim=4096, intermediate_size=4096)
+    runner = AFDRunner.create(wide, AFDConfig(attention_devices=1, ffn_devices=1, micro_batches=3), seed=SEED)
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(3, wide.vocab_size, size=5)] for _ in range(12)]
+    res = runner.generate(prompts, 3, trace_dir=tmp_path / "trace")
+    stages = {(r["stage"], r["layer"], r["mb"]) for r in res.trace}
+    for layer in range(wide.num_hidden_layers):
+        for mb in range(3):
+            assert {("attention", layer, mb), ("a2f", layer, mb), ("ffn", layer, mb), ("f2a", layer, mb)} <= stages
+    for r in res.trace:
+        assert r["end"] >= r["start"]
+        if r["stage"] == "attention":
+            assert r["devices"] == [str(runner.attn_mesh.devices.flat[0].id)]
+        if r["stage"] == "ffn":
+            assert r["devices"] == [str(runner.ffn_mesh.devices.flat[0].id)]
+    pairs = overlaps(res.trace)
+    assert pairs, "no attention work overlapped FFN work of another micro-batch"
+    assert all(a["mb"] != f["mb"] for a, f in pairs)
+    write_chrome_trace(res.trace, tmp_path / "afd.json")
+    events = json.loads((tmp_path / "afd.json").read_text())["traceEvents"]
+    assert sum(e["ph"] == "X" for e in events) == len(res.trace)
+    plot_gantt(res.trace, tmp_path / "afd.png")
+    assert (tmp_path / "afd.png").stat().st_size > 1000
+
+
+def test_impossible_requests_fail_before_work(config, test_config, prompts):
+    with pytest.raises(ValueError, match=r"asks for 6 attention \+ 4 FFN = 10 devices, but only 8 exist"):
+        AFDRunner.create(config, AFDConfig(attention_devices=6, ffn_devices=4))
+    with pytest.raises(ValueError, match="at least one FFN device"):
+        AFDRunner.create(config, AFDConfig(attention_devices=8, ffn_devices=0))
+    with pytest.raises(ValueError, match="at least one attention device"):
+        AFDRunner.create(config, AFDConfig(attention_devices=0, ffn_devices=8))
+    with pytest.raises(ValueError, match="moe_num_experts = 5 cannot be split over expert_parallel = 4"):
+        AFDRunner.create(test_config, AFDConfig(attention_devices=4, ffn_devices=4, expert_parallel=4))
+    with pytest.raises(ValueError, match="moe_intermediate_size = 36 cannot be split over the tensor-parallel size 7"):
+        AFDRunner.create(test_config, AFDConfig(attention_devices=1, ffn_devices=7, expert_parallel=1))
+    with pytest.raises(ValueError, match="transfer must be one of"):
+        AFDRunner.create(config, AFDConfig(transfer="int4"))
+    runner = AFDRunner.create(config, AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3))
+    with pytest.raises(ValueError, match="a batch of 2 sequences cannot fill 3 micro-batches"):
+        runner.generate(prompts[:2], 2)
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_workers(tmp_path, *extra, timeout=150):
+    """Both processes of tests/afd_worker.py on localhost; returns [(returncode, output)] (hard timeout: fail)."""
+    port, out = _free_port(), tmp_path / "tokens.json"
+    worker = Path(__file__).with_name("afd_worker.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(i), str(port), str(out), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in (0, 1)
+    ]
+    results = []
+    try:
+        for proc in procs:
+            text, _ = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, text))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail(f"two-process AFD run did not finish within {timeout} s")
+    return results, out
+
+
+def test_two_processes_give_the_single_process_tokens(four_four, tmp_path):
+    """Attention devices in process 0, FFN devices in process 1 (jax.distributed, gloo, ppermute over the role
+    axis of one global mesh): the tokens of the single-process 4A4F run with the same weights."""
+    (rc0, out0), (rc1, out1) = _run_workers(tmp_path)[0]
+    assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
+    assert json.loads((tmp_path / "tokens.json").read_text()) == four_four[1].tokens
+
+
+def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
+    """The FFN process exits right after joining: the attention process must not hang but exit with an error
+    that says a peer died (JAX's heartbeat; the runner's own watchdog bounds it too)."""
+    (rc0, out0), (rc1, _) = _run_workers(tmp_path, "--exit-early", timeout=120)[0]
+    assert rc1 == 0  # the early exit itself
+    assert rc0 != 0
+    assert "another task died" in out0 or "stopped sending heartbeats" in out0 or "peer process failed" in out0, out0[
+        -3000:
+    ]
+    assert not (tmp_path / "tokens.json").exists()
