@@ -12,6 +12,7 @@ names (``logical_axes`` metadata) that ``step3_jax.sharding.ShardingRules`` turn
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from step3_jax import kv_cache as kvc
 from step3_jax.config import Step3Config
-from step3_jax.quant import BLOCK, Fp8Weight, fake_quantize_activations, quantize_blockwise
+from step3_jax.quant import BLOCK, Fp8Weight, fake_quantize_activations, quantize_activations, quantize_blockwise
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, check_divisible, constrain
 
 log = logging.getLogger(__name__)
@@ -76,20 +77,61 @@ def _ffn_value(module, name):
     return w if scale_inv is None else Fp8Weight(w, scale_inv[...])
 
 
+# How FP8 weights are multiplied: None = automatic (the Mosaic GPU FP8 grouped GEMM of
+# ``pallas_kernels.fp8_gmm`` on a Hopper GPU, the pure-JAX reference below elsewhere); "kernel", "interpret" or
+# "reference" force that path of ``fp8_grouped_matmul`` (set with :func:`use_fp8_gemm`; read at trace time).
+_FP8_GEMM: dict = {"impl": None, "config": None}
+
+
+@contextlib.contextmanager
+def use_fp8_gemm(impl: str | None, config=None):
+    """Force how FP8 FFN / expert weights are multiplied while tracing inside this block (e.g. "interpret" to
+    run the FP8 grouped-GEMM kernel in interpret mode on the CPU)."""
+    old = dict(_FP8_GEMM)
+    _FP8_GEMM.update(impl=impl, config=config)
+    try:
+        yield
+    finally:
+        _FP8_GEMM.update(old)
+
+
+def _fp8_kernel_gemm(x: jax.Array, w: Fp8Weight, group_sizes: jax.Array) -> jax.Array | None:
+    """The FP8 grouped GEMM (kernel or forced path) when it applies, else None (use the pure-JAX path)."""
+    from pallas_kernels import fp8_gmm
+
+    impl = _FP8_GEMM["impl"]
+    if impl is None:
+        m, k = x.shape
+        if not fp8_gmm.on_hopper() or fp8_gmm.kernel_supports(m, w.shape[-2], k):
+            return None
+        impl = "kernel"
+    xq, xs = quantize_activations(x)
+    return fp8_gmm.fp8_grouped_matmul(
+        xq, xs, w.q, w.scale_inv, group_sizes, out_dtype=f32, impl=impl, config=_FP8_GEMM["config"]
+    )
+
+
 def dense_matmul(x: jax.Array, w) -> jax.Array:
     """``x [..., I] @ w`` -> float32 ``[..., O]``; ``w`` is ``[I, O]`` or an :class:`Fp8Weight` ``[O, I]``.
 
-    FP8 (pure-JAX reference of the FP8 GEMM): activations rounded through per-token 128-channel FP8, weight
-    dequantised from its blocks, float32 accumulation."""
+    FP8: activations rounded through per-token 128-channel FP8, the block-scaled weight, float32 accumulation
+    (the FP8 GEMM kernel as a one-group grouped GEMM on Hopper; dequantise-and-matmul elsewhere)."""
     if isinstance(w, Fp8Weight):
+        flat = x.reshape(-1, x.shape[-1])
+        out = _fp8_kernel_gemm(flat, Fp8Weight(w.q[None], w.scale_inv[None]), jnp.array([flat.shape[0]], jnp.int32))
+        if out is not None:
+            return out.reshape(*x.shape[:-1], w.shape[0])
         return jnp.einsum("...i,oi->...o", fake_quantize_activations(x), w.dequantize(), preferred_element_type=f32)
     return jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
 
 
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     """Rows of ``x [A, I]`` in consecutive groups, group ``g`` times expert ``g`` -> float32 ``[A, O]``;
-    ``w`` is ``[G, I, O]`` or an :class:`Fp8Weight` ``[G, O, I]`` (where the FP8 grouped-GEMM kernel slots in)."""
+    ``w`` is ``[G, I, O]`` or an :class:`Fp8Weight` ``[G, O, I]`` (FP8: the grouped-GEMM kernel on Hopper)."""
     if isinstance(w, Fp8Weight):
+        out = _fp8_kernel_gemm(x, w, group_sizes)
+        if out is not None:
+            return out
         wd = w.dequantize().swapaxes(-1, -2)
         return jax.lax.ragged_dot(fake_quantize_activations(x), wd, group_sizes, preferred_element_type=f32)
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=f32)

@@ -289,3 +289,47 @@ def test_fp8_mlp_matches_dense_swiglu():
     got = fp8_mlp(x, *quantize_blockwise(gate), *quantize_blockwise(up), *quantize_blockwise(down))
     assert got.shape == x.shape
     assert _rel(got, want) < 8e-2
+
+
+def test_model_fp8_layers_run_the_kernel_when_forced(monkeypatch):
+    """The model's FP8 MoE layer (routed experts + shared expert) through the FP8 grouped-GEMM kernel (interpret
+    mode standing in for the GPU) equals its pure-JAX path: the wiring the GPU backend uses by default."""
+    import dataclasses
+
+    from flax import nnx
+
+    import pallas_kernels.fp8_gmm as gmm
+    from step3_jax import create_model, get_preset
+    from step3_jax.model import use_fp8_gemm
+
+    config = dataclasses.replace(
+        get_preset("test"),
+        hidden_size=128,
+        moe_intermediate_size=128,
+        share_expert_dim=128,
+        intermediate_size=128,
+        moe_num_experts=4,
+        num_hidden_layers=2,
+        moe_layers_enum=(1,),
+        quantization="fp8",
+    )
+    layer = create_model(config, seed=3).layers[1]
+    x = jax.random.normal(jax.random.key(0), (2, 6, 128), jnp.bfloat16)
+    graphdef, state = nnx.split(layer)
+    calls = []
+    kernel = gmm.fp8_grouped_matmul_kernel
+    monkeypatch.setattr(
+        gmm, "fp8_grouped_matmul_kernel", lambda *a, **k: calls.append(k["interpret"]) or kernel(*a, **k)
+    )
+
+    def ffn(state, x):
+        return nnx.merge(graphdef, state).ffn(x)
+
+    # the path is chosen at trace time: a fresh function object per setting, so no trace is reused
+    ref = jax.jit(lambda s, x: ffn(s, x))(state, x)
+    assert calls == []  # on the CPU the pure-JAX path is the default
+    with use_fp8_gemm("interpret", SMALL):
+        got = jax.jit(lambda s, x: ffn(s, x))(state, x)
+    assert calls == [True] * 6  # gate, up, down of the experts and of the shared expert
+    assert np.linalg.norm(np.asarray(ref, np.float32)) > 0
+    assert _rel(got, ref) < 1e-2
