@@ -10,6 +10,7 @@ def test_demo_trains_saves_loads_and_generates(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "1/3 training" in text and "2/3 saved" in text and "3/3 generating" in text
     assert "tokens/s" in text and "ms per output token" in text
+    assert "AFD (1 attention + 1 FFN device" in text and "greedy sequences identical" in text
     assert (out / "model" / "config.json").exists() and list((out / "model").glob("*.safetensors"))
     assert main([*args, "--steps", "0"]) == 2  # bad input: a clear error, no crash
     assert "steps" in capsys.readouterr().err
