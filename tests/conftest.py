@@ -11,9 +11,13 @@ jax.config.update("jax_num_cpu_devices", 8)
 # Many tests build identical programs through fresh jit closures (a new Trainer, a new engine ...). A
 # compilation cache private to this test session lets them share executables; it starts empty every run,
 # so timings here stay those of a fresh machine.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="step3-jax-test-cache-"))
+_cache_dir = tempfile.mkdtemp(prefix="step3-jax-test-cache-")
+atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
