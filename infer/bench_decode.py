@@ -37,6 +37,7 @@ from infer.sampling import request_keys, sample
 from step3_jax import kv_cache as kvc
 from step3_jax.config import STEP3, Step3Config
 from step3_jax.model import create_model
+from step3_jax.quant import quantize_per_token
 
 PAPER_MFA_LAYER_US = {8192: 281.0, 32768: 791.0}  # Table 9, H800
 TARGET_US = {"bfloat16": 230.0, "float8_e4m3fn": 140.0}  # issue #6, H200, batch 64, 8K
@@ -93,9 +94,7 @@ def random_pool(config, batch: int, ctx: int, page_size: int, kv_dtype: str, see
         for layer in pool[name]:
             key, sub = jax.random.split(key)
             x = jax.random.normal(sub, layer.shape, jnp.float32)
-            arrays.append(
-                kvc.quantize_fp8_per_token(x)[0] if layer.dtype == jnp.float8_e4m3fn else x.astype(layer.dtype)
-            )
+            arrays.append(quantize_per_token(x)[0] if layer.dtype == jnp.float8_e4m3fn else x.astype(layer.dtype))
         pool[name] = tuple(arrays)
     table = np.random.default_rng(seed).permutation(num_pages).reshape(batch, pages_per_seq).astype(np.int32)
     return pool, jnp.asarray(table)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mfa_decode as md
+from step3_jax.quant import quantize_per_token
 
 HEADS, DIM = 64, 256
 FULL_SHAPES = [(32, 4096), (128, 4096), (64, 8192), (16, 32768), (1, 65536)]
@@ -84,7 +85,7 @@ def build_case(batch: int, ctx: int, fp8: bool, page_size: int, seed: int = 0):
     k = jax.random.normal(kk, (num_pages, page_size, DIM), jnp.bfloat16)
     v = jax.random.normal(kv, (num_pages, page_size, DIM), jnp.bfloat16)
     if fp8:
-        (k, ks), (v, vs) = md.quantize_kv(k), md.quantize_kv(v)
+        (k, ks), (v, vs) = quantize_per_token(k), quantize_per_token(v)
     else:
         ks = vs = None
     perm = np.random.default_rng(seed).permutation(num_pages).reshape(copies, batch, pages_per_seq)

@@ -146,15 +146,6 @@ def mfa_decode_reference(
     return jnp.einsum("bhs,bsk->bhk", p, v, precision="highest").astype(q.dtype)
 
 
-def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token FP8 e4m3: ``x [..., K]`` -> ``(q float8_e4m3fn [..., K], scale float32 [...])``."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
-    fmax = float(jnp.finfo(FP8_DTYPE).max)
-    s = jnp.where(amax > 0, amax / fmax, 1.0).astype(jnp.float32)
-    q = jnp.clip(x.astype(jnp.float32) / s[..., None], -fmax, fmax).astype(FP8_DTYPE)
-    return q, s
-
-
 # ---------------------------------------------------------------------------------------------- kernel
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import struct
 
 from step3_jax.config import Step3Config
+from step3_jax.quant import quantize_per_token
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules
 
 CACHE_AXES = ("act_batch", "cache_seq", "kv_heads", "head_dim")
@@ -204,15 +205,6 @@ class PagedKVCache:
         )
 
 
-def quantize_fp8_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x [..., K]`` -> ``(float8_e4m3fn [..., K], float32 scale [...])`` with ``x ~= q * scale``."""
-    fmax = float(jnp.finfo(jnp.float8_e4m3fn).max)
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1)
-    scale = jnp.where(amax > 0, amax / fmax, 1.0)
-    return jnp.clip(x32 / scale[..., None], -fmax, fmax).astype(jnp.float8_e4m3fn), scale
-
-
 def paged_write(layer: PagedLayer, k: jax.Array, v: jax.Array, start: jax.Array) -> PagedLayer:
     """Append ``k, v [B, T, G, K]`` at token positions ``start[b] + t`` through the block table.
 
@@ -227,8 +219,8 @@ def paged_write(layer: PagedLayer, k: jax.Array, v: jax.Array, start: jax.Array)
     page = jnp.where(idx < max_pages, page, num_pages)  # out of the table: an out-of-range page -> dropped
     row = pos % ps
     if layer.is_fp8:
-        kq, ks = quantize_fp8_per_token(k)
-        vq, vs = quantize_fp8_per_token(v)
+        kq, ks = quantize_per_token(k)
+        vq, vs = quantize_per_token(v)
         return layer.replace(
             k=layer.k.at[page, row].set(kq, mode="drop"),
             v=layer.v.at[page, row].set(vq, mode="drop"),

@@ -80,6 +80,13 @@ def dequantize_activations(q: jax.Array, scale: jax.Array, group: int = BLOCK, d
     return (q.astype(jnp.float32) * s).astype(dtype)
 
 
+def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One FP8 scale per token (the whole last axis as one group): ``x [..., K]`` -> ``(q float8 [..., K],
+    scale float32 [...])`` with ``x ~= q * scale``. The FP8 KV cache format."""
+    q, scale = quantize_activations(x, group=x.shape[-1])
+    return q, scale[..., 0]
+
+
 def fake_quantize_activations(x: jax.Array, group: int = BLOCK) -> jax.Array:
     """Round ``x`` through per-token-group FP8 and back (what the FP8 GEMM sees), in float32."""
     return dequantize_activations(*quantize_activations(x, group), group=group)

@@ -10,6 +10,7 @@ from flax import nnx
 from pallas_kernels import mfa_decode as md
 from step3_jax import KVCache, create_model
 from step3_jax.kv_cache import PageAllocator, PagedKVCache, paged_gather, paged_write
+from step3_jax.quant import quantize_per_token
 
 SCALE = 256**-0.5
 
@@ -22,7 +23,7 @@ def random_cache(seed, *, num_pages, page_size, heads, batch, fp8, dim=256):
     v = jax.random.normal(kv, (num_pages, page_size, dim), jnp.float32)
     v = v * jnp.exp(jax.random.normal(jax.random.key(seed + 1), (num_pages, page_size, 1)))
     if fp8:
-        (k, ks), (v, vs) = md.quantize_kv(k), md.quantize_kv(v)
+        (k, ks), (v, vs) = quantize_per_token(k), quantize_per_token(v)
         return q, k, v, ks, vs
     return q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), None, None
 
