@@ -62,7 +62,8 @@ class Step3Config:
     eos_token_id: int | tuple[int, ...] | None = 128805
     # Storage dtype of the parameters; activations follow it, norms/router/softmax run in float32.
     param_dtype: str = "bfloat16"
-    # "fp8": dense MLP, shared and routed expert weights are block-FP8 (HF layout + scales); None: param_dtype.
+    # "fp8": MFA projections, dense MLP, shared and routed expert weights are block-FP8 (HF layout + scales), as in
+    # the step3-fp8 release; norms, embeddings, lm_head and the router stay param_dtype. None: all param_dtype.
     quantization: str | None = None
 
     def __post_init__(self):
@@ -332,10 +333,12 @@ PRESETS: dict[str, Step3Config] = {
 
 
 def get_preset(name: str) -> Step3Config:
+    """The preset config ``name`` (one of :data:`PRESETS`: "step3", "step3-mini", "tiny", "test")."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
 def format_params(n: int) -> str:
+    """A parameter count for people: 316294538240 -> "316.3B", 1234567 -> "1.2M"."""
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"

@@ -6,7 +6,9 @@ Einsum letters:
   K head_dim, F FFN width, E experts, C top-k slots, V vocab, N tokens (B * T), A token-expert pairs (N * C).
 
 Parameters are stored in JAX layout (``[in, out]``; experts ``[E, in, out]``); ``step3_jax.checkpoint``
-maps them to and from the Hugging Face ``[out, in]`` layout. Every parameter carries its logical axis
+maps them to and from the Hugging Face ``[out, in]`` layout. In FP8 mode (``quantization="fp8"``) the attention
+projections, dense MLPs, shared and routed experts are block-FP8 and kept in the HF layout with their
+``_scale_inv`` beside them, as the FP8 release stores them. Every parameter carries its logical axis
 names (``logical_axes`` metadata) that ``step3_jax.sharding.ShardingRules`` turns into mesh shardings.
 """
 
@@ -16,17 +18,25 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from step3_jax import kv_cache as kvc
 from step3_jax.config import Step3Config
-from step3_jax.quant import BLOCK, Fp8Weight, fake_quantize_activations, quantize_activations, quantize_blockwise
-from step3_jax.sharding import DEFAULT_RULES, ShardingRules, check_divisible, constrain
+from step3_jax.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    Fp8Weight,
+    fake_quantize_activations,
+    quantize_activations,
+    quantize_blockwise,
+)
+from step3_jax.sharding import DEFAULT_RULES, ShardingRules, check_block_sharding, check_divisible, constrain
 
 log = logging.getLogger(__name__)
 f32 = jnp.float32
@@ -56,21 +66,29 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
 SCALE_SUFFIX = "_scale_inv"  # block scales of an FP8 weight ``X`` live beside it as ``X_scale_inv``
 
 
-def _ffn_weight(module, name, rngs, shape, axes, dtype, stddev: float, fp8: bool) -> None:
-    """Declare FFN weight ``name`` (``shape``/``axes`` in JAX layout ``[..., in, out]``). With ``fp8`` it is
-    stored as the checkpoint stores it: float8 ``[..., out, in]`` plus float32 ``name_scale_inv``
-    ``[..., out/128, in/128]``, both with the (swapped) logical axes of the plain weight."""
+def _weight(module, name, rngs, shape, axes, dtype, stddev: float, fp8: bool, *, lead: int = 0, n_in: int = 1):
+    """Declare matrix ``name``: ``shape``/``axes`` in JAX layout ``[lead..., in..., out...]`` (``lead`` leading
+    axes, e.g. experts, then ``n_in`` input axes). With ``fp8`` it is stored as the checkpoint stores it: float8
+    ``[lead..., out, in]`` (multi-axis sides flattened, ``wq [Q, H, K]`` -> ``[H*K, Q]``) plus float32
+    ``name_scale_inv`` ``[lead..., out/128, in/128]``, the block quantisation of the same random draw as the plain
+    weight (same seed, same weights up to FP8 rounding). A flattened side takes the logical axis of its leading
+    dimension (``heads`` for ``H*K``), and ``axis_sizes`` metadata keeps that dimension's size, so the split
+    follows whole heads exactly as it does for the plain weight (see :func:`param_shardings`)."""
     if not fp8:
         setattr(module, name, _param(rngs, shape, axes, dtype, stddev))
         return
-    *lead, k, n = shape
-    hf_axes = (*axes[:-2], axes[-1], axes[-2])
-    q, scale_inv = quantize_blockwise(stddev * jax.random.normal(rngs.params(), (*lead, n, k), f32))
-    setattr(module, name, nnx.Param(q, logical_axes=hf_axes))
-    setattr(module, name + SCALE_SUFFIX, nnx.Param(scale_inv, logical_axes=hf_axes))
+    split = lead + n_in
+    n_rows, n_cols = math.prod(shape[split:]), math.prod(shape[lead:split])
+    w = stddev * jax.random.normal(rngs.params(), shape, f32)
+    w = w.reshape(*shape[:lead], n_cols, n_rows).swapaxes(-1, -2)  # HF layout [lead..., out, in]
+    q, scale_inv = quantize_blockwise(w)
+    hf_axes = (*axes[:lead], axes[split], axes[lead])
+    sizes = (*shape[:lead], shape[split], shape[lead])  # what divisibility by the mesh is judged on
+    setattr(module, name, nnx.Param(q, logical_axes=hf_axes, axis_sizes=sizes))
+    setattr(module, name + SCALE_SUFFIX, nnx.Param(scale_inv, logical_axes=hf_axes, axis_sizes=sizes))
 
 
-def _ffn_value(module, name):
+def _weight_value(module, name):
     """The weight ``name`` as the matmuls take it: an array, or an :class:`Fp8Weight` when it has scales."""
     scale_inv = getattr(module, name + SCALE_SUFFIX, None)
     w = getattr(module, name)[...]
@@ -85,8 +103,8 @@ _FP8_GEMM: dict = {"impl": None, "config": None}
 
 @contextlib.contextmanager
 def use_fp8_gemm(impl: str | None, config=None):
-    """Force how FP8 FFN / expert weights are multiplied while tracing inside this block (e.g. "interpret" to
-    run the FP8 grouped-GEMM kernel in interpret mode on the CPU)."""
+    """Force how FP8 weights (attention projections, dense FFNs, shared and routed experts) are multiplied while
+    tracing inside this block (e.g. "interpret" to run the FP8 grouped-GEMM kernel in interpret mode on the CPU)."""
     old = dict(_FP8_GEMM)
     _FP8_GEMM.update(impl=impl, config=config)
     try:
@@ -99,6 +117,8 @@ def _fp8_kernel_gemm(x: jax.Array, w: Fp8Weight, group_sizes: jax.Array) -> jax.
     """The FP8 grouped GEMM (kernel or forced path) when it applies, else None (use the pure-JAX path)."""
     from pallas_kernels import fp8_gmm
 
+    if w.q.dtype != FP8_DTYPE:
+        return None  # a float weight in the FP8 layout (LoRA's base + adapter): no FP8 operand to feed the kernel
     impl = _FP8_GEMM["impl"]
     if impl is None:
         m, k = x.shape
@@ -115,7 +135,9 @@ def dense_matmul(x: jax.Array, w) -> jax.Array:
     """``x [..., I] @ w`` -> float32 ``[..., O]``; ``w`` is ``[I, O]`` or an :class:`Fp8Weight` ``[O, I]``.
 
     FP8: activations rounded through per-token 128-channel FP8, the block-scaled weight, float32 accumulation
-    (the FP8 GEMM kernel as a one-group grouped GEMM on Hopper; dequantise-and-matmul elsewhere)."""
+    (the FP8 GEMM kernel as a one-group grouped GEMM on Hopper; dequantise-and-matmul elsewhere). An
+    :class:`Fp8Weight` whose ``q`` is a float array (LoRA's dequantised base + adapter) takes the same numerics
+    with ``q * scale_inv`` as the weight."""
     if isinstance(w, Fp8Weight):
         flat = x.reshape(-1, x.shape[-1])
         out = _fp8_kernel_gemm(flat, Fp8Weight(w.q[None], w.scale_inv[None]), jnp.array([flat.shape[0]], jnp.int32))
@@ -138,6 +160,8 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, scaled by a learned per-channel weight."""
+
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = _param(None, (dim,), ("norm",), dtype, None)
         self.eps = eps
@@ -248,7 +272,11 @@ def paged_write_attend(q, k, v, layer: kvc.PagedLayer, start, scale: float, ctx:
 
 
 class MFAAttention(nnx.Module):
-    """Multi-Matrix Factorization Attention: low-rank normalised query, one shared K/V head per group."""
+    """Multi-Matrix Factorization Attention: low-rank normalised query, one shared K/V head per group.
+
+    With ``config.quantization == "fp8"`` the five projections are block-FP8 in the checkpoint's layout
+    (``[out, in]`` + ``_scale_inv``, as the FFN weights) and run through :func:`dense_matmul` (per-token FP8
+    activations, float32 accumulation; the FP8 GEMM kernel on Hopper); ``inter_norm`` stays in float."""
 
     def __init__(self, config: Step3Config, *, rngs: nnx.Rngs, ctx: ShardCtx):
         d, q, h, g, k = (
@@ -258,26 +286,46 @@ class MFAAttention(nnx.Module):
             config.num_kv_heads,
             config.head_dim,
         )
-        dt = config.dtype
-        self.q_proj = _param(rngs, (d, q), ("embed", "q_rank"), dt, d**-0.5)
+        dt, fp8 = config.dtype, config.quantization == "fp8"
+        _weight(self, "q_proj", rngs, (d, q), ("embed", "q_rank"), dt, d**-0.5, fp8)
         self.inter_norm = RMSNorm(q, config.rms_norm_eps, dt)
-        self.wq = _param(rngs, (q, h, k), ("q_rank", "heads", "head_dim"), dt, q**-0.5)
-        self.k_proj = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dt, d**-0.5)
-        self.v_proj = _param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dt, d**-0.5)
-        self.o_proj = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"), dt, (h * k) ** -0.5)
+        _weight(self, "wq", rngs, (q, h, k), ("q_rank", "heads", "head_dim"), dt, q**-0.5, fp8)
+        _weight(self, "k_proj", rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dt, d**-0.5, fp8)
+        _weight(self, "v_proj", rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), dt, d**-0.5, fp8)
+        _weight(self, "o_proj", rngs, (h, k, d), ("heads", "head_dim", "embed"), dt, (h * k) ** -0.5, fp8, n_in=2)
+        self.fp8 = fp8
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, k
         self.scale = k**-0.5
         self.rope_theta = config.rope_theta
         self.ctx = ctx
 
+    def _fp8_linear(self, name: str, x: jax.Array) -> jax.Array:
+        """``x [..., in]`` through the FP8 projection ``name`` -> ``[..., out]`` in x's dtype."""
+        return dense_matmul(x, _weight_value(self, name)).astype(x.dtype)
+
     def qkv(self, x: jax.Array, positions: jax.Array):
         """Projections + rope. x [B, T, D] -> q [B, T, H, K], k, v [B, T, G, K]."""
-        q_lr = jnp.einsum("btd,dq->btq", x, self.q_proj[...])
-        q_lr = self.inter_norm(q_lr)
-        q = jnp.einsum("btq,qhk->bthk", q_lr, self.wq[...])
+        if self.fp8:
+            b, t = x.shape[:2]
+            h, g, kd = self.num_heads, self.num_kv_heads, self.head_dim
+            q_lr = self.inter_norm(self._fp8_linear("q_proj", x))
+            q = self._fp8_linear("wq", q_lr).reshape(b, t, h, kd)
+            k = self._fp8_linear("k_proj", x).reshape(b, t, g, kd)
+            v = self._fp8_linear("v_proj", x).reshape(b, t, g, kd)
+        else:
+            q_lr = jnp.einsum("btd,dq->btq", x, self.q_proj[...])
+            q_lr = self.inter_norm(q_lr)
+            q = jnp.einsum("btq,qhk->bthk", q_lr, self.wq[...])
+            k = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...])
+            v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...])
         q = self.ctx.constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        k = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...])
-        v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...])
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+
+    def out_proj(self, out: jax.Array) -> jax.Array:
+        """o_proj: attention output [B, T, H, K] -> [B, T, D]."""
+        if self.fp8:
+            return self._fp8_linear("o_proj", out.reshape(*out.shape[:2], -1))
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...])
 
     def __call__(self, x, positions, kv=None, start=None, segment_ids=None):
         """Without ``kv``: causal self-attention over x (within each segment, if ``segment_ids [B, T]`` are given:
@@ -297,22 +345,22 @@ class MFAAttention(nnx.Module):
             q_slots = start[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
             out = attention_core(q, cache_k, cache_v, q_slots, slots, self.scale)
         out = self.ctx.constrain(out, ("act_batch", "act_seq", "act_heads", None))
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...]), kv
+        return self.out_proj(out), kv
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, d: int, f: int, dtype, *, rngs: nnx.Rngs, fp8: bool = False):
-        _ffn_weight(self, "gate_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
-        _ffn_weight(self, "up_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
-        _ffn_weight(self, "down_proj", rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5, fp8)
+        _weight(self, "gate_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
+        _weight(self, "up_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
+        _weight(self, "down_proj", rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5, fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = dense_matmul(x, _ffn_value(self, "gate_proj"))
-        u = dense_matmul(x, _ffn_value(self, "up_proj"))
+        g = dense_matmul(x, _weight_value(self, "gate_proj"))
+        u = dense_matmul(x, _weight_value(self, "up_proj"))
         h = (jax.nn.silu(g) * u).astype(x.dtype)
-        return dense_matmul(h, _ffn_value(self, "down_proj")).astype(x.dtype)
+        return dense_matmul(h, _weight_value(self, "down_proj")).astype(x.dtype)
 
 
 def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0):
@@ -360,9 +408,10 @@ class MoE(nnx.Module):
         d, e, f = config.hidden_size, config.moe_num_experts, config.moe_intermediate_size
         dt, fp8 = config.dtype, config.quantization == "fp8"
         self.gate = _param(rngs, (d, e), ("embed", "router"), dt, d**-0.5)  # the router ("moe.gate" in HF)
-        _ffn_weight(self, "gate_proj", rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), dt, d**-0.5, fp8)
-        _ffn_weight(self, "up_proj", rngs, (e, d, f), ("experts", "expert_embed", "expert_mlp"), dt, d**-0.5, fp8)
-        _ffn_weight(self, "down_proj", rngs, (e, f, d), ("experts", "expert_mlp", "expert_embed"), dt, f**-0.5, fp8)
+        w_axes, down_axes = ("experts", "expert_embed", "expert_mlp"), ("experts", "expert_mlp", "expert_embed")
+        _weight(self, "gate_proj", rngs, (e, d, f), w_axes, dt, d**-0.5, fp8, lead=1)
+        _weight(self, "up_proj", rngs, (e, d, f), w_axes, dt, d**-0.5, fp8, lead=1)
+        _weight(self, "down_proj", rngs, (e, f, d), down_axes, dt, f**-0.5, fp8, lead=1)
         self.top_k = config.moe_top_k
         self.renormalize = config.norm_expert_weight
         self.impl = "grouped"
@@ -388,7 +437,7 @@ class MoE(nnx.Module):
         impl = impl or self.impl
         if impl not in MOE_IMPLS:
             raise ValueError(f"MoE impl must be one of {MOE_IMPLS}, got {impl!r}")
-        gate, up, down = (_ffn_value(self, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = (_weight_value(self, name) for name in ("gate_proj", "up_proj", "down_proj"))
         if impl == "grouped" and self.ctx.mesh is not None:
             return _sharded_grouped_experts(self.ctx, x, weights, ids, gate, up, down)
         b, t, d = x.shape
@@ -588,14 +637,38 @@ def _check_ids(input_ids) -> None:
 # ---------------------------------------------------------------------- construction on a mesh
 
 
+def _path_names(keypath) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keypath)
+
+
+def param_spec(var, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec of one (possibly abstract) parameter from its logical axes.
+
+    A block-FP8 weight in the HF layout has flattened sides (``wq`` ``[H*K, Q]``); its ``axis_sizes`` metadata
+    gives the size of each dimension's logical axis (``H``), and a dimension is split only where that size
+    (and, for the ``_scale_inv`` blocks, the number of blocks) divides evenly, so an FP8 projection is split
+    over whole heads exactly when its plain counterpart is."""
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    sizes = var.get_metadata().get("axis_sizes")
+    shape = tuple(var.shape) if sizes is None else tuple(math.gcd(a, s) for a, s in zip(sizes, var.shape, strict=True))
+    return rules.spec(axes, mesh, shape)
+
+
 def param_shardings(state, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """NamedSharding for every parameter of a (possibly abstract) model state, from its logical axes."""
+    """NamedSharding for every parameter of a (possibly abstract) model state, from its logical axes.
 
-    def one(var):
-        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-        return rules.sharding(mesh, axes, var.shape)
+    Raises ValueError naming the parameter when the split of an FP8 attention projection would cut its
+    128 x 128 scale blocks (see :func:`step3_jax.sharding.check_block_sharding`)."""
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    def one(keypath, var):
+        spec = param_spec(var, mesh, rules)
+        path = _path_names(keypath)
+        if len(path) >= 2 and path[-2] == "self_attn" and var.dtype == FP8_DTYPE:
+            name = "model." + ".".join(map(str, path)) + ".weight"  # the HF key
+            check_block_sharding(mesh, spec, var.shape, BLOCK, name, var.get_metadata().get("logical_axes"))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_model(

@@ -14,6 +14,7 @@ operands up to float32 rounding, which is what the pure-JAX reference path compu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -75,6 +76,7 @@ def quantize_activations(x: jax.Array, group: int = BLOCK) -> tuple[jax.Array, j
 
 
 def dequantize_activations(q: jax.Array, scale: jax.Array, group: int = BLOCK, dtype=jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize_activations`: ``q * scale`` with one scale per ``group`` channels of each row."""
     k = q.shape[-1]
     s = jnp.repeat(scale.astype(jnp.float32), group, axis=-1)[..., :k]
     return (q.astype(jnp.float32) * s).astype(dtype)
@@ -87,15 +89,25 @@ def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, scale[..., 0]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def fake_quantize_activations(x: jax.Array, group: int = BLOCK) -> jax.Array:
-    """Round ``x`` through per-token-group FP8 and back (what the FP8 GEMM sees), in float32."""
+    """Round ``x`` through per-token-group FP8 and back (what the FP8 GEMM sees), in float32.
+
+    Differentiated as the identity (straight-through), so training through an FP8 model (LoRA on FP8 weights)
+    gets the gradient of the unrounded matmul rather than one through the rounding and the scale's max."""
     return dequantize_activations(*quantize_activations(x, group), group=group)
 
 
+@fake_quantize_activations.defjvp
+def _fake_quantize_jvp(group, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return fake_quantize_activations(x, group), t.astype(jnp.float32)
+
+
 class Fp8Weight(NamedTuple):
-    """A block-FP8 weight as the FFN / expert matmuls take it: ``q`` float8_e4m3fn ``[..., N, K]`` (HF layout,
-    K-major) and ``scale_inv`` float32 ``[..., ceil(N / 128), ceil(K / 128)]``. A pytree, so it passes through
-    ``jit`` / ``shard_map`` (give it a ``Fp8Weight`` of two PartitionSpecs)."""
+    """A block-FP8 weight as the attention, FFN and expert matmuls take it: ``q`` float8_e4m3fn ``[..., N, K]``
+    (HF layout, K-major) and ``scale_inv`` float32 ``[..., ceil(N / 128), ceil(K / 128)]``. A pytree, so it passes
+    through ``jit`` / ``shard_map`` (give it a ``Fp8Weight`` of two PartitionSpecs)."""
 
     q: jax.Array
     scale_inv: jax.Array

@@ -135,3 +135,28 @@ def check_divisible(mesh: Mesh | None, rules: ShardingRules, logical_axis: str, 
             f"{what} = {size} cannot be split over mesh axes ({axes}) of total size {n}; "
             f"choose a mesh whose {axes} size divides {size}"
         )
+
+
+def check_block_sharding(
+    mesh: Mesh,
+    spec: PartitionSpec,
+    shape: Sequence[int],
+    block: int,
+    what: str,
+    logical_axes: Sequence[str | None] | None = None,
+) -> None:
+    """Raise a clear error naming ``what`` when ``spec`` would split a dimension of a block-scaled weight
+    ``shape`` through one of its ``block``-wide scale blocks. A dimension of at most one block may be split (every
+    shard shares that block's scale); a longer one needs whole blocks on every shard."""
+    for dim, (size, part) in enumerate(zip(shape, spec, strict=False)):
+        axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+        n = math.prod(mesh.shape[a] for a in axes)
+        if n > 1 and size > block and (size % n or (size // n) % block):
+            names = ",".join(axes)
+            axis = f" (logical axis {logical_axes[dim]!r})" if logical_axes else ""
+            raise ValueError(
+                f"{what}: dimension {dim} of size {size}{axis} split over mesh axes ({names}) of total size {n} "
+                f"leaves {size / n:g} per shard; block-FP8 weights need whole {block}-wide scale blocks per shard. "
+                f"Choose a mesh whose ({names}) size n makes {size} a multiple of {block} x n, or map that logical "
+                "axis to other mesh axes in ShardingRules"
+            )

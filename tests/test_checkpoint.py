@@ -149,10 +149,13 @@ def ids_for(config, batch=4, length=9):
 
 
 def fp8_config(test_config):
-    # several full 128-blocks and partial ones in every FFN dimension, one dense and one MoE layer
+    # several full 128-blocks and partial ones in every FFN and attention dimension (q rank 136, heads x head_dim
+    # 4 x 64 = 256: two whole blocks, so a tensor-parallel split of 2 keeps whole blocks), one dense and one MoE layer
     return dataclasses.replace(
         test_config,
         hidden_size=160,
+        share_q_dim=136,
+        head_dim=64,
         intermediate_size=300,
         moe_intermediate_size=288,
         share_expert_dim=200,
@@ -266,19 +269,28 @@ def test_single_file_and_dtype_override(bf16_ckpt, tmp_path):
 # ---------------------------------------------------------------------- block FP8
 
 
-def test_fp8_load_keeps_fp8_and_equals_source(fp8_ckpt, tmp_path):
+def test_fp8_load_keeps_fp8_and_equals_source(fp8_ckpt, tmp_path, monkeypatch):
     folder, source, tensors = fp8_ckpt
     expert = tensors["model.layers.1.moe.gate_proj.weight"]
     assert expert.dtype == F8 and expert.shape == (4, 288, 160)
     assert tensors["model.layers.1.moe.gate_proj.weight_scale_inv"].shape == (4, 3, 2)  # partial blocks
     assert tensors["model.layers.0.mlp.down_proj.weight_scale_inv"].shape == (2, 3)
+    # the attention projections are block-FP8 too, in the HF [out, in] layout with their scales beside them
+    for name, shape in {"q_proj": (136, 160), "wq": (256, 136), "k_proj": (64, 160), "o_proj": (160, 256)}.items():
+        key = f"model.layers.0.self_attn.{name}.weight"
+        assert tensors[key].dtype == F8 and tensors[key].shape == shape, key
+        assert tensors[key + "_scale_inv"].shape == (-(-shape[0] // 128), -(-shape[1] // 128)), key
+    # the checkpoint's FP8 bytes and scales are placed as they are: nothing is dequantised or requantised
+    monkeypatch.setattr(hf_mod, "_host_blockwise", lambda *a, **k: pytest.fail("FP8 tensor converted on load"))
     model = load_pretrained(folder, progress=False)
+    monkeypatch.undo()
     assert model.config.quantization == "fp8"
     assert model.layers[1].moe.gate_proj.get_value().dtype == FP8_DTYPE
+    assert model.layers[0].self_attn.wq.get_value().dtype == FP8_DTYPE
     assert_params_identical(model, source)
     ids = ids_for(model.config)
     np.testing.assert_array_equal(forward(model, ids), forward(source, ids))
-    # save -> load -> save: the block-FP8 format, bit-exact
+    # save -> load -> save: the block-FP8 format, bit-exact (attention projections included)
     out = save_pretrained(model, tmp_path / "fp8", shard_size=100_000)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"] == {
@@ -291,6 +303,8 @@ def test_fp8_load_keeps_fp8_and_equals_source(fp8_ckpt, tmp_path):
     for f in out.glob("model-*.safetensors"):
         headers.update(read_header(f)[0])
     assert headers.keys() == tensors.keys()
+    assert headers["model.layers.1.self_attn.o_proj.weight"].dtype == "F8_E4M3"
+    assert headers["model.layers.1.self_attn.o_proj.weight_scale_inv"].dtype == "F32"
     for key, info in headers.items():
         want = tensors[key]
         got = read_tensor(info)
@@ -298,22 +312,11 @@ def test_fp8_load_keeps_fp8_and_equals_source(fp8_ckpt, tmp_path):
     assert_params_identical(load_pretrained(out, progress=False), source)
 
 
-def _release_like(fp8_ckpt, tmp_path):
-    """The FP8 checkpoint with its attention projections block-quantised too (as the FP8 release stores them)."""
-    folder, source, tensors = fp8_ckpt
-    tensors = dict(tensors)
-    for key in list(tensors):
-        if key.rsplit(".", 2)[-2] in ATTN_PROJ:
-            q, s = quantize_blockwise(jnp.asarray(tensors[key]))
-            tensors[key], tensors[key + "_scale_inv"] = np.asarray(q), np.asarray(s)
-    return write_checkpoint(tmp_path / "release", tensors, json.loads((folder / "config.json").read_text())), tensors
-
-
-def test_fp8_dequantised_load_equals_direct_dequantisation(fp8_ckpt, tmp_path):
-    folder, tensors = _release_like(fp8_ckpt, tmp_path)
+def test_fp8_dequantised_load_equals_direct_dequantisation(fp8_ckpt):
+    folder, _, tensors = fp8_ckpt
     plain = load_pretrained(folder, quantization=None, progress=False)  # everything dequantised to float32
-    kept = load_pretrained(folder, progress=False)  # FFN weights stay FP8, attention is dequantised
-    assert plain.config.quantization is None and kept.config.quantization == "fp8"
+    assert plain.config.quantization is None
+    assert plain.layers[0].self_attn.wq.get_value().shape == (136, 4, 64)  # the float model's own layout
     hf_plain = hf_tensors(plain)
     assert set(hf_plain) == {k for k in tensors if not k.endswith("_scale_inv")}
     for key, value in hf_plain.items():
@@ -322,28 +325,24 @@ def test_fp8_dequantised_load_equals_direct_dequantisation(fp8_ckpt, tmp_path):
         else:
             want = tensors[key]
         assert value.dtype == np.float32 and np.array_equal(value, want), key
-    hf_kept = hf_tensors(kept)
-    for key, value in hf_kept.items():
-        is_attn = key.rsplit(".", 2)[-2] in ATTN_PROJ
-        want = hf_plain[key] if is_attn else tensors[key]
-        assert np.array_equal(value.view(np.uint8), want.view(np.uint8)), key
-    assert "model.layers.0.self_attn.q_proj.weight_scale_inv" not in hf_kept
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == F8  # attention was dequantised too
 
 
 def test_bf16_checkpoint_quantised_on_load(tmp_path, test_config):
-    # A float checkpoint of FP8-sized dims, loaded as an FP8 model: FFN weights are block-quantised on the way.
+    # A float checkpoint of FP8-sized dims, loaded as an FP8 model: FFN and attention weights are block-quantised
+    # on the way.
     config = dataclasses.replace(fp8_config(test_config), quantization=None)
     tensors = hf_tensors(random_model(config, seed=4))
     folder = write_checkpoint(tmp_path / "f32", tensors, config.to_hf_config(), num_files=1)
     model = load_pretrained(folder, quantization="fp8", progress=False)
     hf = hf_tensors(model)
-    for key in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.moe.down_proj.weight"):
+    keys = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.moe.down_proj.weight"]
+    keys += [f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ATTN_PROJ]
+    for key in keys:
         q, s = quantize_blockwise(jnp.asarray(tensors[key]))
-        assert hf[key].dtype == F8 and np.array_equal(hf[key].view(np.uint8), np.asarray(q).view(np.uint8))
+        assert hf[key].dtype == F8 and np.array_equal(hf[key].view(np.uint8), np.asarray(q).view(np.uint8)), key
         np.testing.assert_array_equal(hf[key.replace(".weight", ".weight_scale_inv")], s)
-    np.testing.assert_array_equal(
-        hf["model.layers.0.self_attn.wq.weight"], tensors["model.layers.0.self_attn.wq.weight"]
-    )
+    assert hf["model.layers.0.self_attn.inter_norm.weight"].dtype == np.float32  # norms stay float
 
 
 # ---------------------------------------------------------------------- on a mesh of 8 devices
@@ -597,6 +596,9 @@ def test_inspect_cli(bf16_ckpt, fp8_ckpt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step3_vl" in out and "hidden_size" in out and "F8_E4M3" in out and "quantization: fp8" in out
     assert "no problems" in out
+    assert inspect_cli.main([str(fp8_ckpt[0]), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)["parameters"]  # FP8 scales are counted apart, not as parameters
+    assert counts["checkpoint_text"] == counts["model_total"] and counts["checkpoint_fp8_scales"] > 0
     folder = _copy(bf16_ckpt[0], tmp_path)
     _rewrite(folder, lambda t: _add("model.bogus.weight", np.ones(2, BF16))(_drop("model.norm.weight")(t)))
     assert inspect_cli.main([str(folder)]) == 1

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from step3_jax import KVCache, create_model, make_mesh
+from step3_jax.model import abstract_model, param_shardings
 from step3_jax.sharding import DEFAULT_RULES
 
 # (mesh axes, number of experts): expert-parallel meshes need experts divisible by the expert axis
@@ -75,3 +76,49 @@ def test_impossible_splits_raise_clear_errors(test_config):
     model = create_model(test_config, mesh=mesh)  # 5 experts cannot be split 4 ways
     with pytest.raises(ValueError, match="moe_num_experts = 5 cannot be split over mesh axes \\(expert\\)"):
         model(jnp.zeros((2, 3), jnp.int32))
+
+
+def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(test_config):
+    """FP8 projections in the HF layout split as their float counterparts do: wq's [H*K] rows and o_proj's [H*K]
+    columns over ``tensor`` (4 heads x 64 = two 128-blocks: one block and its scale per shard), and the sharded
+    FP8 model computes what one device computes."""
+    config = dataclasses.replace(test_config, head_dim=64, moe_num_experts=8, quantization="fp8")
+    # Routed experts' FFN columns stay whole here: split over ``tensor``, an expert FFN narrower than one 128-block
+    # quantises its down-projection input per shard (groups of 18 columns instead of 36), a different grouping.
+    rules = dataclasses.replace(DEFAULT_RULES, expert_mlp=None)
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    sharded = create_model(config, seed=5, mesh=mesh, rules=rules)
+    attn = sharded.layers[0].self_attn
+    for name, dim in (("wq", 0), ("o_proj", 1)):
+        for value in (getattr(attn, name).get_value(), getattr(attn, name + "_scale_inv").get_value()):
+            assert value.sharding.spec[dim] == "tensor", name
+            assert value.addressable_shards[0].data.shape[dim] == value.shape[dim] // 2, name
+    assert attn.wq.get_value().addressable_shards[0].data.shape == (128, config.share_q_dim)
+    # the same weights on one device (a model built without a mesh, no second initialisation)
+    graphdef = nnx.graphdef(abstract_model(config))
+    single = nnx.merge(graphdef, jax.device_put(nnx.state(sharded), jax.devices()[0]))
+    ids = jax.random.randint(jax.random.key(0), (8, 12), 3, config.vocab_size, dtype=jnp.int32)
+    want = jit_forward(single)(ids)
+    got = jit_forward(sharded)(jax.device_put(ids, rules.sharding(mesh, ("act_batch", None), ids.shape)))
+    # splitting o_proj's sum over heads reorders float32 additions; a last-bit difference could flip the FP8
+    # rounding of a later activation (a 2^-4 step in one channel), so most tokens agree to float32 noise and the
+    # rest stay close; a layout or scale error would hit every token
+    got, want = np.asarray(got), np.asarray(want)
+    token_diff = np.abs(got - want).max(-1)
+    assert np.mean(token_diff < 1e-4) >= 0.9, token_diff
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+
+
+def test_fp8_attention_split_through_a_scale_block_is_refused(test_config):
+    # 4 heads x 48 = 192 rows over tensor=2: 96 per shard would cut the second 128-block; said before any work
+    config = dataclasses.replace(test_config, head_dim=48, quantization="fp8")
+    message = (
+        r"model\.layers\.0\.self_attn\.(wq|o_proj)\.weight: dimension [01] of size 192 \(logical axis 'heads'\) "
+        r"split over mesh axes \(tensor\) of total size 2 leaves 96 per shard; block-FP8 weights need whole 128-wide"
+    )
+    with pytest.raises(ValueError, match=message):
+        param_shardings(nnx.state(abstract_model(config)), make_mesh(data=4, tensor=2))
+    # the float model splits those heads as usual
+    param_shardings(
+        nnx.state(abstract_model(dataclasses.replace(config, quantization=None))), make_mesh(tensor=2, data=4)
+    )

@@ -200,3 +200,36 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
     assert main(args) == 2  # checkpoints exist and no --resume
     assert "--resume" in capsys.readouterr().err
+
+
+def test_lora_on_an_fp8_model_dequantises_the_base_on_the_fly(test_config):
+    """LoRA on block-FP8 attention projections: the adapters have the float model's shapes, the FP8 base stays
+    untouched while they train, and the merged model is FP8 again (base + update block-quantised). Full training
+    of FP8 weights is refused with a clear error."""
+    config = dataclasses.replace(test_config, quantization="fp8")
+    cfg = lora.LoraConfig(rank=4)  # the attention projections
+    tc = small_tc(steps=3, lr=1e-2)
+    with pytest.raises(ValueError, match="full training needs float weights.*block-FP8"):
+        Trainer(config, tc, data_for(tc))
+    trainer = Trainer(config, tc, data_for(tc), lora=cfg)
+    assert sorted(trainer.params) == sorted(
+        f"layers/{i}/self_attn/{p}" for i in range(config.num_hidden_layers) for p in lora.ATTENTION_TARGETS
+    )
+    d, q, h, k = config.hidden_size, config.share_q_dim, config.num_attention_heads, config.head_dim
+    assert trainer.params["layers/0/self_attn/wq"]["a"].shape == (q, 4)  # [in, r], as for the float model
+    assert trainer.params["layers/0/self_attn/o_proj"]["b"].shape == (4, d)
+    assert trainer.params["layers/0/self_attn/o_proj"]["a"].shape == (h * k, 4)
+    base_before = jax.tree.map(np.asarray, trainer.frozen)
+    hist = run(trainer, progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"]  # gradients reach the adapters through the FP8 GEMMs
+    for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(trainer.frozen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    merged = trainer.model
+    assert merged.layers[0].self_attn.wq.get_value().dtype == jnp.float8_e4m3fn
+    graphdef = nnx.graphdef(merged)
+    ids = jnp.asarray(data_for(tc).tokens[:2, :16])
+    on_the_fly = nnx.merge(graphdef, lora.apply_lora(trainer.frozen, trainer.params, cfg))(ids)
+    base = nnx.merge(graphdef, trainer.frozen)(ids)
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    # requantising base + update costs one more e4m3 rounding per weight; the trained update is far larger
+    assert rel(merged(ids), on_the_fly) < 0.5 * rel(base, on_the_fly)

@@ -4,6 +4,13 @@ For a target matrix ``W`` stored ``[lead..., in..., out...]`` (see ``step3_jax.c
 adapter is ``A [lead..., prod(in), r]`` (small random) and ``B [lead..., r, prod(out)]`` (zeros), and the
 effective weight is ``W + (alpha / r) * (A @ B)`` reshaped to ``W``'s shape. Only adapters are trained;
 ``merge`` folds them into the base weights for export with ``save_pretrained``.
+
+Block-FP8 targets (``quantization="fp8"``: attention projections, FFNs, experts, stored ``[lead..., out, in]`` with
+``X_scale_inv`` beside them) take the same adapters (``A [lead..., in, r]``, ``B [lead..., r, out]``). The base is
+dequantised on the fly: :func:`apply_lora` puts the float weight ``q * scale_inv + update`` (HF layout) where the
+FP8 bytes were and sets its scales to one, so the model still runs its FP8 numerics (FP8-rounded activations,
+straight-through gradients) on that weight; :func:`merge` block-quantises the sum back to FP8 (a lossy step: the
+update is rounded with the base).
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from step3_jax.checkpoint.hf_keys import matrix_split
+from step3_jax.checkpoint.hf_keys import SCALE_SUFFIX, is_scale, matrix_split
+from step3_jax.quant import dequantize_blockwise, quantize_blockwise
 
 ATTENTION_TARGETS = ("q_proj", "wq", "k_proj", "v_proj", "o_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
+    """Which weights get low-rank adapters (attention projections; optionally experts, shared expert), rank, alpha."""
+
     rank: int = 8
     alpha: float = 16.0
     attention: tuple[str, ...] = ATTENTION_TARGETS
@@ -44,6 +54,8 @@ class LoraConfig:
     def wants(self, path: tuple) -> bool:
         names = [str(p) for p in path]
         leaf, parent = names[-1], names[-2] if len(names) > 1 else ""
+        if is_scale(path):
+            return False  # FP8 block scales: their weight gets the adapter
         if parent == "self_attn":
             return leaf in self.attention
         if parent == "moe":
@@ -68,43 +80,81 @@ def _flat_params(params) -> dict[tuple, jax.Array]:
     return {_path(kp): v for kp, v in leaves}
 
 
-def _dims(path: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-    split = matrix_split(path)
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _scale_path(path: tuple) -> tuple:
+    return (*path[:-1], str(path[-1]) + SCALE_SUFFIX)
+
+
+def _weight_path(scale_path: tuple) -> tuple:
+    return (*scale_path[:-1], str(scale_path[-1])[: -len(SCALE_SUFFIX)])
+
+
+def _dims(path: tuple, shape: tuple[int, ...], fp8: bool) -> tuple[tuple[int, ...], int, int]:
+    """(lead shape, in size, out size) of a target matrix; FP8 weights are ``[lead..., out, in]``."""
     lead = 1 if str(path[-2]) == "moe" else 0
+    if fp8:
+        return shape[:lead], shape[-1], shape[-2]
+    split = matrix_split(path)
     return shape[:lead], math.prod(shape[lead:split]), math.prod(shape[split:])
 
 
 def init_lora(params, config: LoraConfig, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """Adapters for every targeted float matrix of ``params`` (an ``nnx.State`` of the model)."""
-    adapters = {}
-    # FP8 (1-byte) weights are left alone: adapters go on BF16 / F32 matrices only.
-    targets = [
-        (p, w) for p, w in _flat_params(params).items() if config.wants(p) and w.ndim >= 2 and w.dtype.itemsize >= 2
-    ]
+    """Adapters for every targeted matrix of ``params`` (an ``nnx.State`` of the model), float or block-FP8."""
+    flat = _flat_params(params)
+    targets = [(p, w) for p, w in flat.items() if config.wants(p) and w.ndim >= 2]
     if not targets:
         raise ValueError("LoRA config selects no parameters of this model")
+    adapters = {}
     for i, (path, w) in enumerate(targets):
-        lead, n_in, n_out = _dims(path, w.shape)
+        lead, n_in, n_out = _dims(path, w.shape, _scale_path(path) in flat)
         a = jax.random.normal(jax.random.fold_in(key, i), (*lead, n_in, config.rank), jnp.float32) / math.sqrt(n_in)
-        adapters["/".join(map(str, path))] = {"a": a, "b": jnp.zeros((*lead, config.rank, n_out), jnp.float32)}
+        adapters[_name(path)] = {"a": a, "b": jnp.zeros((*lead, config.rank, n_out), jnp.float32)}
     return adapters
 
 
+def _update(adapter, config: LoraConfig) -> jax.Array:
+    """``(alpha / r) * A @ B``: float32 ``[lead..., in, out]``."""
+    return jnp.einsum("...ir,...ro->...io", adapter["a"], adapter["b"]) * config.scale
+
+
 def apply_lora(params, adapters, config: LoraConfig):
-    """Base parameters with every adapter's low-rank update added (same tree structure and dtypes)."""
+    """Base parameters with every adapter's low-rank update added (same tree structure; same dtypes, except that an
+    FP8 target becomes its float32 dequantised weight + update, in the FP8 layout, with scales of one)."""
+    flat = _flat_params(params)
 
     def one(keypath, w):
-        name = "/".join(map(str, _path(keypath)))
+        path = _path(keypath)
+        if is_scale(path):
+            return jnp.ones_like(w) if _name(_weight_path(path)) in adapters else w
+        name = _name(path)
         if name not in adapters:
             return w
-        ad = adapters[name]
-        delta = jnp.einsum("...ir,...ro->...io", ad["a"], ad["b"]) * config.scale
+        delta = _update(adapters[name], config)
+        scale = flat.get(_scale_path(path))
+        if scale is not None:  # block-FP8 [lead..., out, in]: dequantise the base on the fly
+            return dequantize_blockwise(w, scale) + delta.swapaxes(-1, -2)
         return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def merge_params(params, adapters, config: LoraConfig):
+    """Like :func:`apply_lora`, with every FP8 target block-quantised back to FP8 (the model's own format)."""
+    merged = apply_lora(params, adapters, config)
+    flat = _flat_params(params)
+    flat_merged = _flat_params(merged)
+    requantised = {}
+    for path in flat:
+        if _name(path) in adapters and _scale_path(path) in flat:
+            q, s = quantize_blockwise(flat_merged[path])
+            requantised[path], requantised[_scale_path(path)] = q, s
+    return jax.tree_util.tree_map_with_path(lambda kp, w: requantised.get(_path(kp), w), merged)
+
+
 def merge(model: nnx.Module, adapters, config: LoraConfig) -> nnx.Module:
-    """A model whose weights are base + adapters (for export with ``save_pretrained``)."""
+    """A model whose weights are base + adapters (for export with ``save_pretrained``); FP8 weights stay FP8."""
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, apply_lora(state, adapters, config))
+    return nnx.merge(graphdef, merge_params(state, adapters, config))

@@ -34,7 +34,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from step3_jax.config import PRESETS, Step3Config, get_preset
-from step3_jax.model import Step3ForCausalLM, count_params, create_model
+from step3_jax.model import SCALE_SUFFIX, Step3ForCausalLM, count_params, create_model
+from step3_jax.quant import FP8_DTYPE
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
 from train import lora as lora_lib
 from train.data import BatchIterator, PackedDataset, embedded_corpus, pack_documents, read_documents
@@ -48,6 +49,8 @@ PEAK_BF16_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVID
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Training hyper-parameters and run settings (sequence length, batch, schedule, checkpointing, logging)."""
+
     seq_len: int = 256
     batch_size: int = 16  # sequences per optimizer step (all accumulation micro-batches together)
     grad_accum: int = 1
@@ -88,6 +91,7 @@ class TrainConfig:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine decay and global-norm gradient clipping, as ``tc`` sets them."""
     decay_steps = max(tc.steps, tc.warmup_steps + 1)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, tc.lr, tc.warmup_steps, decay_steps, end_value=tc.lr * tc.min_lr_ratio
@@ -139,13 +143,25 @@ def _full_params(trainable, frozen):
     return trainable
 
 
+def _to_compute_dtype(params, compute):
+    """Float parameters in ``compute`` dtype; block-FP8 weights and their float32 scales stay as they are (the
+    model runs its FP8 matmuls on them, as at inference)."""
+
+    def one(keypath, p):
+        key = keypath[-1] if keypath else None
+        name = str(getattr(key, "key", ""))
+        if not jnp.issubdtype(p.dtype, jnp.floating) or p.dtype == FP8_DTYPE or name.endswith(SCALE_SUFFIX):
+            return p
+        return p.astype(compute)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: int, combine=_full_params):
     """``combine(trainable, frozen)`` gives the model's parameters (identity for full training, base + adapters
     for LoRA); only ``trainable`` is differentiated."""
-    compute = jnp.dtype(tc.compute_dtype)
     params = combine(trainable, frozen)
-    cast = jax.tree.map(lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-    model = nnx.merge(graphdef, cast)
+    model = nnx.merge(graphdef, _to_compute_dtype(params, jnp.dtype(tc.compute_dtype)))
     logits, router = forward_with_router(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
@@ -160,6 +176,9 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx, tc: TrainConfig, num_experts: int, combine=_full_params):
+    """The step ``(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``: gradient accumulation,
+    the update applied only when loss and gradients are finite."""
+
     def grad_fn(params, frozen, batch):
         return jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, graphdef, batch, tc, num_experts, combine)
 
@@ -191,7 +210,7 @@ def make_train_step(graphdef, tx, tc: TrainConfig, num_experts: int, combine=_fu
 
 
 class TrainingError(RuntimeError):
-    pass
+    """A run that cannot go on (non-finite loss, incompatible resume, unsupported setup), with the reason."""
 
 
 class Trainer:
@@ -210,13 +229,19 @@ class Trainer:
         lora: LoraConfig | None = None,
     ):
         """Train ``model_config`` from scratch, or from ``base_model``'s weights (e.g. ``load_pretrained``);
-        with ``lora``, only LoRA adapters on ``base_model`` (or a fresh model) are trained."""
+        with ``lora``, only LoRA adapters on ``base_model`` (or a fresh model) are trained. A block-FP8 model
+        (``quantization="fp8"``) trains LoRA adapters only; its FP8 targets are dequantised on the fly."""
         if data.seq_len != train_config.seq_len:
             raise ValueError(f"data rows have seq_len {data.seq_len}, the train config says {train_config.seq_len}")
         if train_config.seq_len > model_config.max_position_embedding:
             raise ValueError(
                 f"seq_len {train_config.seq_len} exceeds the model's max_position_embedding "
                 f"{model_config.max_position_embedding}"
+            )
+        if lora is None and model_config.quantization == "fp8":
+            raise ValueError(
+                "full training needs float weights, but this model's are block-FP8 (quantization='fp8'): train LoRA "
+                "adapters on it (lora=LoraConfig(...)), or train a float copy (load_pretrained(..., quantization=None))"
             )
         self.tc, self.data, self.mesh, self.rules, self.lora = train_config, data, mesh, rules, lora
         self.workdir = Path(workdir) if workdir is not None else None
@@ -353,8 +378,10 @@ class Trainer:
 
     @property
     def model(self) -> Step3ForCausalLM:
-        """The trained model (for LoRA: adapters merged into the base weights)."""
-        return nnx.merge(self.graphdef, self._combine(self.params, self.frozen))
+        """The trained model (for LoRA: adapters merged into the base weights; FP8 weights stay FP8)."""
+        if self.lora is None:
+            return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, lora_lib.merge_params(self.frozen, self.params, self.lora))
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 x activated non-embedding parameters + causal attention scores."""
@@ -408,25 +435,27 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
     return history
 
 
-def plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_loss(history: list[dict], path: Path | None = None):
+    """The loss curve of ``history`` (the logged metrics) as a matplotlib ``Figure`` (made without pyplot, so it
+    leaves a notebook's plotting backend alone), saved as PNG at ``path`` if given."""
+    from matplotlib.figure import Figure
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(steps, [h["loss"] for h in history], label="cross-entropy")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m train.train``: train or finetune (LoRA) a Step-3-shaped model."""
     ap = argparse.ArgumentParser(prog="python -m train.train", description="Train a Step-3-shaped model.")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--data", nargs="*", default=None, help="text or .jsonl files (default: the embedded corpus)")

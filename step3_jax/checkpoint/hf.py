@@ -7,9 +7,11 @@ the tensors one at a time: read into one host buffer, converted to the module la
 stays near the size of the largest tensor, never the model.
 
 Block-FP8 checkpoints (``X.weight`` float8_e4m3fn + ``X.weight_scale_inv`` float32 per 128 x 128 block) load
-kept in FP8 for the FFN / expert weights of an FP8 model (``quantization="fp8"``, the default for such a
-checkpoint) or dequantised to the parameter dtype (``quantization=None``); FP8 tensors the model keeps in its
-parameter dtype (attention projections) are always dequantised.
+into an FP8 model (``quantization="fp8"``, the default for such a checkpoint) as they are: the attention
+projections (q_proj, wq, k_proj, v_proj, o_proj), dense MLPs, shared and routed experts keep the checkpoint's
+FP8 bytes and scales, with no dequantise / requantise step; a float checkpoint loaded with ``quantization="fp8"``
+has those weights block-quantised on the way. With ``quantization=None`` every FP8 tensor is dequantised to the
+parameter dtype. Norms, embeddings, the router and lm_head are float in both formats.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from step3_jax import quant
 from step3_jax.checkpoint.hf_keys import (
@@ -469,8 +471,9 @@ def load_pretrained(
       path: the checkpoint folder (``model.safetensors.index.json`` + shards, or one ``model.safetensors``),
         or one ``.safetensors`` file / index inside it.
       dtype: parameter dtype, ``bfloat16`` or ``float32``; default the checkpoint's ``torch_dtype``.
-      quantization: ``"auto"`` (as the checkpoint's ``quantization_config`` says), ``"fp8"`` (dense MLP, shared
-        and routed expert weights kept / made block-FP8), or ``None`` (every FP8 tensor dequantised to ``dtype``).
+      quantization: ``"auto"`` (as the checkpoint's ``quantization_config`` says), ``"fp8"`` (attention
+        projections, dense MLP, shared and routed expert weights kept / made block-FP8), or ``None`` (every FP8
+        tensor dequantised to ``dtype``).
       mesh, rules: place every parameter directly in its sharding on ``mesh`` (default: one device).
       progress: show a progress bar (tensors and bytes).
 

@@ -56,14 +56,17 @@ def scale_key(weight_key: str) -> str:
 
 
 def is_scale(path: Sequence) -> bool:
+    """Whether a parameter path names an FP8 weight's block scales (``X_scale_inv``)."""
     return str(path[-1]).endswith(SCALE_SUFFIX)
 
 
 def is_fp8(dtype) -> bool:
+    """Whether ``dtype`` is an 8-bit float (e4m3fn or e5m2)."""
     return dtype is not None and np.dtype(dtype) in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 
 def is_vision_key(key: str) -> bool:
+    """Whether a checkpoint key belongs to the release's vision tower (skipped by the text model)."""
     return key.startswith(VISION_PREFIXES)
 
 
