@@ -219,6 +219,7 @@ def pack(fields: dict[str, jax.Array]) -> jax.Array:
 
 
 def unpack(buf: jax.Array, struct: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Inverse of :func:`pack`: the named fields of ``struct`` read back from a ``[b, T, bytes]`` uint8 message."""
     out, offset = {}, 0
     for name in sorted(struct):
         s = struct[name]
@@ -233,6 +234,7 @@ def unpack(buf: jax.Array, struct: dict[str, jax.ShapeDtypeStruct]) -> dict[str,
 
 
 def message_struct(struct: dict[str, jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    """Shape of the packed uint8 message ``[b, T, bytes]`` that carries the fields of ``struct``."""
     any_field = next(iter(struct.values()))
     nbytes = sum(math.prod(s.shape[2:]) * jnp.dtype(s.dtype).itemsize for s in struct.values())
     return jax.ShapeDtypeStruct((*any_field.shape[:2], nbytes), jnp.uint8)
@@ -248,6 +250,77 @@ def return_dtype(config: Step3Config, transfer: str):
 def _by_rows(arr: jax.Array) -> list[jax.Array]:
     """The single-device shards of a batch-sharded array, in row order."""
     return [s.data for s in sorted(arr.addressable_shards, key=lambda s: s.index[0].start or 0)]
+
+
+# ---------------------------------------------------------------------------------------------- per-layer stages
+#
+# What each side runs per layer and micro-batch, as module-level functions so that the runner and the per-layer
+# benchmark (infer/bench_afd_layers.py) time and run the same programs.
+
+
+def attention_stage(layer, x, f, positions, kv, start, transfer: str):
+    """Attention side of one layer (a ``DecoderLayer`` holding at least its attention half): the previous
+    layer's residual add, ``DecoderLayer.attention`` (input norm, MFA over the cache, post-attention norm), the
+    router's top-k for MoE layers, and the wire encoding of the normed hidden states.
+    Returns ``(h, fields, kv)``: the residual stream, the A->F message fields and the updated cache layer."""
+    x = x + f.astype(x.dtype)  # the previous layer's residual add, on the attention side
+    h, normed, kv = layer.attention(x, positions, kv, start)
+    fields = encode(normed, transfer)
+    if layer.is_moe:
+        fields["weights"], fields["ids"] = layer.moe.route(normed)
+    return h, fields, kv
+
+
+def ffn_stage(layer, buf: jax.Array, config: Step3Config, transfer: str) -> jax.Array:
+    """FFN side of one layer (a ``DecoderLayer`` holding at least its FFN half) on one A->F message
+    ``buf [b, T, bytes]``: unpack and decode it, ``DecoderLayer.ffn`` (the dense MLP, or the routed experts on the
+    sent routing plus the shared expert), and the F->A dtype."""
+    payload = unpack(buf, payload_struct(config, transfer, layer.is_moe, buf.shape[0], buf.shape[1]))
+    normed = decode(payload, config.dtype)
+    routing = (payload["weights"], payload["ids"]) if layer.is_moe else None
+    return layer.ffn(normed, routing).astype(return_dtype(config, transfer))
+
+
+def attention_program(graphdef, abstract_ffn, transfer: str, *, moe: bool, constrain=None):
+    """The jitted attention-side program of one layer kind: ``(params, x, f, positions, pages, table, start)``
+    -> ``(h, message, pages)`` with ``pages = (k, v, k_scale, v_scale)`` donated and ``message`` the packed A->F
+    bytes. ``graphdef`` / ``abstract_ffn`` come from ``nnx.split(layer, is_ffn_param, ...)`` (the FFN half is
+    shape-only and never read); ``constrain`` places the message (the runner's data-parallel sharding)."""
+
+    def afd_attention(params, x, f, positions, pages, table, start):
+        layer = nnx.merge(graphdef, abstract_ffn, params)
+        kv = kvc.PagedLayer(*pages, block_table=table)
+        h, fields, kv = attention_stage(layer, x, f, positions, kv, start, transfer)
+        message = pack(fields)
+        if constrain is not None:
+            message = constrain(message)
+        return h, message, (kv.k, kv.v, kv.k_scale, kv.v_scale)
+
+    name = "afd_attention_moe" if moe else "afd_attention_dense"
+    return jax.jit(_named(afd_attention, name), donate_argnames=("pages",))
+
+
+def ffn_program(
+    graphdef,
+    abstract_attention,
+    config: Step3Config,
+    transfer: str,
+    *,
+    moe: bool,
+    out_parts: int = 1,
+    out_sharding=None,
+):
+    """The jitted FFN-side program of one layer kind: ``(params, parts)`` -> ``out_parts`` row blocks of the FFN
+    output, ``parts`` being the A->F messages (one per attention device when broadcast), concatenated by rows."""
+
+    def afd_ffn(params, parts):
+        layer = nnx.merge(graphdef, params, abstract_attention)
+        out = ffn_stage(layer, jnp.concatenate(parts, axis=0), config, transfer)
+        return tuple(jnp.split(out, out_parts, axis=0))
+
+    name = "afd_ffn_moe" if moe else "afd_ffn_dense"
+    kw = {} if out_sharding is None else {"out_shardings": (out_sharding,) * out_parts}
+    return jax.jit(_named(afd_ffn, name), **kw)
 
 
 # ---------------------------------------------------------------------------------------------- transports
@@ -355,6 +428,8 @@ class CollectiveTransport:
 
 @dataclasses.dataclass
 class AFDResult:
+    """What :meth:`AFDRunner.generate` returns: tokens per prompt, optional per-step logits, timings, trace."""
+
     tokens: list[list[int]]  # generated ids per prompt (cut after a stop token)
     logits: list[np.ndarray] | None  # per step, float32 [batch, vocab] of the token chosen at that step
     prefill_seconds: float
@@ -483,7 +558,6 @@ class AFDRunner:
         self.layer_kind = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
         act = lambda mesh, shape: self.rules.sharding(mesh, ("act_batch",) + (None,) * (len(shape) - 1), shape)  # noqa: E731
         self._act_sharding = act
-        ret_dtype = return_dtype(config, transfer)
         out_parts, out_sharding = self.transport.out_parts, self.transport.out_sharding
 
         # per-layer graphdefs and parameters; one graphdef per layer kind (dense / MoE) serves all its layers
@@ -504,37 +578,17 @@ class AFDRunner:
                 ffn_kind.setdefault(self.layer_kind[i], (gd, abs_attn))
                 self._ffn_layer.append(params)
 
-        def attention_program(kind, gd, abs_ffn):
-            def afd_attention(params, x, f, positions, pages, table, start):
-                layer = nnx.merge(gd, abs_ffn, params)
-                x = x + f.astype(x.dtype)  # the previous layer's residual add, on the attention side
-                kv = kvc.PagedLayer(*pages, block_table=table)
-                h, normed, kv = layer.attention(x, positions, kv, start)
-                fields = encode(normed, transfer)
-                if layer.is_moe:
-                    fields["weights"], fields["ids"] = layer.moe.route(normed)
-                message = pack(fields)
-                message = jax.lax.with_sharding_constraint(message, act(self.attn_mesh, message.shape))
-                return h, message, (kv.k, kv.v, kv.k_scale, kv.v_scale)
+        def constrain(message):
+            return jax.lax.with_sharding_constraint(message, act(self.attn_mesh, message.shape))
 
-            name = "afd_attention_moe" if kind else "afd_attention_dense"
-            return jax.jit(_named(afd_attention, name), donate_argnames=("pages",))
-
-        def ffn_program(kind, gd, abs_attn):
-            def afd_ffn(params, parts):
-                layer = nnx.merge(gd, params, abs_attn)
-                buf = jnp.concatenate(parts, axis=0)
-                payload = unpack(buf, payload_struct(config, transfer, layer.is_moe, buf.shape[0], buf.shape[1]))
-                normed = decode(payload, config.dtype)
-                routing = (payload["weights"], payload["ids"]) if layer.is_moe else None
-                out = layer.ffn(normed, routing).astype(ret_dtype)
-                return tuple(jnp.split(out, out_parts, axis=0))
-
-            name = "afd_ffn_moe" if kind else "afd_ffn_dense"
-            return jax.jit(_named(afd_ffn, name), out_shardings=(out_sharding,) * out_parts)
-
-        self._attn_fn = {k: attention_program(k, *v) for k, v in attn_kind.items()}
-        self._ffn_fn = {k: ffn_program(k, *v) for k, v in ffn_kind.items()}
+        self._attn_fn = {
+            k: attention_program(gd, abs_ffn, transfer, moe=k, constrain=constrain)
+            for k, (gd, abs_ffn) in attn_kind.items()
+        }
+        self._ffn_fn = {
+            k: ffn_program(gd, abs_attn, config, transfer, moe=k, out_parts=out_parts, out_sharding=out_sharding)
+            for k, (gd, abs_attn) in ffn_kind.items()
+        }
 
         if self.has_attention:
             top_gd, top_abs = self._top
@@ -925,17 +979,18 @@ def write_chrome_trace(intervals: list[dict], path: str | Path) -> None:
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
-def plot_gantt(intervals: list[dict], path: str | Path, title: str = "AFD pipeline") -> None:
-    """Gantt chart of the stages (rows) coloured by micro-batch, written as PNG."""
+def plot_gantt(intervals: list[dict], path: str | Path | None = None, title: str = "AFD pipeline"):
+    """Gantt chart of the stages (rows) coloured by micro-batch; written as PNG to ``path`` if given. Returns the
+    matplotlib ``Figure`` (made without pyplot, so it leaves a notebook's plotting backend alone)."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     order = ["embed", "attention", "a2f", "ffn", "f2a", "logits"]
     present = [s for s in order if any(r["stage"] == s for r in intervals)]
-    colors = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(12, 0.6 * len(present) + 1.5))
+    colors = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(12, 0.6 * len(present) + 1.5))
+    ax = fig.subplots()
     for r in intervals:
         y = present.index(r["stage"])
         ax.barh(
@@ -946,21 +1001,23 @@ def plot_gantt(intervals: list[dict], path: str | Path, title: str = "AFD pipeli
     ax.set_xlabel("ms")
     mbs = sorted({r["mb"] for r in intervals})
     ax.legend(
-        handles=[plt.Rectangle((0, 0), 1, 1, color=colors(m % 10)) for m in mbs],
+        handles=[Rectangle((0, 0), 1, 1, color=colors(m % 10)) for m in mbs],
         labels=[f"micro-batch {m}" for m in mbs],
         loc="upper right",
         fontsize=8,
     )
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m infer.afd``: greedy generation with attention and FFN on separate device groups."""
     ap = argparse.ArgumentParser(
         prog="python -m infer.afd",
         description="Greedy generation with attention and FFN on separate device groups (attention-FFN "
