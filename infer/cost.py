@@ -218,15 +218,13 @@ def main_pareto(argv: list[str]) -> int:
     )
     p.add_argument("--out", type=Path, default=Path("."), help="output folder")
     args = p.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     models, hardware = _load(args)
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = args.context[0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.subplots()
     for s in models:
         cost = cm.best_afd(s, hardware, ctx).total
         act = s.activated_params() / 1e9
@@ -239,9 +237,9 @@ def main_pareto(argv: list[str]) -> int:
     fig.tight_layout()
     pareto = args.out / f"pareto_{fmt_ctx(ctx)}.png"
     fig.savefig(pareto, dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.subplots()
     for s in models:
         costs = [cm.best_afd(s, hardware, c).total for c in args.sweep]
         ax.plot(
@@ -260,7 +258,6 @@ def main_pareto(argv: list[str]) -> int:
     fig.tight_layout()
     sweep = args.out / "cost_vs_context.png"
     fig.savefig(sweep, dpi=120)
-    plt.close(fig)
     print(f"wrote {pareto} and {sweep}")
     return 0
 
