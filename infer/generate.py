@@ -39,6 +39,8 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 @dataclasses.dataclass
 class GenerationResult:
+    """What :func:`generate_ids` returns: the generated ids per prompt and the prefill / decode timings."""
+
     tokens: list[list[int]]  # generated ids per prompt (stop token included if hit)
     prefill_seconds: float
     decode_seconds: float  # steps after the first decode step (which may compile)
@@ -178,6 +180,7 @@ def _fmt_ms(seconds) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m infer.generate``: stream generations from a checkpoint folder or a preset."""
     from infer.engine import Engine, EngineConfig, summarize
 
     ap = argparse.ArgumentParser(

@@ -314,6 +314,8 @@ class TokenCost:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """A model as the cost model sees it: attention groups (KV bytes and FLOPs per token) and FFN groups per layer."""
+
     name: str
     display_name: str
     hidden_size: int
@@ -522,6 +524,7 @@ def _read_json(path: Path | str, what: str) -> Any:
 
 
 def load_model_spec(path: Path | str) -> ModelSpec:
+    """Read a model spec JSON (see ``configs/models/`` and docs/cost_model.md); errors name the file and field."""
     return model_spec_from_dict(_read_json(path, "model spec"), where=f"model spec {str(path)!r}")
 
 
@@ -636,6 +639,7 @@ class Hardware:
 
 
 def hardware_from_dict(data: Any, where: str = "hardware spec") -> Hardware:
+    """An accelerator from a JSON object (price, FLOP/s, bandwidths, memory); errors name ``where`` and the field."""
     if not isinstance(data, dict):
         raise _fail(where, f"must be a JSON object, got {type(data).__name__}")
     name = data.get("name")
@@ -689,6 +693,7 @@ def load_hardware(path: Path | str) -> dict[str, Hardware]:
 
 
 def default_hardware() -> dict[str, Hardware]:
+    """The accelerators shipped in ``configs/hardware`` (the paper's; H100 / H200 / B200 with stated prices)."""
     return load_hardware(HARDWARE_FILE)
 
 
@@ -715,6 +720,8 @@ def select_hardware(
 # ====================================================================== cost per 1M tokens (paper 4.2)
 @dataclasses.dataclass(frozen=True)
 class Cost:
+    """Decoding cost in USD per 1M tokens, split into its attention and FFN parts."""
+
     attn: float
     ffn: float
 
@@ -756,6 +763,7 @@ def ffn_cost(spec: ModelSpec, hw: Hardware) -> float:
 
 
 def cost_per_mtok(spec: ModelSpec, hardware: Mapping[str, Hardware], context: int) -> dict[str, Cost]:
+    """USD per 1M decoded tokens on each accelerator at ``context`` (paper section 4.2, Table 3)."""
     return {name: Cost(attention_cost(spec, hw, context), ffn_cost(spec, hw)) for name, hw in hardware.items()}
 
 
@@ -775,6 +783,7 @@ def single_hardware(spec: ModelSpec, hardware: Mapping[str, Hardware], context: 
 
 
 def best_single(spec: ModelSpec, hardware: Mapping[str, Hardware], context: int) -> Deployment:
+    """The cheapest deployment with attention and FFN on the same accelerator type."""
     options = single_hardware(spec, hardware, context)
     if not options:
         raise ValueError("best_single needs at least one accelerator")
@@ -997,6 +1006,7 @@ PAPER_TABLE9_MFA_US["A800"] = {8192: 531.0, 32768: 1484.0}
 
 
 def paper_table9_kernel_times(hardware: str = "H800") -> KernelTimes:
+    """Kernel times from the paper's Table 9 MFA rows (one attention layer, 64 sequences per card) for ``hardware``."""
     if hardware not in PAPER_TABLE9_MFA_US:
         raise ValueError(f"paper Table 9 has no MFA timing for {hardware!r}; it has {sorted(PAPER_TABLE9_MFA_US)}")
     records = [
@@ -1008,6 +1018,8 @@ def paper_table9_kernel_times(hardware: str = "H800") -> KernelTimes:
 
 @dataclasses.dataclass(frozen=True)
 class LayerTimes:
+    """One layer's per-micro-batch stage times; the pipeline advances at the slowest (``stage_us``)."""
+
     attention_us: float
     communication_us: float
     ffn_us: float
@@ -1019,6 +1031,8 @@ class LayerTimes:
 
 @dataclasses.dataclass(frozen=True)
 class AFDEstimate:
+    """What :func:`estimate_afd_throughput` finds: the largest feasible batch, TPOT, bottleneck, stage times, memory."""
+
     model: str
     context: int
     attention_hardware: str

@@ -26,6 +26,8 @@ CACHE_AXES = ("act_batch", "cache_seq", "kv_heads", "head_dim")
 
 @struct.dataclass
 class KVCache:
+    """Contiguous KV cache: per layer ``[B, S_max, G, K]`` key and value buffers and each row's filled length."""
+
     k: tuple[jax.Array, ...]  # per layer [B, S_max, G, K]
     v: tuple[jax.Array, ...]
     lengths: jax.Array  # [B] int32

@@ -23,6 +23,8 @@ import numpy as np
 
 
 class Tokenizer(Protocol):
+    """What the data pipeline needs of a tokenizer (the byte tokenizer and HF tokenizers both fit)."""
+
     bos_id: int | None
     eos_id: int | None
 
