@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from step3_jax.model import sort_pairs
 from step3_jax.quant import BLOCK, FP8_DTYPE, FP8_MAX
 
 logger = logging.getLogger(__name__)
@@ -536,26 +537,6 @@ def fuse_gate_up(gate_q, gate_s, up_q, up_s) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([gate_q, up_q], axis=-2), jnp.concatenate([gate_s, up_s], axis=-2)
 
 
-def _sort_pairs(ids: jax.Array, num_local: int, first_expert: int):
-    """Sort token-expert pairs by local expert; pairs routed elsewhere sort last, in no group.
-
-    The sorted list is padded to a multiple of ROW_ALIGN rows (padding rows: pair 0, in no group, masked out) so the
-    kernel needs no extra copy. Returns (order, token, sorted-is-local, group_sizes), all over the padded rows.
-    """
-    n, c = ids.shape
-    local = ids.reshape(-1) - first_expert
-    is_local = (local >= 0) & (local < num_local)
-    key = jnp.where(is_local, local, num_local)
-    order = jnp.argsort(key, stable=True)
-    group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
-    sorted_local = is_local[order]
-    pad = (-order.shape[0]) % ROW_ALIGN
-    if pad:
-        order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-        sorted_local = jnp.concatenate([sorted_local, jnp.zeros((pad,), bool)])
-    return order, order // c, sorted_local, group_sizes
-
-
 def _check_ffn(x, weights, ids, e: int, d: int):
     if x.ndim != 2 or x.shape[-1] != d:
         raise ValueError(f"x must be [N, D] with D={d} (from the expert weights), got shape {tuple(x.shape)}")
@@ -590,7 +571,7 @@ def fp8_expert_ffn_fused(
     _check_ffn(x, weights, ids, e, d)
     if tuple(down_q.shape) != (e, d, f):
         raise ValueError(f"down_q must be [E, D, F] = {(e, d, f)}, got {tuple(down_q.shape)}")
-    order, token, is_local, gs = _sort_pairs(ids, e, first_expert)
+    order, token, is_local, gs = sort_pairs(ids, e, first_expert, ROW_ALIGN)
     with jax.named_scope("fp8_experts"):
         xq, xs = quantize_rows(x, token, transposed_scale=True)
         gu = fp8_grouped_matmul(xq, xs, gate_up_q, gate_up_s, gs, impl=impl, config=config, x_scale_transposed=True)
@@ -634,7 +615,7 @@ def fp8_expert_ffn(
     for name, arr, want in (("up_q", up_q, (e, f, d)), ("down_q", down_q, (e, d, f))):
         if tuple(arr.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(arr.shape)}")
-    order, token, is_local, gs = _sort_pairs(ids, e, first_expert)
+    order, token, is_local, gs = sort_pairs(ids, e, first_expert, ROW_ALIGN)
     with jax.named_scope("fp8_experts"):
         xq, xs = quantize_rows(x, token, transposed_scale=True)
         g = fp8_grouped_matmul(xq, xs, gate_q, gate_s, gs, impl=impl, config=config, x_scale_transposed=True)

@@ -166,6 +166,24 @@ class KernelConfig:
         return q + ring + extra + HEAD_TILE * 4
 
 
+def kernel_supports(head_dim: int, kv_dtype, page_size: int) -> str | None:
+    """Why the kernel cannot take this cache (None if it can): head_dim 256, BF16 or FP8 pages, and pages cut into
+    whole ``min(64, page_size)``-token blocks (a multiple of 16; of 64 for FP8 KV, so FP8 needs pages >= 64)."""
+    if head_dim != HEAD_DIM:
+        return f"head_dim {head_dim} (the kernel is written for {HEAD_DIM})"
+    if kv_dtype not in (jnp.bfloat16, FP8_DTYPE):
+        return f"KV dtype {jnp.dtype(kv_dtype).name} (the kernel takes bfloat16 or float8_e4m3fn)"
+    block_kv = min(64, page_size)
+    if page_size % block_kv or block_kv % 16:
+        return f"page_size {page_size} (the kernel needs a multiple of 16, and of 64 above 64)"
+    if kv_dtype == FP8_DTYPE and block_kv % 64:
+        return f"page_size {page_size} with FP8 KV (the kernel needs pages of a multiple of 64 tokens)"
+    return None
+
+
+_WARNED: set = set()
+
+
 def default_config(batch: int, head_tiles: int, max_len: int, page_size: int, fp8: bool) -> KernelConfig:
     """Tiles that fit SMEM and a split count that gives every SM some of the KV length."""
     block_kv = min(64, page_size)
@@ -440,13 +458,20 @@ def mfa_decode(
     v_scales: jax.Array | None = None,
     impl: str = "auto",
 ) -> jax.Array:
-    """Dispatcher: the Mosaic GPU kernel on a CUDA backend for head_dim 256, the reference elsewhere."""
+    """Dispatcher: the Mosaic GPU kernel on a CUDA backend when it supports the cache (:func:`kernel_supports`),
+    the reference elsewhere. On a GPU, a cache the kernel cannot take runs the (slower) reference with a warning
+    saying why, once per reason; ``impl="kernel"`` raises instead."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     check_inputs(q, k_pages, v_pages, block_table, lengths, k_scales, v_scales)
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        kernel_ok = q.shape[-1] == HEAD_DIM and k_pages.dtype in (jnp.bfloat16, FP8_DTYPE)
-        impl = "kernel" if on_gpu and kernel_ok else "reference"
+        impl = "reference"
+        if jax.default_backend() == "gpu":
+            why = kernel_supports(q.shape[-1], k_pages.dtype, k_pages.shape[1])
+            if why is None:
+                impl = "kernel"
+            elif why not in _WARNED:
+                _WARNED.add(why)
+                log.warning("MFA decode: the Pallas kernel does not support %s; using the pure-JAX reference", why)
     fn = mfa_decode_kernel if impl == "kernel" else mfa_decode_reference
     return fn(q, k_pages, v_pages, block_table, lengths, scale=scale, k_scales=k_scales, v_scales=v_scales)

@@ -363,6 +363,26 @@ class MLP(nnx.Module):
         return dense_matmul(h, _weight_value(self, "down_proj")).astype(x.dtype)
 
 
+def sort_pairs(ids: jax.Array, num_local: int, first_expert: int = 0, align: int = 1):
+    """Sort the token-expert pairs of ``ids [N, C]`` by local expert (experts ``first_expert ..
+    first_expert + num_local - 1``); pairs routed elsewhere sort last, in no group. The sorted list is padded to a
+    multiple of ``align`` rows (padding rows: pair 0, in no group, masked out). Returns ``(order, token,
+    sorted_is_local, group_sizes)``: pair index, its token and whether it is local, per sorted row, and the
+    number of pairs of each local expert."""
+    c = ids.shape[1]
+    local = ids.reshape(-1) - first_expert
+    is_local = (local >= 0) & (local < num_local)
+    key = jnp.where(is_local, local, num_local)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
+    sorted_local = is_local[order]
+    pad = (-order.shape[0]) % align
+    if pad:
+        order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+        sorted_local = jnp.concatenate([sorted_local, jnp.zeros((pad,), bool)])
+    return order, order // c, sorted_local, group_sizes
+
+
 def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0):
     """Token-sorting MoE: sort token-expert pairs by expert, ``ragged_dot`` per group, weighted scatter-add.
 
@@ -370,21 +390,15 @@ def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0):
     hold experts ``first_expert .. first_expert + E_l - 1`` (pairs routed elsewhere contribute nothing).
     Returns float32 [N, D].
     """
-    n, c = ids.shape
-    num_local = gate.shape[0]
-    local_ids = ids.reshape(-1) - first_expert  # [A]
-    is_local = (local_ids >= 0) & (local_ids < num_local)
-    sort_key = jnp.where(is_local, local_ids, num_local)  # non-local pairs sort last, in no group
-    order = jnp.argsort(sort_key, stable=True)
-    token = order // c
-    group_sizes = jnp.bincount(sort_key, length=num_local + 1)[:num_local].astype(jnp.int32)
+    n = ids.shape[0]
+    order, token, is_local, group_sizes = sort_pairs(ids, gate.shape[0], first_expert)
     xs = x[token]  # [A, D]
     g = grouped_matmul(xs, gate, group_sizes)
     u = grouped_matmul(xs, up, group_sizes)
     h = (jax.nn.silu(g) * u).astype(x.dtype)
     y = grouped_matmul(h, down, group_sizes)  # [A, D]
-    w = jnp.where(is_local, weights.reshape(-1), 0.0)[order]
-    y = jnp.where(is_local[order][:, None], y * w[:, None], 0.0)
+    w = jnp.where(is_local, weights.reshape(-1)[order], 0.0)  # is_local is in sorted order
+    y = jnp.where(is_local[:, None], y * w[:, None], 0.0)
     return jnp.zeros((n, x.shape[-1]), f32).at[token].add(y)
 
 

@@ -63,6 +63,30 @@ def test_dispatcher_uses_reference_off_gpu():
     np.testing.assert_array_equal(md.mfa_decode(q, k, v, table, lengths, scale=SCALE), ref)
 
 
+def test_on_gpu_a_cache_the_kernel_cannot_take_runs_the_reference_and_says_why(monkeypatch, caplog):
+    """FP8 pages of 16 tokens (the engine's default page size) are below the kernel's 64-token FP8 block: on a GPU
+    the dispatcher must not crash on them but run the reference and log the reason."""
+    assert md.kernel_supports(256, jnp.bfloat16, 16) is None and md.kernel_supports(256, jnp.float8_e4m3fn, 64) is None
+    assert "64" in md.kernel_supports(256, jnp.float8_e4m3fn, 16)
+    assert "head_dim" in md.kernel_supports(128, jnp.bfloat16, 64)
+    assert "page_size 96" in md.kernel_supports(256, jnp.bfloat16, 96)
+    q, k, v, ks, vs = random_cache(3, num_pages=4, page_size=16, heads=4, batch=2, fp8=True)
+    table = jnp.array([[2, 0], [1, 3]], jnp.int32)
+    lengths = jnp.array([5, 32], jnp.int32)
+    ref = md.mfa_decode_reference(q, k, v, table, lengths, scale=SCALE, k_scales=ks, v_scales=vs)
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the kernel was called for a cache it does not support")
+
+    monkeypatch.setattr(md.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(md, "mfa_decode_kernel", no_kernel)
+    monkeypatch.setattr(md, "_WARNED", set())
+    with caplog.at_level("WARNING", logger=md.__name__):
+        out = md.mfa_decode(q, k, v, table, lengths, scale=SCALE, k_scales=ks, v_scales=vs)
+    np.testing.assert_array_equal(out, ref)
+    assert "FP8 KV" in caplog.text and "reference" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- kernel (interpret)
 
 INTERPRET_CASES = {
