@@ -918,32 +918,19 @@ def stage_intervals(trace_dir: str | Path, dispatch_log: list[tuple[str, str, in
         raise ValueError(f"no AFD program executions found in the trace under {trace_dir}")
     by = {(r["stage"], r["layer"], r["mb"]): r for r in out}
     if not any(r["stage"] in ("a2f", "f2a") for r in out):
+
+        def gap(stage, r, nxt):  # a transfer interval: from the end of r to the start of what consumes it
+            return dict(
+                stage=stage, layer=r["layer"], mb=r["mb"], start=r["end"], end=max(r["end"], nxt["start"]), devices=[]
+            )
+
         for r in list(out):
             if r["stage"] == "attention" and ("ffn", r["layer"], r["mb"]) in by:
-                f = by[("ffn", r["layer"], r["mb"])]
-                out.append(
-                    dict(
-                        stage="a2f",
-                        layer=r["layer"],
-                        mb=r["mb"],
-                        start=r["end"],
-                        end=max(r["end"], f["start"]),
-                        devices=[],
-                    )
-                )
+                out.append(gap("a2f", r, by[("ffn", r["layer"], r["mb"])]))
             if r["stage"] == "ffn":
                 nxt = by.get(("attention", r["layer"] + 1, r["mb"])) or by.get(("logits", r["layer"] + 1, r["mb"]))
                 if nxt is not None:
-                    out.append(
-                        dict(
-                            stage="f2a",
-                            layer=r["layer"],
-                            mb=r["mb"],
-                            start=r["end"],
-                            end=max(r["end"], nxt["start"]),
-                            devices=[],
-                        )
-                    )
+                    out.append(gap("f2a", r, nxt))
     t0 = min(r["start"] for r in out)
     for r in out:
         r["start"] -= t0
