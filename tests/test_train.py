@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -64,8 +65,19 @@ def test_sharded_training_matches_single_device(test_config, axes):
     config = dataclasses.replace(test_config, moe_num_experts=8)
     tc = small_tc(steps=3)
     single = run(Trainer(config, tc, data_for(tc)), progress=False)
-    sharded = run(Trainer(config, tc, data_for(tc), mesh=make_mesh(**axes)), progress=False)
+    trainer = Trainer(config, tc, data_for(tc), mesh=make_mesh(**axes))
+    sharded = run(trainer, progress=False)
     np.testing.assert_allclose([h["loss"] for h in sharded], [h["loss"] for h in single], rtol=1e-4)
+    # Adam's moments live sharded like their parameters from the start, so the step compiles once
+    same = optax.tree_map_params(
+        trainer.tx,
+        lambda m, p: m.sharding.is_equivalent_to(p.sharding, m.ndim),
+        trainer.opt_state,
+        trainer.params,
+        transform_non_params=lambda _: True,
+    )
+    assert all(jax.tree.leaves(same))
+    assert trainer._step_fn._cache_size() == 1
 
 
 def test_grad_accumulation_matches_one_big_batch(test_config):

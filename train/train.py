@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from step3_jax.config import PRESETS, Step3Config, get_preset
 from step3_jax.model import SCALE_SUFFIX, Step3ForCausalLM, count_params, create_model
@@ -213,6 +214,24 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, incompatible resume, unsupported setup), with the reason."""
 
 
+def init_opt_state(tx: optax.GradientTransformation, params, mesh=None):
+    """``tx.init(params)`` with every parameter-shaped part of the state (Adam's moments) sharded like its
+    parameter and the rest (step counts) replicated over ``mesh``. Left to ``jit``, the moments come out
+    replicated on every device (a full copy of the optimizer state per device) and the train step recompiles
+    at its second call, when they come back sharded."""
+    if mesh is None:
+        return jax.jit(tx.init)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda p: p.sharding, params),
+        transform_non_params=lambda _: replicated,
+    )
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
 class Trainer:
     """Owns model parameters, optimizer state, data iterator and checkpoints of one run."""
 
@@ -267,7 +286,7 @@ class Trainer:
 
         self._combine = combine
         self.tx = make_optimizer(train_config)
-        self.opt_state = jax.jit(self.tx.init)(self.params)
+        self.opt_state = init_opt_state(self.tx, self.params, mesh)
         self.step = 0
         self.bad_in_row = 0
         self.skipped = 0
