@@ -52,8 +52,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from infer.sampling import SamplingParams, request_keys, sample
 from step3_jax import kv_cache as kvc
-from step3_jax.config import PRESETS, Step3Config, get_preset
+from step3_jax.config import Step3Config
 from step3_jax.model import Step3ForCausalLM, param_shardings
 from step3_jax.quant import BLOCK, dequantize_activations, quantize_activations
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
@@ -454,7 +455,8 @@ class _MicroBatch:
 
 
 class AFDRunner:
-    """Greedy batched generation with attention and FFN on disjoint device groups (see the module docstring).
+    """Batched generation (greedy or sampled) with attention and FFN on disjoint device groups (see the module
+    docstring).
 
     Build it with :meth:`create` (initialise each half directly on its submesh) or :meth:`from_model` (place a
     built or loaded model's halves). Under ``jax.distributed`` with two processes, process 0 runs the attention
@@ -597,11 +599,17 @@ class AFDRunner:
                 x = nnx.merge(top_gd, top_abs, params).embed(ids)
                 return x, jnp.zeros_like(x)  # (residual, "FFN output") so every layer runs the same program
 
-            def afd_logits(params, h, f, last):
+            def afd_logits(params, h, f, last, rows=None):
+                """Next tokens and logits; ``rows`` = per-row (seeds, counters, temperature, top_k, top_p) samples
+                as the engine does (``request_keys``: a row's n-th token depends on its seed and n only), None is
+                greedy (its own program, without the vocabulary sort)."""
                 x = h + f.astype(h.dtype)
                 x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, D]
                 logits = nnx.merge(top_gd, top_abs, params).logits(x)[:, 0]
-                return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+                if rows is None:
+                    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+                seeds, counters, temperature, top_k, top_p = rows
+                return sample(logits, request_keys(seeds, counters), temperature, top_k, top_p), logits
 
             self._embed_fn = jax.jit(afd_embed)
             self._logits_fn = jax.jit(afd_logits)
@@ -651,7 +659,7 @@ class AFDRunner:
         ]
         return layers, table
 
-    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last):
+    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None):
         """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits)."""
         cfg = self.config
         t = None
@@ -686,28 +694,37 @@ class AFDRunner:
         results = []
         for j, mb in enumerate(mbs):
             self._log("jit_afd_logits", cfg.num_hidden_layers, j)
-            results.append(self._logits_fn(self._top_params, mb.h, mb.f, last[j]))
+            results.append(self._logits_fn(self._top_params, mb.h, mb.f, last[j], None if rows is None else rows[j]))
         return results
 
     def generate(
         self,
         prompts: list[list[int]],
-        max_new_tokens: int = 16,
+        max_new_tokens: int | None = None,
         *,
-        stop_token_ids: Sequence[int] = (),
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
         return_logits: bool = False,
         trace_dir: str | Path | None = None,
     ) -> AFDResult:
-        """Greedy generation of ``max_new_tokens`` after each prompt (lists of token ids), prompts right-padded
-        to one bucket and prefilled through the same pipeline. Every step runs the whole batch (fixed shapes);
-        tokens after a stop token are cut. With ``trace_dir``, the last decode step runs under the JAX profiler
-        and ``result.trace`` holds its per-stage intervals (:func:`stage_intervals`)."""
+        """Generate after each prompt (lists of token ids); prompts are right-padded to one bucket and prefilled
+        through the same pipeline, and every step runs the whole batch (fixed shapes).
+
+        Greedy by default: ``max_new_tokens`` (16 if not given) and ``stop_token_ids`` for every prompt. Or
+        ``sampling``: one :class:`~infer.sampling.SamplingParams` for all prompts or one per prompt (temperature,
+        top-k, top-p, seed, max_new_tokens, stop tokens per row; then ``max_new_tokens`` / ``stop_token_ids``
+        must not be given). Sampling draws exactly as the engine does, so with the same seeds and (within
+        rounding) the same logits it picks the same tokens. A sequence ends at its first stop token or its own
+        ``max_new_tokens``; decoding stops when every sequence has ended. With ``trace_dir``, the last decode step
+        (the second, when every sequence ends sooner) runs under the JAX profiler and ``result.trace`` holds its
+        per-stage intervals (:func:`stage_intervals`)."""
         from infer.generate import bucket
 
         cfg, afd = self.config, self.afd
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        _positive_int("max_new_tokens", max_new_tokens)
+        per_row = _row_params(len(prompts), max_new_tokens, sampling, stop_token_ids)
+        steps_needed = max(p.max_new_tokens for p in per_row)
         for i, p in enumerate(prompts):
             bad = [x for x in p if not 0 <= int(x) < cfg.vocab_size]
             if bad:
@@ -715,10 +732,10 @@ class AFDRunner:
         sizes = microbatch_sizes(len(prompts), afd.micro_batches)
         longest = max(len(p) for p in prompts)
         width = bucket(longest)
-        max_len = width + max_new_tokens
+        max_len = width + steps_needed
         if max_len > cfg.max_position_embedding:
             raise ValueError(
-                f"prompt bucket of {width} tokens + max_new_tokens {max_new_tokens} = {max_len} exceeds the model's "
+                f"prompt bucket of {width} tokens + max_new_tokens {steps_needed} = {max_len} exceeds the model's "
                 f"context of {cfg.max_position_embedding} tokens"
             )
         m = afd.attention_devices
@@ -739,36 +756,70 @@ class AFDRunner:
             row += size
 
         put = lambda a: jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape)) if self.has_attention else a  # noqa: E731
+        greedy = all(p.greedy for p in per_row)
+
+        def rows_at(step):  # per micro-batch sampling rows (padding rows greedy); None when every row is greedy
+            if greedy or not self.has_attention:
+                return None
+            out = []
+            for j, mb in enumerate(mbs):
+                seeds = np.zeros((mb.padded,), np.uint32)
+                temperature = np.zeros((mb.padded,), np.float32)
+                top_k = np.zeros((mb.padded,), np.int32)
+                top_p = np.ones((mb.padded,), np.float32)
+                for r in range(mb.rows):
+                    p = per_row[offsets[j] + r]
+                    seeds[r], temperature[r], top_k[r], top_p[r] = p.seed % (1 << 32), p.temperature, p.top_k, p.top_p
+                counters = np.full((mb.padded,), step, np.int32)
+                out.append(tuple(put(a) for a in (seeds, counters, temperature, top_k, top_p)))
+            return out
+
         positions = [put(np.broadcast_to(np.arange(width, dtype=np.int32), (mb.padded, width)).copy()) for mb in mbs]
         zeros = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]
         watchdog = _Watchdog(self.afd.peer_timeout_s) if self.multiprocess else None
         t0 = time.perf_counter()
-        res = self._forward(mbs, [put(x) for x in ids], positions, zeros, [put(x - 1) for x in lengths])
-        steps: list[list[np.ndarray]] = []
+        res = self._forward(mbs, [put(x) for x in ids], positions, zeros, [put(x - 1) for x in lengths], rows_at(0))
+        tokens: list[list[int]] = [[] for _ in prompts]
+        ended = np.zeros((len(prompts),), bool)
         step_logits: list[np.ndarray] = []
 
         def collect(res):
+            """Append this step's tokens to the sequences still running; returns the device tokens (next input)."""
             if res is None:
                 return None
-            toks = [np.asarray(tok)[: mb.rows] for (tok, _), mb in zip(res, mbs, strict=True)]
-            steps.append(toks)
+            toks = np.concatenate([np.asarray(tok)[: mb.rows] for (tok, _), mb in zip(res, mbs, strict=True)])
+            for i, t in enumerate(toks):
+                if not ended[i]:
+                    tokens[i].append(int(t))
+                    p = per_row[i]
+                    ended[i] = int(t) in p.stop_token_ids or len(tokens[i]) >= p.max_new_tokens
             if return_logits:
                 step_logits.append(
                     np.concatenate([np.asarray(lg)[: mb.rows] for (_, lg), mb in zip(res, mbs, strict=True)])
                 )
             return [tok for tok, _ in res]
 
+        def all_ended() -> bool:  # under several processes the attention process decides for both
+            done = bool(ended.all()) if self.has_attention else False
+            if watchdog:
+                done = _agree(done)
+                watchdog.tick()
+            return done
+
         last_tok = collect(res)
-        if watchdog:
-            _sync_point(self)
-            watchdog.tick()
+        finished = all_ended()
+        if not watchdog and res is not None:
+            jax.block_until_ready(res)
         prefill_seconds = time.perf_counter() - t0
         trace = None
         timed_start, timed = None, 0
-        for step in range(1, max_new_tokens):
+        trace_step = steps_needed - 1 if trace_dir is not None and steps_needed > 1 else None
+        for step in range(1, steps_needed):
+            if finished and (trace_step is None or trace is not None):
+                break
             if step == 2:
                 timed_start = time.perf_counter()
-            traced = trace_dir is not None and step == max_new_tokens - 1
+            traced = trace_step is not None and trace is None and (step == trace_step or (finished and step >= 2))
             ctx = (
                 jax.profiler.trace(str(trace_dir), profiler_options=_profile_options())
                 if traced
@@ -783,12 +834,11 @@ class AFDRunner:
                 toks = [tok[:, None] for tok in last_tok] if self.has_attention else [None] * len(mbs)
                 if not self.has_attention:  # the FFN process only needs shapes
                     toks = [np.zeros((mb.padded, 1), np.int32) for mb in mbs]
-                res = self._forward(mbs, toks, pos, st, [put(np.zeros((mb.padded,), np.int32)) for mb in mbs])
+                last = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]
+                res = self._forward(mbs, toks, pos, st, last, rows_at(step))
                 last_tok = collect(res)
-                if watchdog:
-                    _sync_point(self)
-                    watchdog.tick()
-                elif res is not None:
+                finished = all_ended()
+                if not watchdog and res is not None:
                     jax.block_until_ready(res)
             if traced:
                 trace = stage_intervals(trace_dir, self._dispatch_log)
@@ -798,20 +848,8 @@ class AFDRunner:
         decode_seconds = time.perf_counter() - timed_start if timed_start is not None else 0.0
         if watchdog:
             watchdog.stop()
-
-        tokens: list[list[int]] = []
-        if self.has_attention:
-            stops = set(int(s) for s in stop_token_ids)
-            for j, mb in enumerate(mbs):
-                for r in range(mb.rows):
-                    seq = []
-                    for s in steps:
-                        seq.append(int(s[j][r]))
-                        if seq[-1] in stops:
-                            break
-                    tokens.append(seq)
         return AFDResult(
-            tokens=tokens,
+            tokens=tokens if self.has_attention else [],
             logits=step_logits if return_logits else None,
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
@@ -819,6 +857,27 @@ class AFDRunner:
             batch_size=len(prompts),
             trace=trace,
         )
+
+
+def _row_params(
+    n: int, max_new_tokens: int | None, sampling, stop_token_ids: Sequence[int] | None
+) -> list[SamplingParams]:
+    """One :class:`SamplingParams` per prompt from :meth:`AFDRunner.generate`'s arguments."""
+    if sampling is None:
+        if max_new_tokens is not None:
+            _positive_int("max_new_tokens", max_new_tokens)
+        return [
+            SamplingParams(max_new_tokens=16 if max_new_tokens is None else max_new_tokens,
+                           stop_token_ids=tuple(stop_token_ids or ()))
+        ] * n  # fmt: skip
+    if max_new_tokens is not None or stop_token_ids is not None:
+        raise ValueError("with sampling=..., give max_new_tokens and stop_token_ids in the SamplingParams")
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    per = list(sampling)
+    if len(per) != n or not all(isinstance(p, SamplingParams) for p in per):
+        raise ValueError(f"sampling must be one SamplingParams or a list of {n} (one per prompt)")
+    return per
 
 
 class _Watchdog:
@@ -857,11 +916,12 @@ class _Watchdog:
                 os._exit(75)
 
 
-def _sync_point(runner: AFDRunner) -> None:
-    """Both processes finish a step together (the FFN side has no outputs of its own to wait for)."""
+def _agree(done: bool) -> bool:
+    """Multi-process step end: both processes meet here, and the attention process (0), the only one that sees
+    the tokens, tells the FFN process whether every sequence has ended."""
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices("afd_step")
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(done)))
 
 
 # ---------------------------------------------------------------------------------------------- traces
@@ -1004,27 +1064,35 @@ def plot_gantt(intervals: list[dict], path: str | Path | None = None, title: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m infer.afd``: greedy generation with attention and FFN on separate device groups."""
+    """``python -m infer.afd``: generation (greedy or sampled) with attention and FFN on separate device groups."""
+    from infer.cli import (
+        add_model_args,
+        add_sampling_args,
+        byte_tokenizer_for,
+        load_checkpoint,
+        preset_config,
+        sampling_from_args,
+        stop_ids,
+    )
+
     ap = argparse.ArgumentParser(
         prog="python -m infer.afd",
-        description="Greedy generation with attention and FFN on separate device groups (attention-FFN "
+        description="Generation with attention and FFN on separate device groups (attention-FFN "
         "disaggregation), pipelined over micro-batches. On a CPU, --cpu-devices fakes several devices.",
     )
-    ap.add_argument("--checkpoint", help="Hugging Face checkpoint folder (default: --preset with random weights)")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
-    ap.add_argument("--attention-devices", type=int, default=4)
-    ap.add_argument("--ffn-devices", type=int, default=4)
-    ap.add_argument("--expert-parallel", type=int, default=None, help="FFN expert-parallel size (rest: tensor)")
-    ap.add_argument("--micro-batches", type=int, default=3)
-    ap.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="A->F hidden-state format")
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
-    ap.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
+    add_model_args(ap)
+    grp = ap.add_argument_group("disaggregation")
+    grp.add_argument("--attention-devices", type=int, default=4)
+    grp.add_argument("--ffn-devices", type=int, default=4)
+    grp.add_argument("--expert-parallel", type=int, default=None, help="FFN expert-parallel size (rest: tensor)")
+    grp.add_argument("--micro-batches", type=int, default=3)
+    grp.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="A->F hidden-state format")
+    grp.add_argument("--page-size", type=int, default=16)
+    grp.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
+    grp.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     ap.add_argument("--batch", type=int, default=6, help="without --prompt: this many copies of a demo prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampling_args(ap, max_new_tokens=16)
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the colocated model and compare tokens")  # fmt: skip
     ap.add_argument("--trace-dir", help="profile the last decode step here; writes afd_trace.json + afd_gantt.png")
@@ -1043,27 +1111,21 @@ def main(argv: list[str] | None = None) -> int:
             page_size=args.page_size,
             kv_dtype=args.kv_dtype,
         )
+        sampling_from_args(args)  # bad sampling values fail before any model is built
         t0 = time.perf_counter()
         if args.checkpoint:
-            from step3_jax import load_pretrained
-            from step3_jax.tokenizer import load_tokenizer
-
-            model = load_pretrained(args.checkpoint, dtype=args.dtype, progress=False)
-            tokenizer = load_tokenizer(args.checkpoint)
+            model, tokenizer = load_checkpoint(args)
             validate(model.config, afd, len(jax.devices()))
             runner = AFDRunner.from_model(model, afd)
             del model
         else:
-            from step3_jax.tokenizer import ByteTokenizer
-
-            config = get_preset(args.preset)
-            if args.dtype:
-                config = dataclasses.replace(config, param_dtype=args.dtype)
-            tokenizer = ByteTokenizer()
+            config = preset_config(args)
+            tokenizer = byte_tokenizer_for(config, args.preset)
             runner = AFDRunner.create(config, afd, seed=args.seed)
         config = runner.config
+        params = sampling_from_args(args, stop_ids(tokenizer, config))
         texts = args.prompt or ["Attention and FFN on different devices."] * args.batch
-        prompts = [[t % config.vocab_size for t in tokenizer.encode(x)] for x in texts]
+        prompts = [tokenizer.encode(x) for x in texts]
         microbatch_sizes(len(prompts), afd.micro_batches)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1074,26 +1136,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{afd.transfer} A->F; built in {time.perf_counter() - t0:.2f} s"
     )
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
-    res = runner.generate(prompts, args.max_new_tokens, trace_dir=trace_dir)
+    res = runner.generate(prompts, sampling=params, trace_dir=trace_dir)
     print(f"prefill {res.prefill_seconds:.2f} s, decode {res.decode_tokens_per_second:.1f} tokens/s (after compile)")
     for text, toks in zip(texts, res.tokens, strict=True):
         print(f"  {text[:40]!r} -> {toks}")
     if args.compare:
-        from infer.generate import generate_ids
-        from infer.sampling import SamplingParams
-        from step3_jax.model import create_model
-
         if args.checkpoint:
             print("(--compare skipped for checkpoints: it would load the model a second time)")
         else:
-            want = generate_ids(
-                create_model(config, seed=args.seed), prompts, SamplingParams(max_new_tokens=args.max_new_tokens)
-            )
-            same = sum(a == b for a, b in zip(res.tokens, want.tokens, strict=True))
-            print(f"colocated model: {same}/{len(prompts)} sequences with identical greedy tokens")
-            if same < len(prompts) and afd.transfer == "fp8" and config.quantization != "fp8":
-                note = "FP8 hidden states round what a model without FP8 GEMMs keeps exact, which can flip near-ties"
-                print(f"  ({note} of random weights; --transfer bf16 / model are exact for such models)")
+            _compare_colocated(config, args.seed, prompts, params, res.tokens, afd)
     if trace_dir is not None and res.trace:
         write_chrome_trace(res.trace, trace_dir / "afd_trace.json")
         plot_gantt(res.trace, trace_dir / "afd_gantt.png", title=f"AFD {afd.attention_devices}A{afd.ffn_devices}F, "
@@ -1102,6 +1153,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trace: {trace_dir / 'afd_trace.json'}, {trace_dir / 'afd_gantt.png'}; {len(pairs)} overlapping "
               f"(attention, FFN) pairs of different micro-batches")  # fmt: skip
     return 0
+
+
+def _compare_colocated(config, seed: int, prompts, params: SamplingParams, tokens, afd: AFDConfig) -> None:
+    """The same prompts and sampling through the colocated continuous-batching engine; prints how many agree."""
+    from infer.engine import Engine, EngineConfig
+    from step3_jax.model import create_model
+
+    max_seq_len = min(max(map(len, prompts)) + params.max_new_tokens + 1, config.max_position_embedding)
+    engine = Engine(
+        create_model(config, seed=seed),
+        EngineConfig(max_batch=len(prompts), page_size=afd.page_size, max_seq_len=max_seq_len),
+    )
+    want = [o.token_ids for o in engine.generate_outputs(prompts, params)]
+    same = sum(list(a) == list(b) for a, b in zip(tokens, want, strict=True))
+    kind = "greedy" if params.greedy else "sampled (same seeds)"
+    print(f"colocated engine: {same}/{len(prompts)} sequences with identical {kind} tokens")
+    if same < len(prompts) and afd.transfer == "fp8" and config.quantization != "fp8":
+        note = "FP8 hidden states round what a model without FP8 GEMMs keeps exact, which can flip near-ties"
+        print(f"  ({note} of random weights; --transfer bf16 / model are exact for such models)")
 
 
 if __name__ == "__main__":

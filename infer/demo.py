@@ -14,8 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from infer.cli import add_sampling_args, sampling_from_args
 from infer.engine import Engine, EngineConfig, summarize
-from infer.sampling import SamplingParams
 from step3_jax import get_preset, load_pretrained, save_pretrained
 from step3_jax.config import PRESETS
 from step3_jax.tokenizer import ByteTokenizer
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default="runs/demo", help="where the checkpoint and metrics go")
     ap.add_argument("--prompt", action="append", help="prompt(s) to complete after training")
-    ap.add_argument("--max-new-tokens", type=int, default=120)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    add_sampling_args(ap, max_new_tokens=120)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-afd", action="store_true", help="skip the attention-FFN disaggregated generation")
     args = ap.parse_args(argv)
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             save_every=0,
             log_every=10,
         )
-        params = SamplingParams(
-            temperature=args.temperature, max_new_tokens=args.max_new_tokens, stop_token_ids=(tokenizer.eos_id,)
-        )
+        params = sampling_from_args(args, stop_token_ids=(tokenizer.eos_id,))
         data = pack_documents(embedded_corpus(), tokenizer, tc.seq_len, vocab_size=config.vocab_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -112,18 +109,14 @@ def _afd_generate(model, tokenizer, prompts, params, engine_outputs) -> None:
         return
     afd = AFDConfig(attention_devices=1, ffn_devices=1, micro_batches=min(2, len(prompts)), transfer="fp8")
     runner = AFDRunner.from_model(model, afd)
-    res = runner.generate(
-        [tokenizer.encode(p) for p in prompts], params.max_new_tokens, stop_token_ids=params.stop_token_ids
-    )
+    res = runner.generate([tokenizer.encode(p) for p in prompts], sampling=params)
     print(
         f"\nAFD ({afd.attention_devices} attention + {afd.ffn_devices} FFN device, {afd.micro_batches} micro-batches, "
         f"FP8 transfer): {res.decode_tokens_per_second:.1f} tokens/s"
     )
-    if params.greedy:
-        same = sum(list(o.token_ids) == t for o, t in zip(engine_outputs, res.tokens, strict=True))
-        print(
-            f"    {same}/{len(prompts)} greedy sequences identical to the colocated engine (FP8 rounding may flip ties)"
-        )
+    same = sum(list(o.token_ids) == t for o, t in zip(engine_outputs, res.tokens, strict=True))
+    kind = "greedy" if params.greedy else "sampled (same seed)"
+    print(f"    {same}/{len(prompts)} {kind} sequences identical to the colocated engine (FP8 rounding may flip ties)")
     for p, toks in zip(prompts, res.tokens, strict=True):
         print(f"  {p}{tokenizer.decode(toks)}")
 

@@ -25,11 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infer.cli import (
+    add_model_args,
+    add_sampling_args,
+    byte_tokenizer_for,
+    load_checkpoint,
+    preset_config,
+    sampling_from_args,
+    stop_ids,
+)
 from infer.sampling import SamplingParams, sample
-from step3_jax.config import PRESETS, get_preset
 from step3_jax.kv_cache import KVCache
 from step3_jax.model import Step3ForCausalLM, create_model
-from step3_jax.tokenizer import ByteTokenizer
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -154,20 +161,10 @@ def _read_prompts(args) -> list[str]:
 def _load_model(args):
     """(model, tokenizer, description) from --checkpoint or --preset."""
     if args.checkpoint:
-        from step3_jax import load_pretrained
-        from step3_jax.tokenizer import load_tokenizer
-
-        model = load_pretrained(args.checkpoint, dtype=args.dtype, progress=False)
-        return model, load_tokenizer(args.checkpoint), f"checkpoint {args.checkpoint}"
-    config = get_preset(args.preset)
-    if args.dtype:
-        config = dataclasses.replace(config, param_dtype=args.dtype)
-    tokenizer = ByteTokenizer()
-    if config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"preset {args.preset!r} has vocab {config.vocab_size}, too small for the byte tokenizer "
-            f"({tokenizer.vocab_size}); checkpoint tokenizers come with the checkpoint loader"
-        )
+        model, tokenizer = load_checkpoint(args)
+        return model, tokenizer, f"checkpoint {args.checkpoint}"
+    config = preset_config(args)
+    tokenizer = byte_tokenizer_for(config, args.preset)
     return (
         create_model(config, seed=args.seed),
         tokenizer,
@@ -188,18 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate text with a Step-3 model through the continuous-batching engine "
         "(default: the tiny preset with random weights).",
     )
-    src = ap.add_argument_group("model")
-    src.add_argument("--checkpoint", help="Hugging Face checkpoint folder (config.json + safetensors)")
-    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="preset to build without --checkpoint")
-    src.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
+    add_model_args(ap)
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     ap.add_argument("--prompts-file", help="file with one prompt per line (blank lines skipped)")
-    smp = ap.add_argument_group("sampling")
-    smp.add_argument("--max-new-tokens", type=int, default=32)
-    smp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    smp.add_argument("--top-k", type=int, default=0)
-    smp.add_argument("--top-p", type=float, default=1.0)
-    smp.add_argument("--seed", type=int, default=0, help="seed for the weights and for sampling")
+    add_sampling_args(ap)
     eng = ap.add_argument_group("engine")
     eng.add_argument("--max-batch", type=int, default=8, help="decode slots")
     eng.add_argument("--page-size", type=int, default=16)
@@ -215,20 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        params = SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-        )
+        params = sampling_from_args(args)
         prompts = _read_prompts(args)
         t0 = time.perf_counter()
         model, tokenizer, what = _load_model(args)
         build_seconds = time.perf_counter() - t0
         config = model.config
-        eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None) or config.eos_token_ids
-        params = dataclasses.replace(params, stop_token_ids=tuple(i for i in eos if i < config.vocab_size))
+        params = dataclasses.replace(params, stop_token_ids=stop_ids(tokenizer, config))
         max_seq_len = args.max_seq_len
         if max_seq_len is None:  # enough for the prompts (capped at the context), so the CPU demo stays small
             longest = max(len(tokenizer.encode(p)) for p in prompts)

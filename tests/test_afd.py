@@ -106,6 +106,42 @@ def test_afd_equals_colocated(config, prompts, reference, four_four, attn, ffn, 
     )
 
 
+def test_sampling_draws_what_the_engine_draws_and_stops_early(config, prompts, four_four):
+    """Per-prompt sampling (temperature, top-k, top-p, seed, max_new_tokens, stop tokens; one greedy row) through
+    AFD picks exactly the tokens the colocated continuous-batching engine picks for the same requests: the same
+    per-request keys on logits equal within float32 rounding. Sequences end at their own limits, and when every
+    sequence has ended the runner stops decoding instead of running out the longest budget."""
+    from infer.engine import Engine, EngineConfig
+
+    runner, greedy = four_four
+    per = [
+        SamplingParams(temperature=1.0, seed=11, max_new_tokens=NEW),
+        SamplingParams(temperature=0.7, top_k=5, seed=12, max_new_tokens=NEW - 1),
+        SamplingParams(temperature=1.3, top_p=0.8, seed=13, max_new_tokens=NEW),
+        SamplingParams(max_new_tokens=NEW),  # greedy
+        SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=14, max_new_tokens=2),
+        SamplingParams(max_new_tokens=NEW, stop_token_ids=(greedy.tokens[5][1],)),  # greedy, stops at its 2nd token
+        SamplingParams(temperature=2.0, seed=15, max_new_tokens=NEW),
+    ]
+    res = runner.generate(prompts, sampling=per)
+    engine = Engine(create_model(config, seed=SEED), EngineConfig(max_batch=4, page_size=8, max_seq_len=32))
+    want = [o.token_ids for o in engine.generate_outputs(prompts, per)]
+    assert res.tokens == want
+    assert [len(t) for t in res.tokens] == [NEW, NEW - 1, NEW, NEW, 2, 2, NEW]
+    assert res.tokens[3] == greedy.tokens[3]
+    assert sum(a != b for a, b in zip(res.tokens, greedy.tokens, strict=True)) >= 4  # sampling really sampled
+
+    # every sequence stops at its first token: no decode step runs although the budget is 50 steps
+    stop_first = [SamplingParams(max_new_tokens=50, stop_token_ids=(t[0],)) for t in greedy.tokens]
+    res = runner.generate(prompts, sampling=stop_first)
+    assert res.tokens == [t[:1] for t in greedy.tokens] and res.decode_steps_timed == 0
+
+    with pytest.raises(ValueError, match="give max_new_tokens and stop_token_ids in the SamplingParams"):
+        runner.generate(prompts, 3, sampling=per[0])
+    with pytest.raises(ValueError, match="one SamplingParams or a list of 7"):
+        runner.generate(prompts, sampling=per[:3])
+
+
 def test_fp8_transfer_is_lossless_for_fp8_experts(config, prompts):
     """With FP8 weights the FFN's GEMMs quantise their inputs per token and 128 channels anyway, so the FP8 wire
     format loses nothing more: identical greedy tokens and logits to the colocated FP8 model."""

@@ -1,0 +1,76 @@
+"""Command-line pieces shared by ``python -m infer.generate``, ``python -m infer.afd`` and ``python -m infer.demo``:
+the model source (checkpoint folder or preset), the sampling options, and turning them into objects."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from infer.sampling import SamplingParams
+from step3_jax.config import PRESETS, Step3Config, get_preset
+from step3_jax.tokenizer import ByteTokenizer
+
+
+def add_model_args(ap: argparse.ArgumentParser, *, preset: str = "tiny", checkpoint: bool = True) -> None:
+    """``--checkpoint`` (a Hugging Face folder; optional), ``--preset`` (random weights without a checkpoint),
+    ``--dtype`` (parameter dtype)."""
+    grp = ap.add_argument_group("model")
+    if checkpoint:
+        grp.add_argument("--checkpoint", help="Hugging Face checkpoint folder (config.json + safetensors)")
+    what = "preset to build with random weights" + (" (without --checkpoint)" if checkpoint else "")
+    grp.add_argument("--preset", default=preset, choices=sorted(PRESETS), help=what)
+    grp.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, *, max_new_tokens: int = 32) -> None:
+    """``--max-new-tokens``, ``--temperature`` (0 = greedy), ``--top-k``, ``--top-p``, ``--seed``."""
+    grp = ap.add_argument_group("sampling")
+    grp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    grp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    grp.add_argument("--top-k", type=int, default=0, help="0 = off")
+    grp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    grp.add_argument("--seed", type=int, default=0, help="seed for the random weights and for sampling")
+
+
+def sampling_from_args(args: argparse.Namespace, stop_token_ids=()) -> SamplingParams:
+    """The :class:`SamplingParams` the sampling options ask for (``ValueError`` naming a bad value)."""
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=tuple(stop_token_ids),
+    )
+
+
+def preset_config(args: argparse.Namespace) -> Step3Config:
+    """The ``--preset`` config with ``--dtype`` applied."""
+    config = get_preset(args.preset)
+    return dataclasses.replace(config, param_dtype=args.dtype) if args.dtype else config
+
+
+def byte_tokenizer_for(config: Step3Config, preset: str) -> ByteTokenizer:
+    """The byte tokenizer used with presets; ``ValueError`` if the preset's vocabulary cannot hold its ids."""
+    tokenizer = ByteTokenizer()
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"preset {preset!r} has vocab {config.vocab_size}, too small for the byte tokenizer "
+            f"({tokenizer.vocab_size}); checkpoint tokenizers come with the checkpoint loader"
+        )
+    return tokenizer
+
+
+def load_checkpoint(args: argparse.Namespace):
+    """``(model, tokenizer)`` from ``--checkpoint`` (with ``--dtype``)."""
+    from step3_jax import load_pretrained
+    from step3_jax.tokenizer import load_tokenizer
+
+    model = load_pretrained(args.checkpoint, dtype=args.dtype, progress=False)
+    return model, load_tokenizer(args.checkpoint)
+
+
+def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
+    """Stop tokens: the tokenizer's end-of-sequence id if it has one, else the config's, within the vocabulary."""
+    eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None) or tuple(config.eos_token_ids)
+    return tuple(i for i in eos if i < config.vocab_size)
