@@ -421,6 +421,9 @@ class MoE(nnx.Module):
     def __init__(self, config: Step3Config, *, rngs: nnx.Rngs, ctx: ShardCtx):
         d, e, f = config.hidden_size, config.moe_num_experts, config.moe_intermediate_size
         dt, fp8 = config.dtype, config.quantization == "fp8"
+        if ctx.mesh is not None:  # an impossible split fails here, before any weight is made
+            check_divisible(ctx.mesh, ctx.rules, "experts", e, "moe_num_experts")
+            check_divisible(ctx.mesh, ctx.rules, "expert_mlp", f, "moe_intermediate_size")
         self.gate = _param(rngs, (d, e), ("embed", "router"), dt, d**-0.5)  # the router ("moe.gate" in HF)
         w_axes, down_axes = ("experts", "expert_embed", "expert_mlp"), ("experts", "expert_mlp", "expert_embed")
         _weight(self, "gate_proj", rngs, (e, d, f), w_axes, dt, d**-0.5, fp8, lead=1)

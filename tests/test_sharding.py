@@ -73,9 +73,10 @@ def test_impossible_splits_raise_clear_errors(test_config):
     with pytest.raises(ValueError, match="'tensor' must be a positive int"):
         make_mesh(tensor=0)
     mesh = make_mesh(data=2, expert=4)
-    model = create_model(test_config, mesh=mesh)  # 5 experts cannot be split 4 ways
     with pytest.raises(ValueError, match="moe_num_experts = 5 cannot be split over mesh axes \\(expert\\)"):
-        model(jnp.zeros((2, 3), jnp.int32))
+        create_model(test_config, mesh=mesh)  # 5 experts cannot be split 4 ways: refused before any work
+    with pytest.raises(ValueError, match="moe_intermediate_size = 36 cannot be split over mesh axes"):
+        create_model(test_config, mesh=make_mesh(tensor=8))
 
 
 def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(test_config):
