@@ -90,9 +90,17 @@ def test_grad_accumulation_matches_one_big_batch(test_config):
 def test_kill_and_resume_continues_the_same_trajectory(test_config, tmp_path):
     tc = small_tc(steps=6, save_every=3)
     straight = run(Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "a"), progress=False)
-    first = Trainer(test_config, dataclasses.replace(tc, steps=3), data_for(tc), workdir=tmp_path / "b")
-    run(first, progress=False)
-    first.close()  # "killed" after step 3 (its checkpoint at step 3 is the last good one)
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_4(record):
+        if record["step"] == 4:
+            raise Killed
+
+    first = Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "b")
+    with pytest.raises(Killed):  # the same run, killed after step 4: its checkpoint at step 3 is the last good one
+        run(first, progress=False, on_metrics=kill_after_step_4)
+    first.close()
     resumed = Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "b")
     assert resumed.restore() and resumed.step == 3
     rest = run(resumed, progress=False)
