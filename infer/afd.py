@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infer.sampling import SamplingParams, request_keys, sample
+from infer.sampling import SamplingParams, param_rows, request_keys, sample
 from step3_jax import kv_cache as kvc
 from step3_jax.config import Step3Config
 from step3_jax.model import Step3ForCausalLM, param_shardings
@@ -756,23 +756,23 @@ class AFDRunner:
             row += size
 
         put = lambda a: jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape)) if self.has_attention else a  # noqa: E731
-        greedy = all(p.greedy for p in per_row)
+        consts = None  # per micro-batch (seeds, temperature, top_k, top_p) rows; padding rows greedy
+        if self.has_attention and not all(p.greedy for p in per_row):
+            consts = [
+                tuple(
+                    put(a)
+                    for a in param_rows(per_row[offsets[j] : offsets[j] + mb.rows] + [None] * (mb.padded - mb.rows))
+                )
+                for j, mb in enumerate(mbs)
+            ]
 
-        def rows_at(step):  # per micro-batch sampling rows (padding rows greedy); None when every row is greedy
-            if greedy or not self.has_attention:
+        def rows_at(step):  # the logits program's sampling rows at this step (None: every row greedy)
+            if consts is None:
                 return None
-            out = []
-            for j, mb in enumerate(mbs):
-                seeds = np.zeros((mb.padded,), np.uint32)
-                temperature = np.zeros((mb.padded,), np.float32)
-                top_k = np.zeros((mb.padded,), np.int32)
-                top_p = np.ones((mb.padded,), np.float32)
-                for r in range(mb.rows):
-                    p = per_row[offsets[j] + r]
-                    seeds[r], temperature[r], top_k[r], top_p[r] = p.seed % (1 << 32), p.temperature, p.top_k, p.top_p
-                counters = np.full((mb.padded,), step, np.int32)
-                out.append(tuple(put(a) for a in (seeds, counters, temperature, top_k, top_p)))
-            return out
+            return [
+                (seeds, put(np.full((mb.padded,), step, np.int32)), *rest)
+                for (seeds, *rest), mb in zip(consts, mbs, strict=True)
+            ]
 
         positions = [put(np.broadcast_to(np.arange(width, dtype=np.int32), (mb.padded, width)).copy()) for mb in mbs]
         zeros = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.sampling import SamplingParams, request_keys, sample
+from infer.sampling import SamplingParams, param_rows, request_keys, sample
 from step3_jax import kv_cache as kvc
 from step3_jax.model import Step3ForCausalLM
 
@@ -455,18 +455,7 @@ class Engine:
         return True
 
     def _row_arrays(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
-        n = len(reqs)
-        seeds = np.zeros((n,), np.uint32)
-        temperature = np.zeros((n,), np.float32)
-        top_k = np.zeros((n,), np.int32)
-        top_p = np.ones((n,), np.float32)
-        for i, r in enumerate(reqs):
-            if r is None:
-                continue
-            seeds[i] = r.params.seed % (1 << 32)
-            temperature[i] = r.params.temperature
-            top_k[i] = r.params.top_k
-            top_p[i] = r.params.top_p
+        seeds, temperature, top_k, top_p = param_rows([None if r is None else r.params for r in reqs])
         return seeds, np.asarray(counters, np.int32), temperature, top_k, top_p
 
     def _table_row(self, req: _Request | None) -> np.ndarray:

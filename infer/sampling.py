@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +94,17 @@ def request_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
     """Per-row PRNG keys ``fold_in(key(seed), counter)``: a request's ``n``-th sampled token uses its seed and
     ``n`` only, so it is the same whatever batch, slot or step it lands in (and after a preemption)."""
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+
+
+def param_rows(params: Sequence[SamplingParams | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row ``(seeds uint32, temperature float32, top_k int32, top_p float32)`` arrays of a batch for
+    :func:`sample` / :func:`request_keys`; a ``None`` row (an empty slot, padding) is greedy."""
+    n = len(params)
+    seeds = np.zeros((n,), np.uint32)
+    temperature = np.zeros((n,), np.float32)
+    top_k = np.zeros((n,), np.int32)
+    top_p = np.ones((n,), np.float32)
+    for i, p in enumerate(params):
+        if p is not None:
+            seeds[i], temperature[i], top_k[i], top_p[i] = p.seed % (1 << 32), p.temperature, p.top_k, p.top_p
+    return seeds, temperature, top_k, top_p
