@@ -96,10 +96,14 @@ class AFDConfig:
     expert_parallel: int | None = None
     micro_batches: int = 3
     transfer: str = "fp8"  # A->F hidden states: "fp8" (+ scales), "bf16", or "model" (the model dtype, exact)
-    page_size: int = 16
+    page_size: int | None = None  # tokens per KV page; default 16, 64 for FP8 pages (kv_cache.default_page_size)
     kv_dtype: str | None = None  # paged KV cache dtype (default: the model's; "float8_e4m3fn" for FP8 pages)
     # several processes: a step that makes no progress for this long means the peer failed: exit with an error
     peer_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if self.page_size is None and self.kv_dtype in (None, "bfloat16", "float32", "float8_e4m3fn"):
+            object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))
 
 
 def _positive_int(name: str, v) -> None:
@@ -1087,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     grp.add_argument("--expert-parallel", type=int, default=None, help="FFN expert-parallel size (rest: tensor)")
     grp.add_argument("--micro-batches", type=int, default=3)
     grp.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="A->F hidden-state format")
-    grp.add_argument("--page-size", type=int, default=16)
+    grp.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16; 64 for FP8 KV)")
     grp.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
     grp.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")

@@ -58,7 +58,7 @@ class EngineConfig:
     """Static sizes of an :class:`Engine` (they fix the compiled shapes).
 
     max_batch: decode slots (padded rows when fewer requests run); divisible by the data-parallel groups.
-    page_size: tokens per KV page.
+    page_size: tokens per KV page (default 16; 64 for FP8 pages, the smallest the GPU decode kernel takes).
     num_pages: pages in the pool over all groups (default: every slot can hold ``max_seq_len`` tokens). Each group
       needs at least ``max_seq_len / page_size`` pages, so any single request fits on its own.
     max_seq_len: the context limit (prompt + generated tokens); default the model's ``max_position_embedding``.
@@ -69,7 +69,7 @@ class EngineConfig:
     """
 
     max_batch: int = 8
-    page_size: int = 16
+    page_size: int | None = None
     num_pages: int | None = None
     max_seq_len: int | None = None
     prefill_chunk: int = 64
@@ -78,6 +78,12 @@ class EngineConfig:
     kv_dtype: str | None = None
 
     def __post_init__(self):
+        if self.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
+            raise ValueError(
+                f"EngineConfig.kv_dtype must be None, 'bfloat16', 'float32' or 'float8_e4m3fn', got {self.kv_dtype!r}"
+            )
+        if self.page_size is None:
+            object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))
         for name in ("max_batch", "page_size", "prefill_chunk", "prefill_batch", "min_bucket"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -93,10 +99,6 @@ class EngineConfig:
         if self.prefill_chunk < self.min_bucket:
             raise ValueError(
                 f"EngineConfig.prefill_chunk ({self.prefill_chunk}) must be >= min_bucket ({self.min_bucket})"
-            )
-        if self.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
-            raise ValueError(
-                f"EngineConfig.kv_dtype must be None, 'bfloat16', 'float32' or 'float8_e4m3fn', got {self.kv_dtype!r}"
             )
 
 

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(ap)
     eng = ap.add_argument_group("engine")
     eng.add_argument("--max-batch", type=int, default=8, help="decode slots")
-    eng.add_argument("--page-size", type=int, default=16)
+    eng.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16; 64 for FP8 KV)")
     eng.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: no preemption)")
     eng.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: fits the prompts)")
     eng.add_argument("--prefill-chunk", type=int, default=64)

@@ -318,6 +318,13 @@ class PageAllocator:
 # block-table rows of its own sequences. ``model.paged_write_attend`` runs the write and the attention per group
 # under ``shard_map``; pages are replicated over the other mesh axes (tensor / expert), which only the FFN uses.
 
+
+def default_page_size(kv_dtype) -> int:
+    """Tokens per KV page when none is asked for: 16, or 64 for FP8 pages (the smallest FP8 page the MFA decode
+    kernel takes on a GPU; smaller FP8 pages run the pure-JAX reference there)."""
+    return 64 if kv_dtype is not None and jnp.dtype(kv_dtype) == jnp.dtype(jnp.float8_e4m3fn) else 16
+
+
 PAGE_AXES = ("act_batch", None, "kv_heads", "head_dim")  # pages [P, page_size, G, K]
 PAGE_SCALE_AXES = ("act_batch", None, "kv_heads")  # FP8 scales [P, page_size, G]
 

@@ -199,6 +199,21 @@ def test_bad_requests_are_rejected_per_request_while_others_continue(engine):
         engine.generate(["hi", ""], SamplingParams(max_new_tokens=2))
 
 
+def test_fp8_kv_pages_default_to_what_the_gpu_decode_kernel_takes():
+    """Without an explicit page size, FP8 KV gets 64-token pages (the FP8 decode kernel's smallest), so a GPU serves
+    it with the kernel rather than the reference; BF16 KV keeps 16-token pages; an explicit size is kept."""
+    from infer.afd import AFDConfig
+    from pallas_kernels.mfa_decode import kernel_supports
+
+    for cfg_type in (EngineConfig, AFDConfig):
+        fp8, bf16 = cfg_type(kv_dtype="float8_e4m3fn"), cfg_type(kv_dtype="bfloat16")
+        assert (fp8.page_size, bf16.page_size, cfg_type().page_size) == (64, 16, 16)
+        assert kernel_supports(256, jnp.float8_e4m3fn, fp8.page_size) is None
+        assert kernel_supports(256, jnp.bfloat16, bf16.page_size) is None
+        assert cfg_type(kv_dtype="float8_e4m3fn", page_size=16).page_size == 16
+    assert "FP8" in kernel_supports(256, jnp.float8_e4m3fn, 16)
+
+
 def re_search(pattern, text):
     import re
 

@@ -90,6 +90,7 @@ def test_grad_accumulation_matches_one_big_batch(test_config):
 def test_kill_and_resume_continues_the_same_trajectory(test_config, tmp_path):
     tc = small_tc(steps=6, save_every=3)
     straight = run(Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "a"), progress=False)
+
     class Killed(Exception):
         pass
 
