@@ -32,3 +32,14 @@ from step3_jax.config import get_preset  # noqa: E402
 def test_config():
     """The prime-ish test preset in float32, for tight numerical comparisons."""
     return dataclasses.replace(get_preset("test"), param_dtype="float32")
+
+
+# pytest-xdist hands tests to its workers in collection order, so long tests collected last (test_train.py comes late
+# in the alphabet) keep one worker busy after the other has run out of work. The files with the longest tests go
+# first; the order within a file, and of the other files, stays as collected.
+_LONG_FIRST = ("test_notebooks.py", "test_train.py", "test_demo.py", "test_afd.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
