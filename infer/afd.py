@@ -148,6 +148,8 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         raise ValueError("AFD needs at least one attention device, got attention_devices = 0")
     if isinstance(afd.ffn_devices, int) and afd.ffn_devices == 0:
         raise ValueError("AFD needs at least one FFN device, got ffn_devices = 0")
+    if afd.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
+        raise ValueError(f"AFD kv_dtype must be bfloat16, float32 or float8_e4m3fn, got {afd.kv_dtype!r}")
     for name in ("attention_devices", "ffn_devices", "micro_batches", "page_size"):
         _positive_int(name, getattr(afd, name))
     need = afd.attention_devices + afd.ffn_devices
@@ -158,8 +160,6 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         )
     if afd.transfer not in TRANSFERS:
         raise ValueError(f"AFD transfer must be one of {TRANSFERS}, got {afd.transfer!r}")
-    if afd.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
-        raise ValueError(f"AFD kv_dtype must be bfloat16, float32 or float8_e4m3fn, got {afd.kv_dtype!r}")
     return ffn_layout(config, afd)
 
 
@@ -868,12 +868,8 @@ def _row_params(
 ) -> list[SamplingParams]:
     """One :class:`SamplingParams` per prompt from :meth:`AFDRunner.generate`'s arguments."""
     if sampling is None:
-        if max_new_tokens is not None:
-            _positive_int("max_new_tokens", max_new_tokens)
-        return [
-            SamplingParams(max_new_tokens=16 if max_new_tokens is None else max_new_tokens,
-                           stop_token_ids=tuple(stop_token_ids or ()))
-        ] * n  # fmt: skip
+        new = 16 if max_new_tokens is None else max_new_tokens
+        return [SamplingParams(max_new_tokens=new, stop_token_ids=tuple(stop_token_ids or ()))] * n
     if max_new_tokens is not None or stop_token_ids is not None:
         raise ValueError("with sampling=..., give max_new_tokens and stop_token_ids in the SamplingParams")
     if isinstance(sampling, SamplingParams):

@@ -220,9 +220,13 @@ def test_impossible_requests_fail_before_work(config, test_config, prompts):
         AFDRunner.create(test_config, AFDConfig(attention_devices=1, ffn_devices=7, expert_parallel=1))
     with pytest.raises(ValueError, match="transfer must be one of"):
         AFDRunner.create(config, AFDConfig(transfer="int4"))
+    with pytest.raises(ValueError, match="kv_dtype must be bfloat16, float32 or float8_e4m3fn, got 'int8'"):
+        AFDRunner.create(config, AFDConfig(kv_dtype="int8"))
     runner = AFDRunner.create(config, AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3))
     with pytest.raises(ValueError, match="a batch of 2 sequences cannot fill 3 micro-batches"):
         runner.generate(prompts[:2], 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
+        runner.generate(prompts, 0)
 
 
 # ---------------------------------------------------------------------------------------------- two processes
