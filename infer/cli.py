@@ -22,14 +22,19 @@ def add_model_args(ap: argparse.ArgumentParser, *, preset: str = "tiny", checkpo
     grp.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="parameter dtype")
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, *, max_new_tokens: int = 32) -> None:
+def add_sampling_args(
+    ap: argparse.ArgumentParser,
+    *,
+    max_new_tokens: int = 32,
+    seed_help: str = "seed for the random weights and for sampling",
+) -> None:
     """``--max-new-tokens``, ``--temperature`` (0 = greedy), ``--top-k``, ``--top-p``, ``--seed``."""
     grp = ap.add_argument_group("sampling")
     grp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     grp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     grp.add_argument("--top-k", type=int, default=0, help="0 = off")
     grp.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    grp.add_argument("--seed", type=int, default=0, help="seed for the random weights and for sampling")
+    grp.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def sampling_from_args(args: argparse.Namespace, stop_token_ids=()) -> SamplingParams:

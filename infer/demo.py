@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default="runs/demo", help="where the checkpoint and metrics go")
     ap.add_argument("--prompt", action="append", help="prompt(s) to complete after training")
-    add_sampling_args(ap, max_new_tokens=120)
+    add_sampling_args(ap, max_new_tokens=120, seed_help="sampling seed (training has its own)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-afd", action="store_true", help="skip the attention-FFN disaggregated generation")
     args = ap.parse_args(argv)
