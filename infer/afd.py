@@ -102,7 +102,7 @@ class AFDConfig:
     peer_timeout_s: float = 120.0
 
     def __post_init__(self):
-        if self.page_size is None and self.kv_dtype in (None, "bfloat16", "float32", "float8_e4m3fn"):
+        if self.page_size is None and self.kv_dtype in (None, *kvc.KV_DTYPES):  # a bad kv_dtype: validate() says so
             object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))
 
 
@@ -148,7 +148,7 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         raise ValueError("AFD needs at least one attention device, got attention_devices = 0")
     if isinstance(afd.ffn_devices, int) and afd.ffn_devices == 0:
         raise ValueError("AFD needs at least one FFN device, got ffn_devices = 0")
-    if afd.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
+    if afd.kv_dtype not in (None, *kvc.KV_DTYPES):
         raise ValueError(f"AFD kv_dtype must be bfloat16, float32 or float8_e4m3fn, got {afd.kv_dtype!r}")
     for name in ("attention_devices", "ffn_devices", "micro_batches", "page_size"):
         _positive_int(name, getattr(afd, name))
@@ -1088,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
     grp.add_argument("--micro-batches", type=int, default=3)
     grp.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="A->F hidden-state format")
     grp.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16; 64 for FP8 KV)")
-    grp.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
+    grp.add_argument("--kv-dtype", default=None, choices=kvc.KV_DTYPES)
     grp.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     ap.add_argument("--batch", type=int, default=6, help="without --prompt: this many copies of a demo prompt")

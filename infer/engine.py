@@ -78,7 +78,7 @@ class EngineConfig:
     kv_dtype: str | None = None
 
     def __post_init__(self):
-        if self.kv_dtype not in (None, "bfloat16", "float32", "float8_e4m3fn"):
+        if self.kv_dtype not in (None, *kvc.KV_DTYPES):
             raise ValueError(
                 f"EngineConfig.kv_dtype must be None, 'bfloat16', 'float32' or 'float8_e4m3fn', got {self.kv_dtype!r}"
             )

@@ -35,7 +35,7 @@ from infer.cli import (
     stop_ids,
 )
 from infer.sampling import SamplingParams, sample
-from step3_jax.kv_cache import KVCache
+from step3_jax.kv_cache import KV_DTYPES, KVCache
 from step3_jax.model import Step3ForCausalLM, create_model
 
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool (default: no preemption)")
     eng.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: fits the prompts)")
     eng.add_argument("--prefill-chunk", type=int, default=64)
-    eng.add_argument("--kv-dtype", default=None, choices=["bfloat16", "float32", "float8_e4m3fn"])
+    eng.add_argument("--kv-dtype", default=None, choices=KV_DTYPES)
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="print text as it is generated (default: when there is one prompt)")  # fmt: skip
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,

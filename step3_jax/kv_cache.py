@@ -319,6 +319,9 @@ class PageAllocator:
 # under ``shard_map``; pages are replicated over the other mesh axes (tensor / expert), which only the FFN uses.
 
 
+KV_DTYPES = ("bfloat16", "float32", "float8_e4m3fn")  # what the paged KV cache can store (None: the model's dtype)
+
+
 def default_page_size(kv_dtype) -> int:
     """Tokens per KV page when none is asked for: 16, or 64 for FP8 pages (the smallest FP8 page the MFA decode
     kernel takes on a GPU; smaller FP8 pages run the pure-JAX reference there)."""
