@@ -55,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from infer.sampling import SamplingParams, param_rows, request_keys, sample
 from step3_jax import kv_cache as kvc
 from step3_jax.config import Step3Config
+from step3_jax.init_rng import init_key
 from step3_jax.model import Step3ForCausalLM, param_shardings
 from step3_jax.quant import BLOCK, dequantize_activations, quantize_activations
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
@@ -553,7 +554,7 @@ class AFDRunner:
         config, rules = self.config, self.rules
 
         def init(seed):  # the unused half's initialisers are dead code: XLA drops them
-            model = Step3ForCausalLM(config, rngs=nnx.Rngs(jax.random.key(seed)), mesh=mesh, rules=rules)
+            model = Step3ForCausalLM(config, rngs=nnx.Rngs(init_key(seed)), mesh=mesh, rules=rules)
             _, ffn, attn = nnx.split(model, is_ffn_param, ...)
             return ffn if ffn_side else attn
 

@@ -49,6 +49,7 @@ from infer import afd
 from infer.bench_decode import _git_commit, timeit
 from step3_jax import cost_model as cm
 from step3_jax.config import STEP3, Step3Config
+from step3_jax.init_rng import init_key
 from step3_jax.model import DecoderLayer, ShardCtx
 from step3_jax.quant import quantize_per_token
 
@@ -165,7 +166,7 @@ def layer_half(config: Step3Config, ffn_side: bool, seed: int = 0):
     gd, abs_ffn, abs_attn = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), afd.is_ffn_param, ...)
 
     def init(seed):
-        _, ffn, attn = nnx.split(build(nnx.Rngs(jax.random.key(seed))), afd.is_ffn_param, ...)
+        _, ffn, attn = nnx.split(build(nnx.Rngs(init_key(seed))), afd.is_ffn_param, ...)
         return ffn if ffn_side else attn
 
     params = jax.jit(init)(jnp.asarray(seed, jnp.int32))

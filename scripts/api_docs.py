@@ -26,6 +26,7 @@ OUT = ROOT / "docs" / "api.md"
 MODULES = [
     "step3_jax.config",
     "step3_jax.model",
+    "step3_jax.init_rng",
     "step3_jax.sharding",
     "step3_jax.kv_cache",
     "step3_jax.quant",

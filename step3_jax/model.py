@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from step3_jax import kv_cache as kvc
 from step3_jax.config import Step3Config
+from step3_jax.init_rng import init_key
 from step3_jax.quant import (
     BLOCK,
     FP8_DTYPE,
@@ -697,14 +698,15 @@ def create_model(
 ) -> Step3ForCausalLM:
     """Build a randomly initialised model. The initialisers run as one compiled program (cached per config
     and mesh, so later calls with other seeds are quick); with a mesh, every parameter is created directly
-    in its sharding, so no device ever holds the whole model. Same seed, same weights, on any mesh."""
+    in its sharding, so no device ever holds the whole model. Same seed, same weights, on any mesh (drawn with
+    the generator of :func:`step3_jax.init_rng.init_key`)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)))
     return nnx.merge(graphdef, _init_state(config, jnp.asarray(seed, jnp.int32), mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _init_state(config, seed, mesh, rules):
-    state = nnx.state(Step3ForCausalLM(config, rngs=nnx.Rngs(jax.random.key(seed)), mesh=mesh, rules=rules))
+    state = nnx.state(Step3ForCausalLM(config, rngs=nnx.Rngs(init_key(seed)), mesh=mesh, rules=rules))
     if mesh is None:
         return state
     return jax.lax.with_sharding_constraint(state, param_shardings(state, mesh, rules))

@@ -65,6 +65,16 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+def clear_choices(got, want, k: float = 5.0):
+    """Positions where ``want``'s top-2 margin exceeds ``k`` times the rms error (got - want) of a logit difference:
+    there a different greedy token would be a real fault, not the rounding of a near-tie."""
+    err = got - want
+    top = np.argmax(want, axis=-1)[..., None]
+    sigma = np.std(err - np.take_along_axis(err, top, axis=-1))
+    top2 = np.sort(want, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0] > k * sigma
+
+
 @pytest.fixture(scope="module")
 def reference(config, prompts):
     return colocated(config, prompts)
@@ -168,14 +178,17 @@ def test_fp8_transfer_of_float_model_stays_within_fp8_error(config, prompts, ref
 
 def test_bf16_transfer_of_bf16_model_matches(config, prompts):
     """A BF16 model's hidden states go over the wire unchanged in the BF16 mode and its FFN outputs come back
-    in its own dtype: the same greedy tokens, logits equal up to BF16 accumulation order."""
+    in its own dtype: logits equal up to BF16 accumulation order (teacher-forced on the AFD tokens), and the same
+    greedy token wherever the colocated choice is not a near-tie at BF16 precision."""
     cfg = dataclasses.replace(config, param_dtype="bfloat16")
     afd = AFDConfig(attention_devices=6, ffn_devices=2, micro_batches=3, transfer="bf16")
     res = AFDRunner.create(cfg, afd, seed=SEED).generate(prompts, NEW, return_logits=True)
-    want = teacher_forced_logits(create_model(cfg, seed=SEED), prompts, res.tokens)
-    assert res.tokens == greedy_of(want)
-    err = rel_err(np.stack(res.logits), want)
-    assert err < 1e-2, err
+    got, want = np.stack(res.logits), teacher_forced_logits(create_model(cfg, seed=SEED), prompts, res.tokens)
+    # a few BF16 roundings (2^-8 each) in another order: ~1% of the largest logit; FP8 on the wire would be ~5%
+    assert rel_err(got, want) < 2e-2, rel_err(got, want)
+    clear = clear_choices(got, want)
+    assert clear.mean() > 0.5, clear.mean()
+    np.testing.assert_array_equal(np.argmax(got, -1)[clear], np.argmax(want, -1)[clear])
 
 
 def test_pipeline_overlaps_attention_and_ffn(config, tmp_path):

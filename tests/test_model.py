@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from step3_jax import KVCache, Step3ForCausalLM, create_model, get_preset
+from step3_jax.init_rng import init_key
 from step3_jax.kv_cache import PagedKVCache
 from step3_jax.model import MoE, RMSNorm, ShardCtx, rope
 
@@ -43,13 +44,13 @@ def random_ids(seed, shape, vocab):
 
 
 def test_public_api_shapes_and_dtypes(test_config):
-    m = Step3ForCausalLM(get_preset("test"), rngs=nnx.Rngs(0))  # the notebook way, eager
+    m = Step3ForCausalLM(get_preset("test"), rngs=nnx.Rngs(init_key(0)))  # the notebook way, eager
     assert m.layers[1].moe.gate_proj.get_value().dtype == jnp.bfloat16
     logits = m(jnp.zeros((2, 5), jnp.int32))
     assert logits.shape == (2, 5, test_config.vocab_size) and logits.dtype == jnp.float32
     f32 = create_model(test_config, seed=0)
     assert f32.layers[1].moe.gate_proj.get_value().dtype == jnp.float32
-    # create_model is the same initialisation as the constructor, compiled
+    # create_model is the same initialisation as the constructor with the init generator's key, compiled
     np.testing.assert_array_equal(create_model(get_preset("test"), seed=0).lm_head.get_value(), m.lm_head.get_value())
 
 
