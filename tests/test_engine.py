@@ -85,7 +85,7 @@ def test_chunked_paged_prefill_and_paged_decode_equal_one_shot_contiguous(model,
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache))
     n, chunk, decode = 21, 8, 5
-    ids = jax.random.randint(jax.random.key(3), (1, n + decode), 3, test_config.vocab_size, dtype=jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(3).integers(3, test_config.vocab_size, (1, n + decode)), jnp.int32)
     contig = KVCache.create(test_config, 1, 32)
     ref, contig = step(state, ids[:, :n], contig)
     alloc = PageAllocator(num_pages=12, page_size=4, max_pages_per_seq=8, shuffle_seed=5)
@@ -268,7 +268,7 @@ def test_sampler_top_k_top_p_sets_and_frequencies_with_per_row_keys():
     """Statistical test (fixed seed): 4000 rows of random logits; samples never leave the top-k / nucleus set, and
     within the set the frequencies match the renormalised probabilities."""
     n, v = 4000, 12
-    logits = jax.random.normal(jax.random.key(0), (v,)) * 2.0
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal(v, np.float32)) * 2.0
     rows = jnp.broadcast_to(logits, (n, v))
     keys = request_keys(jnp.arange(n, dtype=jnp.uint32), jnp.zeros((n,), jnp.int32))
     probs = np.asarray(jax.nn.softmax(logits))

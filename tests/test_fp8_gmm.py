@@ -34,12 +34,12 @@ SMALL = GmmConfig(num_sms=3)
 
 
 def _operands(m, k, n, group_sizes, seed=0):
-    kx, kw, ks = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (m, k)) * jnp.linspace(0.1, 4.0, k)  # channel groups with different ranges
-    w = jax.random.normal(kw, (len(group_sizes), n, k)) * 0.05
-    w = w * jnp.exp(jax.random.normal(ks, (len(group_sizes), 1, k)))  # per-block scales differ along K
-    xq, xs = quantize_activations(x)
-    wq, ws = quantize_blockwise(w)
+    rng = np.random.default_rng(seed)  # numpy draws: no per-shape compilation of jax.random on the CPU
+    x = rng.standard_normal((m, k), np.float32) * np.linspace(0.1, 4.0, k, dtype=np.float32)  # channel ranges differ
+    w = rng.standard_normal((len(group_sizes), n, k), np.float32) * 0.05
+    w = w * np.exp(rng.standard_normal((len(group_sizes), 1, k), np.float32))  # per-block scales differ along K
+    xq, xs = quantize_activations(jnp.asarray(x))
+    wq, ws = quantize_blockwise(jnp.asarray(w))
     return xq, xs, wq, ws, jnp.array(group_sizes, jnp.int32)
 
 
@@ -132,7 +132,7 @@ def test_unsupported_shapes_and_bad_arguments_raise_clearly():
 
 
 def test_quantize_rows_matches_quant_format():
-    x = jax.random.normal(jax.random.key(5), (9, 300), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((9, 300), np.float32), jnp.bfloat16)
     rows = jnp.array([3, 3, 0, 8])
     q, s = quantize_rows(x, rows)
     q_ref, s_ref = quantize_activations(x[rows])
@@ -214,12 +214,13 @@ def test_cuda_lowering_reports_the_fp8_transpose_rule():
 
 
 def _moe_case(n_tok=24, d=256, f=128, e=5, c=2, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(ks[0], (n_tok, d))
-    gate = jax.random.normal(ks[1], (e, d, f)) * d**-0.5  # the model's layout [E, D, F]
-    up = jax.random.normal(ks[2], (e, d, f)) * d**-0.5
-    down = jax.random.normal(ks[3], (e, f, d)) * f**-0.5
-    probs = jax.nn.softmax(jax.random.normal(ks[4], (n_tok, e)) * 2.0)
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+    x = normal(n_tok, d)
+    gate = normal(e, d, f) * d**-0.5  # the model's layout [E, D, F]
+    up = normal(e, d, f) * d**-0.5
+    down = normal(e, f, d) * f**-0.5
+    probs = jax.nn.softmax(normal(n_tok, e) * 2.0)
     weights, ids = jax.lax.top_k(probs, c)
     # HF layout [E, out, in], block-quantised
     q = [quantize_blockwise(w.transpose(0, 2, 1)) for w in (gate, up, down)]
@@ -280,11 +281,11 @@ def test_fp8_expert_ffn_interpret_kernel_equals_reference_path():
 
 
 def test_fp8_mlp_matches_dense_swiglu():
-    ks = jax.random.split(jax.random.key(7), 4)
+    rng = np.random.default_rng(7)
     d, f = 256, 384
-    x = jax.random.normal(ks[0], (3, 5, d))
-    gate, up = (jax.random.normal(k, (f, d)) * d**-0.5 for k in ks[1:3])
-    down = jax.random.normal(ks[3], (d, f)) * f**-0.5
+    x = jnp.asarray(rng.standard_normal((3, 5, d), np.float32))
+    gate, up = (jnp.asarray(rng.standard_normal((f, d), np.float32) * d**-0.5) for _ in range(2))
+    down = jnp.asarray(rng.standard_normal((d, f), np.float32) * f**-0.5)
     want = (jax.nn.silu(x @ gate.T) * (x @ up.T)) @ down.T
     got = fp8_mlp(x, *quantize_blockwise(gate), *quantize_blockwise(up), *quantize_blockwise(down))
     assert got.shape == x.shape
@@ -314,7 +315,7 @@ def test_model_fp8_layers_run_the_kernel_when_forced(monkeypatch):
         quantization="fp8",
     )
     layer = create_model(config, seed=3).layers[1]
-    x = jax.random.normal(jax.random.key(0), (2, 6, 128), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 128), np.float32), jnp.bfloat16)
     graphdef, state = nnx.split(layer)
     calls = []
     kernel = gmm.fp8_grouped_matmul_kernel

@@ -16,12 +16,12 @@ SCALE = 256**-0.5
 
 
 def random_cache(seed, *, num_pages, page_size, heads, batch, fp8, dim=256):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (batch, heads, dim), jnp.float32).astype(jnp.bfloat16)
+    rng = np.random.default_rng(seed)  # numpy draws: no per-shape compilation of jax.random on the CPU
+    q = jnp.asarray(rng.standard_normal((batch, heads, dim), np.float32), jnp.bfloat16)
     # K with a spread of magnitudes so the softmax is far from uniform; V per-token scales differ a lot
-    k = jax.random.normal(kk, (num_pages, page_size, dim), jnp.float32) * 2.0
-    v = jax.random.normal(kv, (num_pages, page_size, dim), jnp.float32)
-    v = v * jnp.exp(jax.random.normal(jax.random.key(seed + 1), (num_pages, page_size, 1)))
+    k = jnp.asarray(rng.standard_normal((num_pages, page_size, dim), np.float32) * 2.0)
+    v = rng.standard_normal((num_pages, page_size, dim), np.float32)
+    v = jnp.asarray(v * np.exp(rng.standard_normal((num_pages, page_size, 1), np.float32)))
     if fp8:
         (k, ks), (v, vs) = quantize_per_token(k), quantize_per_token(v)
         return q, k, v, ks, vs
@@ -122,7 +122,7 @@ def test_kernel_interpret_equals_reference(case):
 
 
 def test_combine_splits_is_exact_for_one_split_and_ignores_empty_ones():
-    o = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
+    o = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 8), np.float32))
     lse = jnp.array([[[0.0] * 4, [-jnp.inf] * 4, [1.0] * 4], [[-jnp.inf] * 4, [2.0] * 4, [-jnp.inf] * 4]])
     out = md.combine_splits(o, lse, jnp.float32)
     w0 = np.array([1.0, 2.0]) / 3.0  # 2**0 : 2**1
@@ -232,8 +232,8 @@ def test_paged_write_then_gather_round_trips(test_config, dtype):
     for seq, n in enumerate([6, 11]):
         alloc.reserve(seq, n)
     cache = PagedKVCache.create(cfg, alloc.block_table([0, 1]), num_pages=8, page_size=4, dtype=dtype)
-    k = jax.random.normal(jax.random.key(0), (2, 6, 1, cfg.head_dim))
-    v = jax.random.normal(jax.random.key(1), (2, 6, 1, cfg.head_dim))
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((2, 6, 1, cfg.head_dim), np.float32)) for _ in range(2))
     layer = paged_write(cache.layer(0), k[:, :2], v[:, :2], jnp.array([0, 5], jnp.int32))
     layer = paged_write(layer, k[:, 2:], v[:, 2:], jnp.array([2, 7], jnp.int32))
     keys, values = paged_gather(layer, jnp.float32)
@@ -259,7 +259,7 @@ def test_model_decoding_with_paged_cache_equals_contiguous(test_config, model_an
     """Ragged right-padded prefill, then decode steps: paged (shuffled pages, page 4) == contiguous cache."""
     _, step = model_and_step
     lens, prompt, total = [3, 7], 7, 12
-    ids = jax.random.randint(jax.random.key(9), (2, total), 3, test_config.vocab_size, dtype=jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(9).integers(3, test_config.vocab_size, (2, total)), jnp.int32)
     alloc = PageAllocator(num_pages=16, page_size=4, max_pages_per_seq=4, shuffle_seed=1)
     for seq in range(2):
         alloc.reserve(seq, 16)

@@ -39,8 +39,13 @@ def step(model):
     return lambda ids, cache: f(state, ids, cache)
 
 
+def normal(seed, shape):
+    """Standard normal float32 test inputs drawn with numpy (no per-shape compilation of jax.random on the CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 def random_ids(seed, shape, vocab):
-    return jax.random.randint(jax.random.key(seed), shape, 3, vocab, dtype=jnp.int32)
+    return jnp.asarray(np.random.default_rng(seed).integers(3, vocab, shape), jnp.int32)
 
 
 def test_public_api_shapes_and_dtypes(test_config):
@@ -102,7 +107,7 @@ def test_positions_enter_only_relatively(test_config, forward):
 
 
 def test_rope_is_neox_rotation():
-    x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
+    x = normal(0, (1, 3, 2, 8))
     pos = jnp.array([[0, 1, 5]])
     y = rope(x, pos, 10000.0)
     np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)  # position 0 is the identity
@@ -130,7 +135,7 @@ def moe(test_config):
 
 
 def test_grouped_moe_equals_loop_reference(test_config, moe):
-    x = jax.random.normal(jax.random.key(1), (3, 7, test_config.hidden_size))
+    x = normal(1, (3, 7, test_config.hidden_size))
     grouped = jax.jit(lambda x: moe(x, impl="grouped"))(x)
     loop = jax.jit(lambda x: moe(x, impl="loop"))(x)
     np.testing.assert_allclose(grouped, loop, rtol=1e-5, atol=1e-5)
@@ -139,14 +144,14 @@ def test_grouped_moe_equals_loop_reference(test_config, moe):
 
 def test_grouped_moe_with_empty_and_crowded_experts(test_config, moe):
     """Every token routed to the same two experts: the other groups are empty."""
-    x = jax.random.normal(jax.random.key(2), (1, 9, test_config.hidden_size))
+    x = normal(2, (1, 9, test_config.hidden_size))
     ids = jnp.broadcast_to(jnp.array([3, 0], jnp.int32), (1, 9, 2))
     w = jnp.full((1, 9, 2), 0.4)
     np.testing.assert_allclose(moe.experts(x, w, ids, "grouped"), moe.experts(x, w, ids, "loop"), rtol=1e-5, atol=1e-5)
 
 
 def test_router_semantics(test_config, moe):
-    x = jax.random.normal(jax.random.key(4), (2, 5, test_config.hidden_size))
+    x = normal(4, (2, 5, test_config.hidden_size))
     weights, ids = moe.route(x)
     assert weights.dtype == jnp.float32 and ids.shape == (2, 5, test_config.moe_top_k)
     total = weights.sum(-1)
@@ -160,7 +165,7 @@ def test_router_semantics(test_config, moe):
 def test_shared_expert_always_added(test_config, model):
     layer = model.layers[1]
     assert layer.is_moe
-    x = jax.random.normal(jax.random.key(5), (1, 4, test_config.hidden_size))
+    x = normal(5, (1, 4, test_config.hidden_size))
     full = layer.ffn(x)
     np.testing.assert_allclose(full, layer.moe(x) + layer.share_expert(x), rtol=1e-5, atol=1e-6)
     # with no routed weight at all, the shared expert alone remains

@@ -33,7 +33,7 @@ def jit_forward(model):
 def test_sharded_forward_equals_single_device(test_config, axes, experts):
     config = dataclasses.replace(test_config, moe_num_experts=experts)
     mesh = make_mesh(**axes)
-    ids = jax.random.randint(jax.random.key(0), (8, 12), 3, config.vocab_size, dtype=jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (8, 12)), jnp.int32)
     want = jit_forward(create_model(config, seed=7))(ids)
     sharded = create_model(config, seed=7, mesh=mesh)
     got = jit_forward(sharded)(jax.device_put(ids, DEFAULT_RULES.sharding(mesh, ("act_batch", None), ids.shape)))
@@ -55,7 +55,7 @@ def test_sharded_decode_through_cache(test_config):
     model = create_model(config, seed=3, mesh=mesh)
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda state, ids, cache: nnx.merge(graphdef, state)(ids, cache=cache))
-    ids = jax.random.randint(jax.random.key(1), (4, 9), 3, config.vocab_size, dtype=jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, config.vocab_size, (4, 9)), jnp.int32)
     cache = KVCache.create(config, 4, 16, mesh=mesh)
     assert cache.k[0].sharding.spec[0] == "data"
     logits, cache = step(state, ids[:, :6], cache)
@@ -98,7 +98,7 @@ def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(
     # the same weights on one device (a model built without a mesh, no second initialisation)
     graphdef = nnx.graphdef(abstract_model(config))
     single = nnx.merge(graphdef, jax.device_put(nnx.state(sharded), jax.devices()[0]))
-    ids = jax.random.randint(jax.random.key(0), (8, 12), 3, config.vocab_size, dtype=jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (8, 12)), jnp.int32)
     want = jit_forward(single)(ids)
     got = jit_forward(sharded)(jax.device_put(ids, rules.sharding(mesh, ("act_batch", None), ids.shape)))
     # splitting o_proj's sum over heads reorders float32 additions; a last-bit difference could flip the FP8

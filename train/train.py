@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from step3_jax.config import PRESETS, Step3Config, get_preset
+from step3_jax.init_rng import init_key
 from step3_jax.model import SCALE_SUFFIX, Step3ForCausalLM, count_params, create_model
 from step3_jax.quant import FP8_DTYPE
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
@@ -279,7 +280,7 @@ class Trainer:
             self.params, self.frozen, combine = state, None, _full_params
         else:
             self.frozen = state
-            self.params = lora_lib.init_lora(state, lora, jax.random.key(train_config.seed + 1))
+            self.params = lora_lib.init_lora(state, lora, init_key(train_config.seed + 1))
 
             def combine(adapters, base):
                 return lora_lib.apply_lora(base, adapters, lora)
