@@ -241,8 +241,9 @@ def test_lora_on_an_fp8_model_dequantises_the_base_on_the_fly(test_config):
     assert trainer.params["layers/0/self_attn/o_proj"]["b"].shape == (4, d)
     assert trainer.params["layers/0/self_attn/o_proj"]["a"].shape == (h * k, 4)
     base_before = jax.tree.map(np.asarray, trainer.frozen)
-    hist = run(trainer, progress=False)
-    assert hist[-1]["loss"] < hist[0]["loss"]  # gradients reach the adapters through the FP8 GEMMs
+    run(trainer, progress=False)
+    # gradients reach every adapter through the FP8 GEMMs: each B starts at zero and has moved
+    assert all(np.abs(np.asarray(adapter["b"])).max() > 0 for adapter in trainer.params.values())
     for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(trainer.frozen), strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
     merged = trainer.model
