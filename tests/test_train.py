@@ -104,6 +104,9 @@ def test_kill_and_resume_continues_the_same_trajectory(test_config, tmp_path):
     first.close()
     resumed = Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "b")
     assert resumed.restore() and resumed.step == 3
+    # restored arrays sit where a running trainer's do, so the step compiles to the same program (no recompile)
+    placement = lambda t: [(x.sharding, x.committed) for x in jax.tree.leaves(t._state())]  # noqa: E731
+    assert placement(resumed) == placement(first)
     rest = run(resumed, progress=False)
     resumed.close()
     assert [h["step"] for h in rest] == [4, 5, 6]

@@ -288,6 +288,12 @@ class Trainer:
         self._combine = combine
         self.tx = make_optimizer(train_config)
         self.opt_state = init_opt_state(self.tx, self.params, mesh)
+        if mesh is None:
+            # Committed to one device, as restored checkpoints are: a resumed run then compiles the same step
+            # program as a fresh one (a hit in JAX's persistent compilation cache, when that is on).
+            device = next(iter(jax.tree.leaves(self.params)[0].devices()))
+            state = (self.params, self.opt_state, self.frozen)
+            self.params, self.opt_state, self.frozen = jax.device_put(state, device)
         self.step = 0
         self.bad_in_row = 0
         self.skipped = 0
