@@ -14,7 +14,7 @@ from step3_jax import make_mesh
 from step3_jax.tokenizer import ByteTokenizer
 from train import lora
 from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents
-from train.train import TrainConfig, Trainer, TrainingError, main, run
+from train.train import TrainConfig, Trainer, TrainingError, lr_schedule, main, run
 
 TOK = ByteTokenizer()
 DOCS = ["the quick brown fox jumps over the lazy dog. " * 3, "pack my box with five dozen liquor jugs! " * 3]
@@ -58,6 +58,9 @@ def test_loss_falls_on_a_repeated_corpus(test_config):
     first, last = hist[0]["loss"], np.mean([h["loss"] for h in hist[-10:]])
     assert first > 4.0  # about log(vocab) at the start
     assert last < 0.4 * first, (first, last)
+    schedule = lr_schedule(tc)  # warm-up then cosine decay, applied update by update
+    assert [h["lr"] for h in hist] == pytest.approx([float(schedule(n)) for n in range(tc.steps)], rel=1e-6)
+    assert hist[0]["lr"] == 0.0 and hist[tc.warmup_steps]["lr"] == pytest.approx(tc.lr)
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, tensor=2, expert=2)])  # data, tensor and expert parallel at once
@@ -213,7 +216,7 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
         "--seq-len",
         "32",
         "--batch-size",
-        "4",
+        "8",  # the other tests' shapes: the same compiled step (learning rate and schedule are not compiled in)
         "--no-progress",
         "--compute-dtype",
         "float32",

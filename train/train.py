@@ -92,15 +92,23 @@ class TrainConfig:
             raise ValueError("TrainConfig.warmup_steps and save_every must be >= 0")
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine decay and global-norm gradient clipping, as ``tc`` sets them."""
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to ``tc.lr`` over ``tc.warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at
+    ``tc.steps``: the learning rate of the n-th applied update (counting from 0)."""
     decay_steps = max(tc.steps, tc.warmup_steps + 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.lr, tc.warmup_steps, decay_steps, end_value=tc.lr * tc.min_lr_ratio
-    )
+    end = tc.lr * tc.min_lr_ratio
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, decay_steps, end_value=end)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm gradient clipping + AdamW, as ``tc`` sets them. The learning rate, betas and weight decay live
+    in the optimizer state (``optax.inject_hyperparams``; the learning rate starts at ``tc.lr``): the
+    :class:`Trainer` writes :func:`lr_schedule` of the update count there before every update, so one compiled
+    step serves any learning rate, schedule length or warm-up (changing them in a notebook does not recompile)."""
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
+        adamw(learning_rate=tc.lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
     )
 
 
@@ -159,9 +167,10 @@ def _to_compute_dtype(params, compute):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: int, combine=_full_params):
+def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: int, combine=_full_params, coefs=None):
     """``combine(trainable, frozen)`` gives the model's parameters (identity for full training, base + adapters
-    for LoRA); only ``trainable`` is differentiated."""
+    for LoRA); only ``trainable`` is differentiated. ``coefs``: (load-balancing, z-loss) coefficients as arrays
+    (the train step passes them so they are not compiled in), by default ``tc``'s."""
     params = combine(trainable, frozen)
     model = nnx.merge(graphdef, _to_compute_dtype(params, jnp.dtype(tc.compute_dtype)))
     logits, router = forward_with_router(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
@@ -169,7 +178,8 @@ def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: in
     mask = batch["loss_mask"]
     ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     aux, z, load = balance_losses(router, num_experts)
-    total = ce + tc.aux_loss_coef * aux + tc.z_loss_coef * z
+    aux_coef, z_coef = (tc.aux_loss_coef, tc.z_loss_coef) if coefs is None else coefs
+    total = ce + aux_coef * aux + z_coef * z
     return total, {"loss": ce, "aux_loss": aux, "z_loss": z, "expert_load": load}
 
 
@@ -178,13 +188,15 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(graphdef, tx, tc: TrainConfig, num_experts: int, combine=_full_params):
-    """The step ``(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``: gradient accumulation,
-    the update applied only when loss and gradients are finite."""
+    """The step ``(params, opt_state, frozen, batch, coefs) -> (params, opt_state, metrics)``: gradient
+    accumulation, the update applied only when loss and gradients are finite; ``coefs`` = (load-balancing, z-loss)
+    coefficients as float32 scalars."""
 
-    def grad_fn(params, frozen, batch):
-        return jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, graphdef, batch, tc, num_experts, combine)
+    def step(params, opt_state, frozen, batch, coefs):
+        def grad_fn(params, frozen, batch):
+            loss = jax.value_and_grad(loss_fn, has_aux=True)
+            return loss(params, frozen, graphdef, batch, tc, num_experts, combine, coefs)
 
-    def step(params, opt_state, frozen, batch):
         if tc.grad_accum == 1:
             (_, metrics), grads = grad_fn(params, frozen, batch)
         else:
@@ -287,6 +299,7 @@ class Trainer:
 
         self._combine = combine
         self.tx = make_optimizer(train_config)
+        self._schedule = lr_schedule(train_config)
         self.opt_state = init_opt_state(self.tx, self.params, mesh)
         if mesh is None:
             # Committed to one device, as restored checkpoints are: a resumed run then compiles the same step
@@ -379,8 +392,13 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         batch = self._device_batch(next(self.iterator))
-        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.frozen, batch)
-        metrics = jax.device_get(metrics)
+        # the learning rate of this update (skipped updates do not advance the schedule), where the last one was
+        hyper = self.opt_state[1].hyperparams
+        lr = self._schedule(self.step - self.skipped)
+        hyper["learning_rate"] = jax.device_put(np.float32(lr), hyper["learning_rate"].sharding)
+        coefs = (np.float32(self.tc.aux_loss_coef), np.float32(self.tc.z_loss_coef))
+        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.frozen, batch, coefs)
+        metrics = dict(jax.device_get(metrics), lr=float(lr))
         self.step += 1
         if not bool(metrics["finite"]):
             self.skipped += 1
@@ -441,6 +459,7 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
                 "aux_loss": float(m["aux_loss"]),
                 "z_loss": float(m["z_loss"]),
                 "grad_norm": float(m["grad_norm"]),
+                "lr": m["lr"],
                 "skipped": not bool(m["finite"]),
                 "tokens_per_s": tokens / dt,
                 "mfu": (fpt * tokens / dt / (peak * n_dev)) if peak else None,
