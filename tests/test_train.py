@@ -25,6 +25,12 @@ def small_tc(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def moe8(config):
+    """One dense and one MoE layer with 8 experts (splits over 2 expert shards): the sharded and balancing tests
+    share its single-device step program."""
+    return dataclasses.replace(config, moe_num_experts=8, num_hidden_layers=2, moe_layers_enum=(1,))
+
+
 def data_for(tc, docs=DOCS * 8):
     return pack_documents(docs, TOK, tc.seq_len, seed=0)
 
@@ -65,7 +71,7 @@ def test_loss_falls_on_a_repeated_corpus(test_config):
 
 @pytest.mark.parametrize("axes", [dict(data=2, tensor=2, expert=2)])  # data, tensor and expert parallel at once
 def test_sharded_training_matches_single_device(test_config, axes):
-    config = dataclasses.replace(test_config, moe_num_experts=8)
+    config = moe8(test_config)
     tc = small_tc(steps=3)
     single = run(Trainer(config, tc, data_for(tc)), progress=False)
     trainer = Trainer(config, tc, data_for(tc), mesh=make_mesh(**axes))
@@ -129,7 +135,7 @@ def test_resume_with_another_model_shape_is_refused(test_config, tmp_path):
 
 
 def test_balancing_loss_evens_out_a_skewed_router(test_config):
-    config = dataclasses.replace(test_config, moe_num_experts=8)
+    config = moe8(test_config)
     tc = small_tc(steps=40, lr=1e-2, aux_loss_coef=1.0, z_loss_coef=0.0)
     trainer = Trainer(config, tc, data_for(tc))
     # skew: every router strongly prefers expert 0
