@@ -384,23 +384,69 @@ def sort_pairs(ids: jax.Array, num_local: int, first_expert: int = 0, align: int
     return order, order // c, sorted_local, group_sizes
 
 
-def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0):
+ROW_BUCKET_START = 1.25  # the smallest bucket: this multiple of an expert shard's even share of the pairs
+ROW_BUCKET_ALIGN = 8  # bucket sizes are rounded up to this many rows (the FP8 kernel's row alignment)
+
+
+def row_buckets(pairs: int, num_local: int, num_experts: int) -> tuple[int, ...]:
+    """Static row counts an expert shard's grouped GEMMs run at (ascending; the last is ``pairs``, so nothing is
+    ever dropped). With ``num_local`` of ``num_experts`` experts a shard owns about ``pairs * num_local /
+    num_experts`` of the token-expert pairs; the buckets start at 1.25x that share and double up to all pairs.
+    One bucket (all pairs) when the shard holds every expert."""
+    if num_local >= num_experts:
+        return (pairs,)
+    caps: list[int] = []
+    c = ROW_BUCKET_START * pairs * num_local / num_experts
+    while c < pairs:
+        cap = min(pairs, ROW_BUCKET_ALIGN * math.ceil(c / ROW_BUCKET_ALIGN))
+        if not caps or cap > caps[-1]:
+            caps.append(cap)
+        c *= 2
+    if not caps or caps[-1] < pairs:
+        caps.append(pairs)
+    return tuple(caps)
+
+
+def _experts_on_rows(rows, x, weights, ids, gate, up, down, first_expert):
+    """The grouped path on the first ``rows`` sorted pairs (every local pair when ``rows`` >= their number)."""
+    order, token, is_local, group_sizes = sort_pairs(ids, gate.shape[0], first_expert)
+    order, token, is_local = order[:rows], token[:rows], is_local[:rows]
+    xs = x[token]  # [rows, D]
+    g = grouped_matmul(xs, gate, group_sizes)
+    u = grouped_matmul(xs, up, group_sizes)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    y = grouped_matmul(h, down, group_sizes)  # [rows, D]
+    w = jnp.where(is_local, weights.reshape(-1)[order], 0.0)  # is_local is in sorted order
+    y = jnp.where(is_local[:, None], y * w[:, None], 0.0)
+    return jnp.zeros((x.shape[0], x.shape[-1]), f32).at[token].add(y)
+
+
+def _bucketed_experts(caps, x, weights, ids, gate, up, down, first_expert):
+    local = ids - first_expert
+    count = jnp.sum((local >= 0) & (local < gate.shape[0]))
+    bucket = jnp.sum(jnp.asarray(caps[:-1], jnp.int32) < count)  # the smallest bucket that holds every local pair
+    branches = [functools.partial(_experts_on_rows, c) for c in caps]
+    return jax.lax.switch(bucket, branches, x, weights, ids, gate, up, down, first_expert)
+
+
+def grouped_experts(x, weights, ids, gate, up, down, *, first_expert=0, num_experts: int | None = None):
     """Token-sorting MoE: sort token-expert pairs by expert, ``ragged_dot`` per group, weighted scatter-add.
 
     x [N, D]; weights, ids [N, C]; gate, up [E_l, D, F]; down [E_l, F, D] (or :class:`Fp8Weight` in HF layout)
     hold experts ``first_expert .. first_expert + E_l - 1`` (pairs routed elsewhere contribute nothing).
     Returns float32 [N, D].
+
+    ``num_experts`` (the model's total, when this is one expert shard of several): the grouped GEMMs, gather and
+    scatter then run on only as many rows as the shard's pairs need, one of the static :func:`row_buckets`
+    sizes picked at run time (``lax.switch``; only the taken branch runs), instead of on all ``N * C`` pairs.
+    Under differentiation the bucketed block is rematerialised (``jax.checkpoint``), so the branches' joined
+    residuals exist only during its own backward pass.
     """
-    n = ids.shape[0]
-    order, token, is_local, group_sizes = sort_pairs(ids, gate.shape[0], first_expert)
-    xs = x[token]  # [A, D]
-    g = grouped_matmul(xs, gate, group_sizes)
-    u = grouped_matmul(xs, up, group_sizes)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)
-    y = grouped_matmul(h, down, group_sizes)  # [A, D]
-    w = jnp.where(is_local, weights.reshape(-1)[order], 0.0)  # is_local is in sorted order
-    y = jnp.where(is_local[:, None], y * w[:, None], 0.0)
-    return jnp.zeros((n, x.shape[-1]), f32).at[token].add(y)
+    caps = row_buckets(ids.size, gate.shape[0], num_experts or gate.shape[0])
+    if len(caps) == 1:
+        return _experts_on_rows(caps[0], x, weights, ids, gate, up, down, first_expert)
+    fn = jax.checkpoint(functools.partial(_bucketed_experts, caps))
+    return fn(x, weights, ids, gate, up, down, first_expert)
 
 
 def loop_experts(x, weights, ids, gate, up, down):
@@ -470,7 +516,8 @@ class MoE(nnx.Module):
 
 def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
     """Expert / tensor parallel MoE with ``shard_map``: tokens stay sharded by batch, each device runs the
-    grouped path over its own experts and FFN columns, and partial outputs are summed over those axes."""
+    grouped path over its own experts and FFN columns (on a row bucket that holds its own token-expert pairs,
+    see :func:`row_buckets`), and partial outputs are summed over those axes."""
     mesh, rules = ctx.mesh, ctx.rules
     fp8 = isinstance(gate, Fp8Weight)
     num_experts, ffn = gate.shape[0], gate.shape[1] if fp8 else gate.shape[2]
@@ -519,6 +566,7 @@ def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
             up,
             down,
             first_expert=shard * gate.shape[0],
+            num_experts=num_experts,
         )
         if reduce_axes:
             out = jax.lax.psum(out, reduce_axes)
