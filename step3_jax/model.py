@@ -160,6 +160,62 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=f32)
 
 
+def _mesh_axes(part) -> tuple[str, ...]:
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+def _fp8_kernel_wanted() -> bool:
+    """Whether FP8 matmuls take the kernel path (or a forced path of it) when tracing now."""
+    from pallas_kernels import fp8_gmm
+
+    return _FP8_GEMM["impl"] is not None or fp8_gmm.on_hopper()
+
+
+def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
+    """``x [B, ..., in]`` through weight ``name`` of ``module`` (block-FP8 or plain) -> float32 ``[B, ..., out]``.
+
+    On a mesh, when FP8 products take the GEMM kernel, the product runs inside ``shard_map`` on each device's own
+    rows and weight shard: a Pallas kernel is an opaque custom call to XLA's partitioner, which would gather its
+    operands onto every device and compute the whole product on each. The weight keeps its parameter sharding
+    (:func:`param_spec`): split output columns stay split (column parallel); an input dimension split over axes
+    that do not split the batch gives partial products summed over those axes (row parallel, e.g. ``o_proj``
+    over heads); one split over axes that also split the batch (FSDP) is gathered first, as is any dimension
+    whose scale blocks are split differently from its values. Off the kernel path XLA partitions the pure-JAX
+    product itself."""
+    w = _weight_value(module, name)
+    if ctx.mesh is None or not isinstance(w, Fp8Weight) or w.q.dtype != FP8_DTYPE or not _fp8_kernel_wanted():
+        return dense_matmul(x, w)
+    mesh, rules = ctx.mesh, ctx.rules
+    q_spec = param_spec(getattr(module, name), mesh, rules)
+    s_spec = param_spec(getattr(module, name + SCALE_SUFFIX), mesh, rules)
+    w_shape, s_shape = w.q.shape, w.scale_inv.shape
+    out_axes, in_axes = _mesh_axes(q_spec[0]), _mesh_axes(q_spec[1])
+    row_axes = tuple(a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1 and a not in out_axes)
+    if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
+        row_axes = ()  # a batch that does not split evenly is replicated
+    k_axes = tuple(a for a in in_axes if a not in row_axes)  # FSDP-split inputs are gathered
+    s_k_axes = tuple(a for a in _mesh_axes(s_spec[1]) if a not in row_axes)
+    if k_axes != s_k_axes or w_shape[1] % (BLOCK * math.prod(mesh.shape[a] for a in k_axes)):
+        k_axes = ()  # partial sums need whole, equally split scale blocks along the reduction
+    out_ok = _mesh_axes(s_spec[0]) == out_axes or s_shape[0] == 1  # one shared scale block may serve every shard
+    o_spec, s_out, k_spec = (q_spec[0] if out_ok else None), (s_spec[0] if out_ok else None), (k_axes or None)
+    w_spec = Fp8Weight(PartitionSpec(o_spec, k_spec), PartitionSpec(s_out, k_spec))
+    lead = (None,) * (x.ndim - 2)
+    rows = row_axes or None
+
+    def local(x, w):
+        out = dense_matmul(x, w)
+        return jax.lax.psum(out, k_axes) if k_axes else out
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(rows, *lead, k_spec), w_spec),
+        out_specs=PartitionSpec(rows, *lead, o_spec),
+        check_vma=False,
+    )(x, w)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm computed in float32, scaled by a learned per-channel weight."""
 
@@ -302,7 +358,7 @@ class MFAAttention(nnx.Module):
 
     def _fp8_linear(self, name: str, x: jax.Array) -> jax.Array:
         """``x [..., in]`` through the FP8 projection ``name`` -> ``[..., out]`` in x's dtype."""
-        return dense_matmul(x, _weight_value(self, name)).astype(x.dtype)
+        return fp8_linear(self, name, x, self.ctx).astype(x.dtype)
 
     def qkv(self, x: jax.Array, positions: jax.Array):
         """Projections + rope. x [B, T, D] -> q [B, T, H, K], k, v [B, T, G, K]."""
@@ -352,16 +408,17 @@ class MFAAttention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, d: int, f: int, dtype, *, rngs: nnx.Rngs, fp8: bool = False):
+    def __init__(self, d: int, f: int, dtype, *, rngs: nnx.Rngs, fp8: bool = False, ctx: ShardCtx = ShardCtx()):
         _weight(self, "gate_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
         _weight(self, "up_proj", rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5, fp8)
         _weight(self, "down_proj", rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5, fp8)
+        self.ctx = ctx
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = dense_matmul(x, _weight_value(self, "gate_proj"))
-        u = dense_matmul(x, _weight_value(self, "up_proj"))
+        g = fp8_linear(self, "gate_proj", x, self.ctx)
+        u = fp8_linear(self, "up_proj", x, self.ctx)
         h = (jax.nn.silu(g) * u).astype(x.dtype)
-        return dense_matmul(h, _weight_value(self, "down_proj")).astype(x.dtype)
+        return fp8_linear(self, "down_proj", h, self.ctx).astype(x.dtype)
 
 
 def sort_pairs(ids: jax.Array, num_local: int, first_expert: int = 0, align: int = 1):
@@ -585,7 +642,7 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: h = x + Attn(norm(x)); y = h + FFN(norm(h)), FFN dense SwiGLU or MoE + shared expert."""
 
     def __init__(self, config: Step3Config, layer_idx: int, *, rngs: nnx.Rngs, ctx: ShardCtx):
-        dt, d = config.dtype, config.hidden_size
+        dt, d, fp8 = config.dtype, config.hidden_size, config.quantization == "fp8"
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(d, config.rms_norm_eps, dt)
@@ -593,9 +650,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps, dt)
         if self.is_moe:
             self.moe = MoE(config, rngs=rngs, ctx=ctx)
-            self.share_expert = MLP(d, config.share_expert_dim, dt, rngs=rngs, fp8=config.quantization == "fp8")
+            self.share_expert = MLP(d, config.share_expert_dim, dt, rngs=rngs, fp8=fp8, ctx=ctx)
         else:
-            self.mlp = MLP(d, config.intermediate_size, dt, rngs=rngs, fp8=config.quantization == "fp8")
+            self.mlp = MLP(d, config.intermediate_size, dt, rngs=rngs, fp8=fp8, ctx=ctx)
 
     def attention(self, x, positions, kv=None, start=None, segment_ids=None):
         """The attention half: returns (h, normed h for the FFN, new kv)."""

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from step3_jax import kv_cache as kvc
+from step3_jax import make_mesh
 from step3_jax.config import get_preset
-from step3_jax.model import abstract_model, use_fp8_gemm
+from step3_jax.model import Step3ForCausalLM, abstract_model, param_shardings, use_fp8_gemm
 
 S = jax.ShapeDtypeStruct
 
@@ -45,3 +46,47 @@ def test_step3_mfa_decode_layer_lowers_for_cuda_through_both_kernels(monkeypatch
         text = jax.jit(decode_attention).trace(state, x, pos, kv).lower(lowering_platforms=("cuda",)).as_text()
     kernels = re.findall(r"stablehlo\.custom_call @mosaic_gpu\w*", text)
     assert len(kernels) == 6  # q_proj, wq, k_proj, v_proj, o_proj + the MFA decode kernel
+
+
+def _kernels_inside_manual_computations(text: str) -> tuple[int, int]:
+    """(kernel calls inside ``shard_map`` regions, kernel calls in all) of a StableHLO module's text."""
+    inside = total = 0
+    depth = 0
+    for line in text.splitlines():
+        if "sdy.manual_computation" in line:
+            depth += 1
+        calls = len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", line))
+        total += calls
+        inside += calls if depth else 0
+        if "sdy.return" in line and depth:
+            depth -= 1
+    return inside, total
+
+
+def test_sharded_fp8_layer_runs_every_kernel_on_its_own_shard(monkeypatch):
+    """A Step-3 dense FP8 layer on a data 2 x tensor 4 mesh, lowered for CUDA with the FP8 GEMM kernel: every
+    kernel call sits inside ``shard_map`` with per-device operands (batch 64 -> 32 rows; the dense FFN's 18432
+    columns -> 4608, its down projection reducing over them), so XLA's partitioner never sees the opaque kernel and
+    never gathers whole weights onto every GPU to feed it."""
+    config = dataclasses.replace(get_preset("step3"), num_hidden_layers=1, moe_layers_enum=(), quantization="fp8")
+    mesh = make_mesh(data=2, tensor=4)
+    layer = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh)).layers[0]
+    graphdef, state = nnx.split(layer)
+    shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+    pure = jax.tree.map(lambda s, n: S(s.shape, s.dtype, sharding=n), nnx.to_pure_dict(state), shardings)
+    nnx.replace_by_pure_dict(state, pure)
+    batch = 64
+    x, pos = S((batch, 1, config.hidden_size), jnp.bfloat16), S((batch, 1), jnp.int32)
+
+    def dense_layer(state, x, pos):
+        layer = nnx.merge(graphdef, state)
+        h, normed, _ = layer.attention(x, pos)
+        return h + layer.ffn(normed)
+
+    with use_fp8_gemm("kernel"):
+        text = jax.jit(dense_layer).trace(state, x, pos).lower(lowering_platforms=("cuda",)).as_text()
+    inside, total = _kernels_inside_manual_computations(text)
+    assert total == 8 and inside == total  # 5 attention projections + gate, up, down
+    for shard_operand in ("32x1x7168xbf16", "4608x7168xf8E4M3FN", "7168x4608xf8E4M3FN", "4096x2048xf8E4M3FN"):
+        assert f"tensor<{shard_operand}>" in text, shard_operand
+    assert "all_reduce" in text  # o_proj and down_proj sum their partial products over tensor

@@ -3,13 +3,14 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from step3_jax import KVCache, create_model, make_mesh
-from step3_jax.model import abstract_model, param_shardings
+from step3_jax.model import abstract_model, param_shardings, use_fp8_gemm
 from step3_jax.sharding import DEFAULT_RULES
 
 # (mesh axes, number of experts): expert-parallel meshes need experts divisible by the expert axis
@@ -79,10 +80,22 @@ def test_impossible_splits_raise_clear_errors(test_config):
         create_model(test_config, mesh=make_mesh(tensor=8))
 
 
-def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(test_config):
+def _count_shard_maps(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "shard_map"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _count_shard_maps(sub)
+    return n
+
+
+@pytest.mark.parametrize("impl", [None, "reference"], ids=["xla", "kernel-path"])
+def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(test_config, impl):
     """FP8 projections in the HF layout split as their float counterparts do: wq's [H*K] rows and o_proj's [H*K]
     columns over ``tensor`` (4 heads x 64 = two 128-blocks: one block and its scale per shard), and the sharded
-    FP8 model computes what one device computes."""
+    FP8 model computes what one device computes: with the products left to XLA's partitioner (the CPU path), and
+    on the path the FP8 GEMM kernel takes on a GPU (forced here with its pure-JAX reference), where every FP8
+    projection runs inside ``shard_map`` on its own shard (a kernel is opaque to the partitioner)."""
     config = dataclasses.replace(test_config, head_dim=64, moe_num_experts=8, quantization="fp8")
     # Routed experts' FFN columns stay whole here: split over ``tensor``, an expert FFN narrower than one 128-block
     # quantises its down-projection input per shard (groups of 18 columns instead of 36), a different grouping.
@@ -99,8 +112,15 @@ def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(
     graphdef = nnx.graphdef(abstract_model(config))
     single = nnx.merge(graphdef, jax.device_put(nnx.state(sharded), jax.devices()[0]))
     ids = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (8, 12)), jnp.int32)
-    want = jit_forward(single)(ids)
-    got = jit_forward(sharded)(jax.device_put(ids, rules.sharding(mesh, ("act_batch", None), ids.shape)))
+    ids_sharded = jax.device_put(ids, rules.sharding(mesh, ("act_batch", None), ids.shape))
+    with use_fp8_gemm(impl):
+        want = jit_forward(single)(ids)
+        got = jit_forward(sharded)(ids_sharded)
+        n_maps = _count_shard_maps(jax.make_jaxpr(lambda ids: sharded(ids))(ids_sharded).jaxpr)
+    # the routed experts of each MoE layer run in shard_map anyway; on the kernel path also 5 attention
+    # projections per layer and the 3 products of each dense MLP / shared expert
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    assert n_maps == moe_layers + (0 if impl is None else 8 * config.num_hidden_layers)
     # splitting o_proj's sum over heads reorders float32 additions; a last-bit difference could flip the FP8
     # rounding of a later activation (a 2^-4 step in one channel), so most tokens agree to float32 noise and the
     # rest stay close; a layout or scale error would hit every token
