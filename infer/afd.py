@@ -21,9 +21,10 @@ replicated FFN sharding goes through the host and blocks the dispatching thread 
 asynchronous. Each attention shard is broadcast to every FFN device (the paper's A->F broadcast); each FFN output
 row block goes back to the one attention device that owns those rows.
 
-Transfers (several processes, ``jax.distributed``): attention devices in process 0, FFN devices in process 1, one
-global ``(role, x)`` mesh whose rows are the two sides; a jitted ``shard_map`` with ``lax.ppermute`` over ``role``
-moves each attention device's rows to its FFN partner and back. Every process runs the same driver loop
+Transfers (several processes, ``jax.distributed``): attention devices in process 0, FFN devices in process 1; jitted
+``shard_map`` programs of ``lax.ppermute`` over one global mesh of both sides move the rows (to an FFN partner and
+back when the two sides have as many devices; otherwise in rounds that give every FFN device every attention block,
+and each attention device its rows back; see :class:`CollectiveTransport`). Every process runs the same driver loop
 (multi-controller JAX), dispatching only its own side's programs and joining every transfer.
 
 Wire format per layer and micro-batch of ``b`` rows and ``T`` tokens (A->F): ``x [b, T, D]`` (float8_e4m3fn with
@@ -372,28 +373,37 @@ class LocalTransport:
 
 
 class CollectiveTransport:
-    """Attention devices in one process, FFN devices in another: ``lax.ppermute`` over the ``role`` axis of one
-    global ``(role, x)`` mesh (row 0 attention, row 1 FFN) moves each attention device's rows to its FFN partner
-    and back. Both processes run every transfer program; the side without data feeds zeros (never read)."""
+    """Attention devices in one process, FFN devices in another; both processes run every transfer program, and
+    the side without data feeds zeros (never read).
+
+    As many attention as FFN devices: ``lax.ppermute`` over the ``role`` axis of one global ``(role, x)`` mesh
+    (row 0 attention, row 1 FFN) moves each attention device's rows to its FFN partner and back (the FFN program
+    all-gathers them over the FFN mesh). Otherwise (M attention, N FFN devices): one global mesh over all M + N
+    devices, and rounds of ``ppermute`` that never send two blocks from, or to, one device at once: A -> F delivers
+    every attention device's rows to every FFN device (max(M, N) rounds, each block crossing once per FFN device),
+    F -> A returns row block ``i`` of the (replicated) FFN output from FFN device ``i mod N`` (ceil(M / N)
+    rounds)."""
 
     def __init__(self, attn_mesh: Mesh, ffn_mesh: Mesh, has_attention: bool, has_ffn: bool):
         a, f = list(attn_mesh.devices.flat), list(ffn_mesh.devices.flat)
-        if len(a) != len(f):
-            raise ValueError(
-                f"multi-process AFD pairs every attention device with one FFN device: it needs as many attention "
-                f"as FFN devices, got {len(a)} and {len(f)}"
-            )
-        self.n = len(a)
-        self.mesh = Mesh(np.array([a, f], dtype=object), ("role", "x"))
-        self.global_rows = NamedSharding(self.mesh, PartitionSpec(("role", "x")))
+        self.m, self.n = len(a), len(f)
+        self.paired = self.m == self.n
         self.has_attention, self.has_ffn = has_attention, has_ffn
         self.local_devices = a if has_attention else f
-        self.ffn_rows = NamedSharding(ffn_mesh, PartitionSpec(tuple(ffn_mesh.axis_names)))
-        self.out_parts = 1
-        self.out_sharding = self.ffn_rows
         self._dummies: dict = {}
-        self._a2f = self._permute(0, 1, "afd_a2f")
-        self._f2a = self._permute(1, 0, "afd_f2a")
+        if self.paired:
+            self.mesh = Mesh(np.array([a, f], dtype=object), ("role", "x"))
+            self.global_rows = NamedSharding(self.mesh, PartitionSpec(("role", "x")))
+            self.ffn_rows = NamedSharding(ffn_mesh, PartitionSpec(tuple(ffn_mesh.axis_names)))
+            self.out_sharding = self.ffn_rows
+            self._a2f = self._permute(0, 1, "afd_a2f")
+            self._f2a = self._permute(1, 0, "afd_f2a")
+        else:
+            self.mesh = Mesh(np.array(a + f, dtype=object), ("all",))
+            self.global_rows = NamedSharding(self.mesh, PartitionSpec("all"))
+            self.out_sharding = NamedSharding(ffn_mesh, PartitionSpec())
+            self._a2f, self._f2a = self._broadcast_program(), self._return_program()
+        self.out_parts = 1
 
     def _permute(self, src: int, dst: int, name: str):
         spec = PartitionSpec(("role", "x"))
@@ -404,29 +414,89 @@ class CollectiveTransport:
         move.__name__ = name
         return jax.jit(jax.shard_map(move, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
 
-    def _globalise(self, arr, struct, own: bool):
-        """This side's ``[b, ...]`` array (zeros on the side without data) -> its half of a global ``[2b, ...]``."""
-        b = struct.shape[0]
-        if own:
-            shards = _by_rows(arr)
-        else:
-            key = (tuple(struct.shape), jnp.dtype(struct.dtype))
-            if key not in self._dummies:
-                zero = np.zeros((b // self.n, *struct.shape[1:]), struct.dtype)
-                self._dummies[key] = jax.device_put([zero] * self.n, self.local_devices)
-            shards = self._dummies[key]
-        return jax.make_array_from_single_device_arrays((2 * b, *struct.shape[1:]), self.global_rows, shards)
+    def _broadcast_program(self):
+        """A -> F, M != N: device ``k`` of the global mesh holds ``[r, ...]`` (attention device ``k``'s rows, or
+        zeros); every FFN device ends with all M blocks ``[M * r, ...]`` in attention order."""
+        m, n = self.m, self.n
+        if m <= n:  # round t: attention i -> FFN (i + t) mod n
+            rounds = [[(i, m + (i + t) % n) for i in range(m)] for t in range(n)]
+        else:  # round t: attention (j + t) mod m -> FFN j
+            rounds = [[((j + t) % m, m + j) for j in range(n)] for t in range(m)]
+        source = np.full((len(rounds), m + n), -1, np.int32)  # which block device k receives in round t
+        for t, pairs in enumerate(rounds):
+            for src, dst in pairs:
+                source[t, dst] = src
 
-    def _localise(self, garr, struct, sharding):
-        return jax.make_array_from_single_device_arrays(struct.shape, sharding, _by_rows(garr))
+        def afd_a2f(x):
+            me = jax.lax.axis_index("all")
+            out = jnp.zeros((m, *x.shape), x.dtype)
+            for t, pairs in enumerate(rounds):
+                got = jax.lax.ppermute(x, "all", pairs)
+                src = jnp.asarray(source[t])[me]
+                out = jnp.where(src >= 0, jax.lax.dynamic_update_index_in_dim(out, got, jnp.maximum(src, 0), 0), out)
+            return out.reshape(m * x.shape[0], *x.shape[1:])
+
+        spec = PartitionSpec("all")
+        return jax.jit(jax.shard_map(afd_a2f, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+    def _return_program(self):
+        """F -> A, M != N: device ``k`` holds ``[M * r, ...]`` (the FFN output on FFN devices, zeros elsewhere);
+        attention device ``i`` ends with row block ``i``, sent by FFN device ``i mod N``."""
+        m, n = self.m, self.n
+        rounds = [[(m + j, j + t * n) for j in range(n) if j + t * n < m] for t in range(-(-m // n))]
+        block = np.zeros((len(rounds), m + n), np.int32)  # which row block device k sends in round t
+        for t, pairs in enumerate(rounds):
+            for src, dst in pairs:
+                block[t, src] = dst
+
+        def afd_f2a(x):
+            me = jax.lax.axis_index("all")
+            blocks = x.reshape(m, x.shape[0] // m, *x.shape[1:])
+            out = jnp.zeros(blocks.shape[1:], x.dtype)
+            for t, pairs in enumerate(rounds):  # each attention device receives in exactly one round
+                send = jax.lax.dynamic_index_in_dim(blocks, jnp.asarray(block[t])[me], 0, keepdims=False)
+                out = out + jax.lax.ppermute(send, "all", pairs)
+            return out
+
+        spec = PartitionSpec("all")
+        return jax.jit(jax.shard_map(afd_f2a, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+    def _globalise(self, shards, rows: int, struct, own: bool):
+        """This side's per-device ``[rows, ...]`` shards (zeros on the side without data) -> one global array over
+        every device of ``self.mesh``."""
+        total = rows * (self.m + self.n)
+        if not own:
+            key = (rows, tuple(struct.shape[1:]), jnp.dtype(struct.dtype))
+            if key not in self._dummies:
+                zero = np.zeros((rows, *struct.shape[1:]), struct.dtype)
+                self._dummies[key] = jax.device_put([zero] * len(self.local_devices), self.local_devices)
+            shards = self._dummies[key]
+        return jax.make_array_from_single_device_arrays((total, *struct.shape[1:]), self.global_rows, shards)
+
+    def _localise(self, garr, shape, sharding):
+        return jax.make_array_from_single_device_arrays(shape, sharding, _by_rows(garr))
 
     def to_ffn(self, message, struct):
-        g = self._a2f(self._globalise(message, struct, self.has_attention))
-        return (self._localise(g, struct, self.ffn_rows),) if self.has_ffn else None
+        b = struct.shape[0]
+        own = self.has_attention
+        g = self._a2f(self._globalise(_by_rows(message) if own else None, b // self.m, struct, own))
+        if not self.has_ffn:
+            return None
+        if self.paired:
+            return (self._localise(g, struct.shape, self.ffn_rows),)
+        return (self._localise(g, struct.shape, self.out_sharding),)
 
     def to_attention(self, parts, struct, sharding):
-        g = self._f2a(self._globalise(None if parts is None else parts[0], struct, self.has_ffn))
-        return self._localise(g, struct, sharding) if self.has_attention else None
+        b = struct.shape[0]
+        own = self.has_ffn
+        if self.paired:
+            g = self._f2a(self._globalise(_by_rows(parts[0]) if own else None, b // self.n, struct, own))
+        else:
+            shards = [s.data for s in parts[0].addressable_shards] if own else None
+            g = self._f2a(self._globalise(shards, b, struct, own))
+        if not self.has_attention:
+            return None
+        return self._localise(g, struct.shape, sharding)
 
 
 # ---------------------------------------------------------------------------------------------- the runner

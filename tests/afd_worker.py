@@ -1,10 +1,11 @@
 """One process of the two-process AFD test (tests/test_afd.py): 4 fake CPU devices each, gloo collectives,
 ``jax.distributed`` on localhost; process 0 runs the attention side, process 1 the FFN side.
 
-    python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--exit-early]
+    python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--exit-early] [--splits 4x4,3x2,2x3]
 
-Process 0 writes the generated tokens to OUT_JSON. With ``--exit-early`` process 1 exits right after joining
-(a failed peer), and process 0 must then exit with a clear error instead of hanging."""
+For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M attention devices of process 0 and N FFN devices
+of process 1 and generates; process 0 writes ``{"MxN": tokens}`` to OUT_JSON. With ``--exit-early`` process 1
+exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of hanging."""
 
 import os
 import sys
@@ -44,12 +45,16 @@ def main() -> int:
     config = dataclasses.replace(get_preset("test"), param_dtype="float32", moe_num_experts=8)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in (5, 3, 7, 4, 6, 2, 5)]
-    afd = AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3, transfer="model", peer_timeout_s=45.0)
-    runner = AFDRunner.create(config, afd, seed=3)
-    res = runner.generate(prompts, 4)
+    splits = sys.argv[sys.argv.index("--splits") + 1].split(",") if "--splits" in sys.argv else ["4x4"]
+    tokens = {}
+    for split in splits:
+        m, n = (int(v) for v in split.split("x"))
+        afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=45.0)
+        runner = AFDRunner.create(config, afd, seed=3)
+        tokens[split] = runner.generate(prompts, 4).tokens
     if process_id == 0:
         with open(out, "w") as fh:
-            json.dump(res.tokens, fh)
+            json.dump(tokens, fh)
     return 0
 
 

@@ -279,11 +279,17 @@ def _run_workers(tmp_path, *extra, timeout=150):
 
 
 def test_two_processes_give_the_single_process_tokens(four_four, tmp_path):
-    """Attention devices in process 0, FFN devices in process 1 (jax.distributed, gloo, ppermute over the role
-    axis of one global mesh): the tokens of the single-process 4A4F run with the same weights."""
-    (rc0, out0), (rc1, out1) = _run_workers(tmp_path)[0]
+    """Attention devices in process 0, FFN devices in process 1 (jax.distributed, gloo): the tokens of the
+    single-process 4A4F run with the same weights, for 4A4F (ppermute to a partner over the role axis of one global
+    mesh) and for unequal splits (rounds of ppermute over all devices): 3A2F (every FFN device gets all three
+    attention blocks; two return rounds, the second partial) and 2A3F (more FFN than attention devices)."""
+    splits = ("4x4", "3x2", "2x3")
+    (rc0, out0), (rc1, out1) = _run_workers(tmp_path, "--splits", ",".join(splits), timeout=300)[0]
     assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
-    assert json.loads((tmp_path / "tokens.json").read_text()) == four_four[1].tokens
+    tokens = json.loads((tmp_path / "tokens.json").read_text())
+    assert list(tokens) == list(splits)
+    for split in splits:
+        assert tokens[split] == four_four[1].tokens, split
 
 
 def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
