@@ -37,7 +37,14 @@ from step3_jax.quant import (
     quantize_activations,
     quantize_blockwise,
 )
-from step3_jax.sharding import DEFAULT_RULES, ShardingRules, check_block_sharding, check_divisible, constrain
+from step3_jax.sharding import (
+    DEFAULT_RULES,
+    ShardingRules,
+    check_block_sharding,
+    check_divisible,
+    constrain,
+    spec_axes,
+)
 
 log = logging.getLogger(__name__)
 f32 = jnp.float32
@@ -160,10 +167,6 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=f32)
 
 
-def _mesh_axes(part) -> tuple[str, ...]:
-    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
-
-
 def _fp8_kernel_wanted() -> bool:
     """Whether FP8 matmuls take the kernel path (or a forced path of it) when tracing now."""
     from pallas_kernels import fp8_gmm
@@ -189,15 +192,15 @@ def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
     q_spec = param_spec(getattr(module, name), mesh, rules)
     s_spec = param_spec(getattr(module, name + SCALE_SUFFIX), mesh, rules)
     w_shape, s_shape = w.q.shape, w.scale_inv.shape
-    out_axes, in_axes = _mesh_axes(q_spec[0]), _mesh_axes(q_spec[1])
+    out_axes, in_axes = spec_axes(q_spec[0]), spec_axes(q_spec[1])
     row_axes = tuple(a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1 and a not in out_axes)
     if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
         row_axes = ()  # a batch that does not split evenly is replicated
     k_axes = tuple(a for a in in_axes if a not in row_axes)  # FSDP-split inputs are gathered
-    s_k_axes = tuple(a for a in _mesh_axes(s_spec[1]) if a not in row_axes)
+    s_k_axes = tuple(a for a in spec_axes(s_spec[1]) if a not in row_axes)
     if k_axes != s_k_axes or w_shape[1] % (BLOCK * math.prod(mesh.shape[a] for a in k_axes)):
         k_axes = ()  # partial sums need whole, equally split scale blocks along the reduction
-    out_ok = _mesh_axes(s_spec[0]) == out_axes or s_shape[0] == 1  # one shared scale block may serve every shard
+    out_ok = spec_axes(s_spec[0]) == out_axes or s_shape[0] == 1  # one shared scale block may serve every shard
     o_spec, s_out, k_spec = (q_spec[0] if out_ok else None), (s_spec[0] if out_ok else None), (k_axes or None)
     w_spec = Fp8Weight(PartitionSpec(o_spec, k_spec), PartitionSpec(s_out, k_spec))
     lead = (None,) * (x.ndim - 2)

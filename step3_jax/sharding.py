@@ -137,6 +137,11 @@ def check_divisible(mesh: Mesh | None, rules: ShardingRules, logical_axis: str, 
         )
 
 
+def spec_axes(part) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of them) as a tuple."""
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
 def check_block_sharding(
     mesh: Mesh,
     spec: PartitionSpec,
@@ -149,7 +154,7 @@ def check_block_sharding(
     ``shape`` through one of its ``block``-wide scale blocks. A dimension of at most one block may be split (every
     shard shares that block's scale); a longer one needs whole blocks on every shard."""
     for dim, (size, part) in enumerate(zip(shape, spec, strict=False)):
-        axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+        axes = spec_axes(part)
         n = math.prod(mesh.shape[a] for a in axes)
         if n > 1 and size > block and (size % n or (size // n) % block):
             names = ",".join(axes)
