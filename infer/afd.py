@@ -154,6 +154,10 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         raise ValueError(f"AFD kv_dtype must be bfloat16, float32 or float8_e4m3fn, got {afd.kv_dtype!r}")
     for name in ("attention_devices", "ffn_devices", "micro_batches", "page_size"):
         _positive_int(name, getattr(afd, name))
+    if isinstance(afd.peer_timeout_s, bool) or not (
+        isinstance(afd.peer_timeout_s, int | float) and afd.peer_timeout_s > 0
+    ):
+        raise ValueError(f"AFD peer_timeout_s must be a positive number of seconds, got {afd.peer_timeout_s!r}")
     need = afd.attention_devices + afd.ffn_devices
     if need > num_devices:
         raise ValueError(
@@ -1167,11 +1171,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the colocated model and compare tokens")  # fmt: skip
     ap.add_argument("--trace-dir", help="profile the last decode step here; writes afd_trace.json + afd_gantt.png")
+    mp = ap.add_argument_group(
+        "multi-process (jax.distributed): process 0 runs the attention side on its devices, process 1 the FFN side; "
+        "start both with the same arguments but --process-id"
+    )
+    mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator; runs this as one of two processes")
+    mp.add_argument("--process-id", type=int, choices=(0, 1), help="0: attention process, 1: FFN process")
+    mp.add_argument("--peer-timeout", type=float, default=120.0,
+                    help="seconds without progress from the peer before this process exits with an error")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if (args.coordinator is None) != (args.process_id is None):
+        ap.error("--coordinator and --process-id go together (one per process, the same coordinator for both)")
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.coordinator is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=2, process_id=args.process_id)
+        if args.trace_dir:
+            print("(--trace-dir is for single-process runs; skipped)")
+        args.compare, args.trace_dir = False, None  # the colocated comparison too
+    attention_process = jax.process_index() == 0
     try:
         afd = AFDConfig(
             attention_devices=args.attention_devices,
@@ -1181,6 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
             transfer=args.transfer,
             page_size=args.page_size,
             kv_dtype=args.kv_dtype,
+            peer_timeout_s=args.peer_timeout,
         )
         sampling_from_args(args)  # bad sampling values fail before any model is built
         t0 = time.perf_counter()
@@ -1208,6 +1230,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     res = runner.generate(prompts, sampling=params, trace_dir=trace_dir)
+    if not attention_process:
+        print(f"FFN process: served {len(prompts)} sequences; the attention process (0) prints the tokens")
+        return 0
     print(f"prefill {res.prefill_seconds:.2f} s, decode {res.decode_tokens_per_second:.1f} tokens/s (after compile)")
     for text, toks in zip(texts, res.tokens, strict=True):
         print(f"  {text[:40]!r} -> {toks}")

@@ -235,6 +235,8 @@ def test_impossible_requests_fail_before_work(config, test_config, prompts):
         AFDRunner.create(config, AFDConfig(transfer="int4"))
     with pytest.raises(ValueError, match="kv_dtype must be bfloat16, float32 or float8_e4m3fn, got 'int8'"):
         AFDRunner.create(config, AFDConfig(kv_dtype="int8"))
+    with pytest.raises(ValueError, match="peer_timeout_s must be a positive number of seconds, got -1"):
+        AFDRunner.create(config, AFDConfig(peer_timeout_s=-1))
     runner = AFDRunner.create(config, AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3))
     with pytest.raises(ValueError, match="a batch of 2 sequences cannot fill 3 micro-batches"):
         runner.generate(prompts[:2], 2)
@@ -302,3 +304,65 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
         -3000:
     ]
     assert not (tmp_path / "tokens.json").exists()
+
+
+CLI_ARGS = ["--preset", "test", "--attention-devices", "2", "--ffn-devices", "1", "--micro-batches", "2"]
+CLI_ARGS += ["--batch", "3", "--max-new-tokens", "3", "--transfer", "model"]
+
+
+def _token_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.startswith("  ") and " -> [" in line]
+
+
+def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys):
+    """``python -m infer.afd``: one process (2A1F on this process's devices, checked against the colocated engine),
+    then the same arguments as two processes (``--coordinator`` / ``--process-id``: process 0 attention on 2
+    devices, process 1 FFN on 1): the same tokens; a half-given multi-process request is refused."""
+    from infer.afd import main
+
+    assert main([*CLI_ARGS]) == 0
+    single = capsys.readouterr().out
+    assert "colocated engine: 3/3 sequences with identical greedy tokens" in single, single
+    want = _token_lines(single)
+    assert len(want) == 3
+
+    with pytest.raises(SystemExit) as err:
+        main([*CLI_ARGS, "--coordinator", "127.0.0.1:1"])
+    assert err.value.code == 2
+    assert "--coordinator and --process-id go together" in capsys.readouterr().err
+
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "infer.afd",
+                *CLI_ARGS,
+                "--cpu-devices",
+                "2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--process-id",
+                str(i),
+                "--peer-timeout",
+                "60",
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=Path(__file__).parents[1],
+        )
+        for i in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("two-process CLI run did not finish within 240 s")
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert _token_lines(outs[0]) == want
+    assert "FFN process: served 3 sequences" in outs[1] and not _token_lines(outs[1])
