@@ -1188,7 +1188,18 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=2, process_id=args.process_id)
+        wait = max(1, math.ceil(args.peer_timeout))
+        print(
+            f"joining the two-process job at {args.coordinator} as process {args.process_id} (waiting up to {wait} s "
+            "for the other process; if it never comes, JAX ends this one with DEADLINE_EXCEEDED)",
+            flush=True,
+        )
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=2,
+            process_id=args.process_id,
+            initialization_timeout=wait,
+        )
         if args.trace_dir:
             print("(--trace-dir is for single-process runs; skipped)")
         args.compare, args.trace_dir = False, None  # the colocated comparison too

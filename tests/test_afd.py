@@ -366,3 +366,18 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert _token_lines(outs[0]) == want
     assert "FFN process: served 3 sequences" in outs[1] and not _token_lines(outs[1])
+
+
+def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
+    """The FFN process of a two-process CLI job whose attention process never starts exits (non-zero, naming the
+    wait and JAX's deadline) after ``--peer-timeout`` instead of waiting forever."""
+    cmd = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator",
+           f"127.0.0.1:{_free_port()}", "--process-id", "1", "--peer-timeout", "3"]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the CLI waited more than 90 s for a peer it was told to wait 3 s for")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "waiting up to 3 s for the other process" in out and "DEADLINE_EXCEEDED" in out, out[-3000:]
