@@ -178,7 +178,8 @@ def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
     """``x [B, ..., in]`` through weight ``name`` of ``module`` (block-FP8 or plain) -> float32 ``[B, ..., out]``.
 
     On a mesh, when FP8 products take the GEMM kernel, the product runs inside ``shard_map`` on each device's own
-    rows and weight shard: a Pallas kernel is an opaque custom call to XLA's partitioner, which would gather its
+    rows (split over the batch axes, or on a mesh without them over the axes the weight does not use) and weight
+    shard: a Pallas kernel is an opaque custom call to XLA's partitioner, which would gather its
     operands onto every device and compute the whole product on each. The weight keeps its parameter sharding
     (:func:`param_spec`): split output columns stay split (column parallel); an input dimension split over axes
     that do not split the batch gives partial products summed over those axes (row parallel, e.g. ``o_proj``
@@ -194,6 +195,10 @@ def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
     w_shape, s_shape = w.q.shape, w.scale_inv.shape
     out_axes, in_axes = spec_axes(q_spec[0]), spec_axes(q_spec[1])
     row_axes = tuple(a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1 and a not in out_axes)
+    if not any(mesh.shape.get(a, 1) > 1 for a in rules.mesh_axes("act_batch")):
+        # a mesh without batch axes (the AFD runner's FFN submesh, whose input rows arrive split over all its
+        # devices): split the rows over every axis the weight leaves free instead of computing them all everywhere
+        row_axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in out_axes + in_axes)
     if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
         row_axes = ()  # a batch that does not split evenly is replicated
     k_axes = tuple(a for a in in_axes if a not in row_axes)  # FSDP-split inputs are gathered

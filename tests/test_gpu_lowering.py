@@ -63,20 +63,25 @@ def _kernels_inside_manual_computations(text: str) -> tuple[int, int]:
     return inside, total
 
 
-def test_sharded_fp8_layer_runs_every_kernel_on_its_own_shard(monkeypatch):
-    """A Step-3 dense FP8 layer on a data 2 x tensor 4 mesh, lowered for CUDA with the FP8 GEMM kernel: every
-    kernel call sits inside ``shard_map`` with per-device operands (batch 64 -> 32 rows; the dense FFN's 18432
-    columns -> 4608, its down projection reducing over them), so XLA's partitioner never sees the opaque kernel and
-    never gathers whole weights onto every GPU to feed it."""
+def _sharded_dense_fp8_layer(mesh):
+    """(graphdef, abstract state with the parameters' shardings) of one dense Step-3 FP8 layer on ``mesh``."""
     config = dataclasses.replace(get_preset("step3"), num_hidden_layers=1, moe_layers_enum=(), quantization="fp8")
-    mesh = make_mesh(data=2, tensor=4)
     layer = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh)).layers[0]
     graphdef, state = nnx.split(layer)
     shardings = nnx.to_pure_dict(param_shardings(state, mesh))
     pure = jax.tree.map(lambda s, n: S(s.shape, s.dtype, sharding=n), nnx.to_pure_dict(state), shardings)
     nnx.replace_by_pure_dict(state, pure)
+    return graphdef, state
+
+
+def test_sharded_fp8_layer_runs_every_kernel_on_its_own_shard(monkeypatch):
+    """A Step-3 dense FP8 layer on a data 2 x tensor 4 mesh, lowered for CUDA with the FP8 GEMM kernel: every
+    kernel call sits inside ``shard_map`` with per-device operands (batch 64 -> 32 rows; the dense FFN's 18432
+    columns -> 4608, its down projection reducing over them), so XLA's partitioner never sees the opaque kernel and
+    never gathers whole weights onto every GPU to feed it."""
+    graphdef, state = _sharded_dense_fp8_layer(make_mesh(data=2, tensor=4))
     batch = 64
-    x, pos = S((batch, 1, config.hidden_size), jnp.bfloat16), S((batch, 1), jnp.int32)
+    x, pos = S((batch, 1, get_preset("step3").hidden_size), jnp.bfloat16), S((batch, 1), jnp.int32)
 
     def dense_layer(state, x, pos):
         layer = nnx.merge(graphdef, state)
@@ -90,3 +95,21 @@ def test_sharded_fp8_layer_runs_every_kernel_on_its_own_shard(monkeypatch):
     for shard_operand in ("32x1x7168xbf16", "4608x7168xf8E4M3FN", "7168x4608xf8E4M3FN", "4096x2048xf8E4M3FN"):
         assert f"tensor<{shard_operand}>" in text, shard_operand
     assert "all_reduce" in text  # o_proj and down_proj sum their partial products over tensor
+
+
+def test_fp8_ffn_on_a_submesh_without_batch_axes_splits_its_rows():
+    """The AFD runner's FFN submesh (tensor 2 x expert 4, no batch axes; the micro-batch arrives split over all its
+    devices): the dense FFN's kernels run on 64 / 4 = 16 rows per device (over the ``expert`` axis the weights
+    leave free) and 9216-column weight shards, not on every row on every device."""
+    graphdef, state = _sharded_dense_fp8_layer(make_mesh(tensor=2, expert=4))
+    x = S((64, 1, get_preset("step3").hidden_size), jnp.bfloat16)
+
+    def ffn(state, x):
+        return nnx.merge(graphdef, state).ffn(x)
+
+    with use_fp8_gemm("kernel"):
+        text = jax.jit(ffn).trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
+    inside, total = _kernels_inside_manual_computations(text)
+    assert total == 3 and inside == total
+    for shard_operand in ("16x1x7168xbf16", "9216x7168xf8E4M3FN", "16x1x9216xbf16", "7168x9216xf8E4M3FN"):
+        assert f"tensor<{shard_operand}>" in text, shard_operand
