@@ -14,7 +14,7 @@ from flax import nnx
 from step3_jax import kv_cache as kvc
 from step3_jax import make_mesh
 from step3_jax.config import get_preset
-from step3_jax.model import Step3ForCausalLM, abstract_model, param_shardings, use_fp8_gemm
+from step3_jax.model import Step3ForCausalLM, abstract_model, param_shardings, row_buckets, use_fp8_gemm
 
 S = jax.ShapeDtypeStruct
 
@@ -63,9 +63,11 @@ def _kernels_inside_manual_computations(text: str) -> tuple[int, int]:
     return inside, total
 
 
-def _sharded_dense_fp8_layer(mesh):
-    """(graphdef, abstract state with the parameters' shardings) of one dense Step-3 FP8 layer on ``mesh``."""
-    config = dataclasses.replace(get_preset("step3"), num_hidden_layers=1, moe_layers_enum=(), quantization="fp8")
+def _sharded_fp8_layer(mesh, moe: bool = False):
+    """(graphdef, abstract state with the parameters' shardings) of one Step-3 FP8 layer (dense or MoE) on ``mesh``."""
+    config = dataclasses.replace(
+        get_preset("step3"), num_hidden_layers=1, moe_layers_enum=(0,) if moe else (), quantization="fp8"
+    )
     layer = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh)).layers[0]
     graphdef, state = nnx.split(layer)
     shardings = nnx.to_pure_dict(param_shardings(state, mesh))
@@ -79,7 +81,7 @@ def test_sharded_fp8_layer_runs_every_kernel_on_its_own_shard(monkeypatch):
     kernel call sits inside ``shard_map`` with per-device operands (batch 64 -> 32 rows; the dense FFN's 18432
     columns -> 4608, its down projection reducing over them), so XLA's partitioner never sees the opaque kernel and
     never gathers whole weights onto every GPU to feed it."""
-    graphdef, state = _sharded_dense_fp8_layer(make_mesh(data=2, tensor=4))
+    graphdef, state = _sharded_fp8_layer(make_mesh(data=2, tensor=4))
     batch = 64
     x, pos = S((batch, 1, get_preset("step3").hidden_size), jnp.bfloat16), S((batch, 1), jnp.int32)
 
@@ -101,7 +103,7 @@ def test_fp8_ffn_on_a_submesh_without_batch_axes_splits_its_rows():
     """The AFD runner's FFN submesh (tensor 2 x expert 4, no batch axes; the micro-batch arrives split over all its
     devices): the dense FFN's kernels run on 64 / 4 = 16 rows per device (over the ``expert`` axis the weights
     leave free) and 9216-column weight shards, not on every row on every device."""
-    graphdef, state = _sharded_dense_fp8_layer(make_mesh(tensor=2, expert=4))
+    graphdef, state = _sharded_fp8_layer(make_mesh(tensor=2, expert=4))
     x = S((64, 1, get_preset("step3").hidden_size), jnp.bfloat16)
 
     def ffn(state, x):
@@ -113,3 +115,29 @@ def test_fp8_ffn_on_a_submesh_without_batch_axes_splits_its_rows():
     assert total == 3 and inside == total
     for shard_operand in ("16x1x7168xbf16", "9216x7168xf8E4M3FN", "16x1x9216xbf16", "7168x9216xf8E4M3FN"):
         assert f"tensor<{shard_operand}>" in text, shard_operand
+
+
+def test_expert_parallel_fp8_moe_lowers_with_a_kernel_per_row_bucket():
+    """A Step-3 FP8 MoE layer's FFN half on an 8-way expert-parallel mesh (6 experts per device, 256 tokens, top-3):
+    the routed experts' three FP8 GEMMs lower for CUDA once per row bucket (`row_buckets`: 120, 240, 480, 768 of
+    the 768 pairs) inside the ``lax.switch`` that picks one at run time, and the shared expert's three on the
+    device's own 32 rows; every kernel inside ``shard_map``."""
+    config = get_preset("step3")
+    graphdef, state = _sharded_fp8_layer(make_mesh(expert=8), moe=True)
+    tokens, k = 256, config.moe_top_k
+    buckets = row_buckets(tokens * k, config.moe_num_experts // 8, config.moe_num_experts)
+    assert buckets == (120, 240, 480, 768)
+
+    def moe_ffn(state, x, weights, ids):
+        return nnx.merge(graphdef, state).ffn(x, (weights, ids))
+
+    x = S((tokens, 1, config.hidden_size), jnp.bfloat16)
+    args = (x, S((tokens, 1, k), jnp.float32), S((tokens, 1, k), jnp.int32))
+    with use_fp8_gemm("kernel"):
+        text = jax.jit(moe_ffn).trace(state, *args).lower(lowering_platforms=("cuda",)).as_text()
+    inside, total = _kernels_inside_manual_computations(text)
+    assert total == 3 * len(buckets) + 3 and inside == total
+    assert "stablehlo.case" in text
+    for rows in buckets:  # gate/up read [rows, 7168] FP8 activations, down [rows, 5120]
+        assert f"tensor<{rows}x7168xf8E4M3FN>" in text and f"tensor<{rows}x5120xf8E4M3FN>" in text, rows
+    assert "tensor<32x1x7168xbf16>" in text  # the shared expert on this device's rows
