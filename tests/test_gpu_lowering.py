@@ -1,7 +1,8 @@
 """The GPU decode path of one whole Step-3 MFA layer lowers for CUDA on the CPU: at issue #6's shape (batch 64,
 8K context, FP8 projections, BF16 or FP8 KV over 64-token pages) the layer's five projections go through the FP8
 GEMM kernel and its attention through the MFA decode kernel, so layout, TMA and shared-memory errors of the
-kernels *as the model calls them* show up without a GPU. Abstract weights: nothing of the 321B model is allocated."""
+kernels *as the model calls them* show up without a GPU. On 8 fake devices the sharded layers lower with every
+kernel inside ``shard_map`` on per-device shapes. Abstract weights: nothing of the 321B model is allocated."""
 
 import dataclasses
 import re
