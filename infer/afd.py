@@ -398,8 +398,7 @@ class CollectiveTransport:
         if self.paired:
             self.mesh = Mesh(np.array([a, f], dtype=object), ("role", "x"))
             self.global_rows = NamedSharding(self.mesh, PartitionSpec(("role", "x")))
-            self.ffn_rows = NamedSharding(ffn_mesh, PartitionSpec(tuple(ffn_mesh.axis_names)))
-            self.out_sharding = self.ffn_rows
+            self.out_sharding = NamedSharding(ffn_mesh, PartitionSpec(tuple(ffn_mesh.axis_names)))
             self._a2f = self._permute(0, 1, "afd_a2f")
             self._f2a = self._permute(1, 0, "afd_f2a")
         else:
@@ -484,20 +483,14 @@ class CollectiveTransport:
         b = struct.shape[0]
         own = self.has_attention
         g = self._a2f(self._globalise(_by_rows(message) if own else None, b // self.m, struct, own))
-        if not self.has_ffn:
-            return None
-        if self.paired:
-            return (self._localise(g, struct.shape, self.ffn_rows),)
-        return (self._localise(g, struct.shape, self.out_sharding),)
+        # the FFN program's input is laid out as its output: rows split over the FFN mesh, or replicated
+        return (self._localise(g, struct.shape, self.out_sharding),) if self.has_ffn else None
 
     def to_attention(self, parts, struct, sharding):
         b = struct.shape[0]
         own = self.has_ffn
-        if self.paired:
-            g = self._f2a(self._globalise(_by_rows(parts[0]) if own else None, b // self.n, struct, own))
-        else:
-            shards = [s.data for s in parts[0].addressable_shards] if own else None
-            g = self._f2a(self._globalise(shards, b, struct, own))
+        rows = b // self.n if self.paired else b  # a row block per FFN device, or the whole replicated output
+        g = self._f2a(self._globalise(_by_rows(parts[0]) if own else None, rows, struct, own))
         if not self.has_attention:
             return None
         return self._localise(g, struct.shape, sharding)

@@ -194,10 +194,11 @@ def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
     s_spec = param_spec(getattr(module, name + SCALE_SUFFIX), mesh, rules)
     w_shape, s_shape = w.q.shape, w.scale_inv.shape
     out_axes, in_axes = spec_axes(q_spec[0]), spec_axes(q_spec[1])
-    row_axes = tuple(a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1 and a not in out_axes)
-    if not any(mesh.shape.get(a, 1) > 1 for a in rules.mesh_axes("act_batch")):
-        # a mesh without batch axes (the AFD runner's FFN submesh, whose input rows arrive split over all its
-        # devices): split the rows over every axis the weight leaves free instead of computing them all everywhere
+    batch_axes = [a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1]
+    if batch_axes:
+        row_axes = tuple(a for a in batch_axes if a not in out_axes)
+    else:  # no batch axes (the AFD runner's FFN submesh, whose rows arrive split over all its devices): split the
+        # rows over every axis the weight leaves free instead of computing them all on every device
         row_axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in out_axes + in_axes)
     if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
         row_axes = ()  # a batch that does not split evenly is replicated
