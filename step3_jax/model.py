@@ -121,17 +121,26 @@ def use_fp8_gemm(impl: str | None, config=None):
         _FP8_GEMM.update(old)
 
 
+def _fp8_kernel_wanted() -> bool:
+    """Whether FP8 matmuls take the kernel path (or a forced path of it) when tracing now."""
+    from pallas_kernels import fp8_gmm
+
+    return _FP8_GEMM["impl"] is not None or fp8_gmm.on_hopper()
+
+
 def _fp8_kernel_gemm(x: jax.Array, w: Fp8Weight, group_sizes: jax.Array) -> jax.Array | None:
     """The FP8 grouped GEMM (kernel or forced path) when it applies, else None (use the pure-JAX path)."""
     from pallas_kernels import fp8_gmm
 
     if w.q.dtype != FP8_DTYPE:
         return None  # a float weight in the FP8 layout (LoRA's base + adapter): no FP8 operand to feed the kernel
+    if not _fp8_kernel_wanted():
+        return None
     impl = _FP8_GEMM["impl"]
     if impl is None:
         m, k = x.shape
-        if not fp8_gmm.on_hopper() or fp8_gmm.kernel_supports(m, w.shape[-2], k):
-            return None
+        if fp8_gmm.kernel_supports(m, w.shape[-2], k):
+            return None  # a shape the kernel does not take: the pure-JAX path
         impl = "kernel"
     xq, xs = quantize_activations(x)
     return fp8_gmm.fp8_grouped_matmul(
@@ -165,13 +174,6 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
         wd = w.dequantize().swapaxes(-1, -2)
         return jax.lax.ragged_dot(fake_quantize_activations(x), wd, group_sizes, preferred_element_type=f32)
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=f32)
-
-
-def _fp8_kernel_wanted() -> bool:
-    """Whether FP8 matmuls take the kernel path (or a forced path of it) when tracing now."""
-    from pallas_kernels import fp8_gmm
-
-    return _FP8_GEMM["impl"] is not None or fp8_gmm.on_hopper()
 
 
 def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:

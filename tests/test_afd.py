@@ -253,31 +253,36 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_workers(tmp_path, *extra, timeout=150):
-    """Both processes of tests/afd_worker.py on localhost; returns [(returncode, output)] (hard timeout: fail)."""
-    port, out = _free_port(), tmp_path / "tokens.json"
-    worker = Path(__file__).with_name("afd_worker.py")
+def _run_pair(command, timeout: float, what: str) -> list[tuple[int, str]]:
+    """Run ``command(process_id)`` for processes 0 and 1 at once from the repository root; returns
+    [(returncode, output)] (a hard timeout fails the test, killing both)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(i), str(port), str(out), *extra],
+            command(i),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            cwd=Path(__file__).parents[1],
         )
         for i in (0, 1)
     ]
-    results = []
     try:
-        for proc in procs:
-            text, _ = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, text))
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        return [(proc.returncode, text) for proc, text in zip(procs, outputs, strict=True)]
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
-        pytest.fail(f"two-process AFD run did not finish within {timeout} s")
-    return results, out
+        pytest.fail(f"{what} did not finish within {timeout} s")
+
+
+def _run_workers(tmp_path, *extra, timeout=150):
+    """Both processes of tests/afd_worker.py on localhost; returns ([(returncode, output)], the tokens file)."""
+    port, out = _free_port(), tmp_path / "tokens.json"
+    worker = Path(__file__).with_name("afd_worker.py")
+    command = lambda i: [sys.executable, str(worker), str(i), str(port), str(out), *extra]  # noqa: E731
+    return _run_pair(command, timeout, "two-process AFD run"), out
 
 
 def test_two_processes_give_the_single_process_tokens(four_four, tmp_path):
@@ -332,40 +337,13 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
     assert "--coordinator and --process-id go together" in capsys.readouterr().err
 
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "infer.afd",
-                *CLI_ARGS,
-                "--cpu-devices",
-                "2",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--process-id",
-                str(i),
-                "--peer-timeout",
-                "60",
-            ],  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=Path(__file__).parents[1],
-        )
-        for i in (0, 1)
-    ]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("two-process CLI run did not finish within 240 s")
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert _token_lines(outs[0]) == want
-    assert "FFN process: served 3 sequences" in outs[1] and not _token_lines(outs[1])
+    cli = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator", f"127.0.0.1:{port}"]
+    (rc0, out0), (rc1, out1) = _run_pair(
+        lambda i: [*cli, "--process-id", str(i), "--peer-timeout", "60"], 240, "two-process CLI run"
+    )
+    assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
+    assert _token_lines(out0) == want
+    assert "FFN process: served 3 sequences" in out1 and not _token_lines(out1)
 
 
 def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
