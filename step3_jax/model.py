@@ -49,6 +49,7 @@ from step3_jax.sharding import (
 log = logging.getLogger(__name__)
 f32 = jnp.float32
 MOE_IMPLS = ("grouped", "loop")
+MOE_DISPATCH = ("all_to_all", "all_gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,17 +457,20 @@ ROW_BUCKET_START = 1.25  # the smallest bucket: this multiple of an expert shard
 ROW_BUCKET_ALIGN = 8  # bucket sizes are rounded up to this many rows (the FP8 kernel's row alignment)
 
 
-def row_buckets(pairs: int, num_local: int, num_experts: int) -> tuple[int, ...]:
+def row_buckets(
+    pairs: int, num_local: int, num_experts: int, *, align: int = ROW_BUCKET_ALIGN, start: float | None = None
+) -> tuple[int, ...]:
     """Static row counts an expert shard's grouped GEMMs run at (ascending; the last is ``pairs``, so nothing is
     ever dropped). With ``num_local`` of ``num_experts`` experts a shard owns about ``pairs * num_local /
-    num_experts`` of the token-expert pairs; the buckets start at 1.25x that share and double up to all pairs.
-    One bucket (all pairs) when the shard holds every expert."""
+    num_experts`` of the token-expert pairs; the buckets start at 1.25x that share (or at ``start``), rounded up
+    to a multiple of ``align``, and double up to all pairs. One bucket (all pairs) when the shard holds every
+    expert."""
     if num_local >= num_experts:
         return (pairs,)
     caps: list[int] = []
-    c = ROW_BUCKET_START * pairs * num_local / num_experts
+    c = ROW_BUCKET_START * pairs * num_local / num_experts if start is None else start
     while c < pairs:
-        cap = min(pairs, ROW_BUCKET_ALIGN * math.ceil(c / ROW_BUCKET_ALIGN))
+        cap = min(pairs, align * math.ceil(c / align))
         if not caps or cap > caps[-1]:
             caps.append(cap)
         c *= 2
@@ -490,6 +494,8 @@ def _experts_on_rows(rows, x, weights, ids, gate, up, down, first_expert):
 
 
 def _bucketed_experts(caps, x, weights, ids, gate, up, down, first_expert):
+    if len(caps) == 1:
+        return _experts_on_rows(caps[0], x, weights, ids, gate, up, down, first_expert)
     local = ids - first_expert
     count = jnp.sum((local >= 0) & (local < gate.shape[0]))
     bucket = jnp.sum(jnp.asarray(caps[:-1], jnp.int32) < count)  # the smallest bucket that holds every local pair
@@ -531,7 +537,11 @@ def loop_experts(x, weights, ids, gate, up, down):
 
 
 class MoE(nnx.Module):
-    """Routed experts: float32 softmax router, top-k without renormalisation (unless the config says so)."""
+    """Routed experts: float32 softmax router, top-k without renormalisation (unless the config says so).
+
+    On a mesh with experts split over devices, ``dispatch`` says how tokens reach them: ``"all_to_all"`` (default:
+    each token-expert pair travels to its expert's owner and back) or ``"all_gather"`` (every expert shard sees every
+    token of its batch shard; partial outputs summed)."""
 
     def __init__(self, config: Step3Config, *, rngs: nnx.Rngs, ctx: ShardCtx):
         d, e, f = config.hidden_size, config.moe_num_experts, config.moe_intermediate_size
@@ -547,6 +557,7 @@ class MoE(nnx.Module):
         self.top_k = config.moe_top_k
         self.renormalize = config.norm_expert_weight
         self.impl = "grouped"
+        self.dispatch = "all_to_all"  # how expert shards get their tokens on a mesh; see _sharded_grouped_experts
         self.ctx = ctx
 
     def route(self, x: jax.Array):
@@ -571,7 +582,9 @@ class MoE(nnx.Module):
             raise ValueError(f"MoE impl must be one of {MOE_IMPLS}, got {impl!r}")
         gate, up, down = (_weight_value(self, name) for name in ("gate_proj", "up_proj", "down_proj"))
         if impl == "grouped" and self.ctx.mesh is not None:
-            return _sharded_grouped_experts(self.ctx, x, weights, ids, gate, up, down)
+            if self.dispatch not in MOE_DISPATCH:
+                raise ValueError(f"MoE dispatch must be one of {MOE_DISPATCH}, got {self.dispatch!r}")
+            return _sharded_grouped_experts(self.ctx, x, weights, ids, gate, up, down, self.dispatch)
         b, t, d = x.shape
         fn = loop_experts if impl == "loop" else grouped_experts
         out = fn(x.reshape(b * t, d), weights.reshape(b * t, -1), ids.reshape(b * t, -1), gate, up, down)
@@ -582,10 +595,18 @@ class MoE(nnx.Module):
         return self.experts(x, weights, ids, impl)
 
 
-def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
-    """Expert / tensor parallel MoE with ``shard_map``: tokens stay sharded by batch, each device runs the
-    grouped path over its own experts and FFN columns (on a row bucket that holds its own token-expert pairs,
-    see :func:`row_buckets`), and partial outputs are summed over those axes."""
+def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down, dispatch: str = "all_to_all"):
+    """Expert / tensor parallel MoE with ``shard_map``; partial outputs of the FFN-column (tensor) shards are
+    summed over those axes.
+
+    ``dispatch="all_to_all"`` (used whenever the batch splits evenly over the batch and expert axes): tokens stay
+    split over the expert axes too; each device sends each of its token-expert pairs to the device that owns the
+    expert and gets the expert's output back (two ``all_to_all`` of a static per-device capacity, see
+    :func:`_dispatched_experts`), and combines its own tokens' outputs. ``"all_gather"`` (and the fallback):
+    every expert shard sees all tokens of its batch shard, runs the grouped path on a row bucket that holds its own
+    pairs (:func:`row_buckets`), and the outputs are summed over the expert axes. Per device and MoE layer of N
+    tokens over ep expert shards, the first sends and receives about N x k / ep rows each way (somewhat more: a
+    static capacity with room for uneven routing), the second gathers N rows and all-reduces N float32 rows."""
     mesh, rules = ctx.mesh, ctx.rules
     fp8 = isinstance(gate, Fp8Weight)
     num_experts, ffn = gate.shape[0], gate.shape[1] if fp8 else gate.shape[2]
@@ -593,9 +614,7 @@ def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
     check_divisible(mesh, rules, "expert_mlp", ffn, "moe_intermediate_size")
     expert_axes = tuple(a for a in rules.mesh_axes("experts") if mesh.shape.get(a, 1) > 1)
     mlp_axes = tuple(a for a in rules.mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1 and a not in expert_axes)
-    mlp_shards = 1
-    for a in mlp_axes:
-        mlp_shards *= mesh.shape[a]
+    mlp_shards = math.prod(mesh.shape[a] for a in mlp_axes)
     if fp8 and mlp_shards > 1 and ffn > BLOCK and (ffn // mlp_shards) % BLOCK:
         raise ValueError(
             f"moe_intermediate_size = {ffn} split over mesh axes ({','.join(mlp_axes)}) of total size {mlp_shards} "
@@ -605,37 +624,32 @@ def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
     batch_axes = tuple(
         a for a in rules.mesh_axes("act_batch") if mesh.shape.get(a, 1) > 1 and a not in expert_axes + mlp_axes
     )
-    batch_shards = 1
-    for a in batch_axes:
-        batch_shards *= mesh.shape[a]
-    if x.shape[0] % batch_shards:
+    ep = math.prod(mesh.shape[a] for a in expert_axes)
+    if x.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
         batch_axes = ()  # a batch that does not split evenly is replicated instead
+    a2a = dispatch == "all_to_all" and ep > 1 and x.shape[0] % (ep * math.prod(mesh.shape[a] for a in batch_axes)) == 0
+    row_axes = batch_axes + expert_axes if a2a else batch_axes
     e_spec = expert_axes or None
     f_spec = mlp_axes or None
-    tok_spec = PartitionSpec(batch_axes or None, None, None)
+    tok_spec = PartitionSpec(row_axes or None, None, None)
     w_spec = PartitionSpec(e_spec, None, f_spec)
     down_spec = PartitionSpec(e_spec, f_spec, None)
     if fp8:  # HF layout [E, F, D] / [E, D, F]; an FFN of one scale block shares that block on every shard
         s_spec = f_spec if ffn > BLOCK else None
         w_spec = Fp8Weight(PartitionSpec(e_spec, f_spec, None), PartitionSpec(e_spec, s_spec, None))
         down_spec = Fp8Weight(PartitionSpec(e_spec, None, f_spec), PartitionSpec(e_spec, None, s_spec))
-    reduce_axes = expert_axes + mlp_axes
+    reduce_axes = mlp_axes if a2a else expert_axes + mlp_axes
 
     def local(x, weights, ids, gate, up, down):
         b, t, d = x.shape
-        shard = 0
-        for a in expert_axes:
-            shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
-        out = grouped_experts(
-            x.reshape(b * t, d),
-            weights.reshape(b * t, -1),
-            ids.reshape(b * t, -1),
-            gate,
-            up,
-            down,
-            first_expert=shard * gate.shape[0],
-            num_experts=num_experts,
-        )
+        flat = (x.reshape(b * t, d), weights.reshape(b * t, -1), ids.reshape(b * t, -1), gate, up, down)
+        if a2a:
+            out = _dispatched_experts(*flat, expert_axes=expert_axes, ep=ep, agree_axes=tuple(mesh.axis_names))
+        else:
+            shard = 0
+            for a in expert_axes:
+                shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+            out = grouped_experts(*flat, first_expert=shard * gate.shape[0], num_experts=num_experts)
         if reduce_axes:
             out = jax.lax.psum(out, reduce_axes)
         return out.reshape(b, t, d).astype(x.dtype)
@@ -647,6 +661,55 @@ def _sharded_grouped_experts(ctx: ShardCtx, x, weights, ids, gate, up, down):
         out_specs=tok_spec,
         check_vma=False,
     )(x, weights, ids, gate, up, down)
+
+
+def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int, agree_axes):
+    """One device's part of the all-to-all MoE (inside ``shard_map``): x [n, D], weights / ids [n, C] are this
+    device's tokens; gate / up / down hold the experts of expert shard ``axis_index(expert_axes)``.
+
+    Pairs are sorted by the shard owning their expert and sent in a ``[ep, cap, D + 1]`` buffer (the extra column:
+    the pair's local expert id), ``cap`` the smallest
+    of the static :func:`row_buckets` capacities that holds the most pairs any device sends any shard (agreed by a
+    ``pmax`` over ``agree_axes``, so every device takes the same branch and the collectives match). Each shard runs
+    its experts on the ``ep * cap`` rows it receives (empty slots in no group), sends the outputs back in x's dtype,
+    and each device sums its tokens' weighted expert outputs. Returns float32 [n, D]."""
+    n, k = ids.shape
+    e_l = gate.shape[0]
+    if e_l >= 2 ** (jnp.finfo(x.dtype).nmant + 1):
+        raise ValueError(f"{e_l} experts per shard: local expert ids are not exact in {x.dtype} for the all_to_all")
+    dest = (ids // e_l).reshape(-1)  # [n*C] the expert shard of each pair
+    counts = jnp.bincount(dest, length=ep)
+    order = jnp.argsort(dest, stable=True)
+    slot = jnp.zeros_like(dest).at[order].set(jnp.arange(dest.shape[0]) - (jnp.cumsum(counts) - counts)[dest[order]])
+    # a device sends a shard about share = n * k / ep pairs; the largest of the ep * ep counts under even routing
+    # is about share + 3 sqrt(share), so the first capacity allows that on top of 1.25x the share
+    share = n * k / ep
+    start = ROW_BUCKET_START * share + 3 * math.sqrt(share)
+    caps = row_buckets(n * k, e_l, e_l * ep, align=ROW_BUCKET_ALIGN // math.gcd(ROW_BUCKET_ALIGN, ep), start=start)
+    need = jax.lax.pmax(jnp.max(counts), agree_axes)
+    bucket = jnp.sum(jnp.asarray(caps[:-1], jnp.int32) < need)
+
+    def exchange(cap, x, weights, ids, dest, slot, gate, up, down):
+        d = x.shape[-1]
+        # each row carries its local expert id (exact in x's dtype) as one more column; e_l marks an empty slot
+        pairs = jnp.concatenate([x[jnp.arange(n * k) // k], (ids % e_l).reshape(-1, 1).astype(x.dtype)], axis=-1)
+        send = jnp.zeros((ep, cap, d + 1), x.dtype).at[:, :, d].set(e_l).at[dest, slot].set(pairs)
+        recv = jax.lax.all_to_all(send, expert_axes, 0, 0).reshape(ep * cap, d + 1)  # [i*cap:]: from device i
+        recv_ids = jax.lax.stop_gradient(recv[:, d:]).astype(jnp.int32)
+        # the pairs received fill the ep * cap slots unevenly: when they fit the shard's first row bucket (1.25x
+        # its even share of all pairs) the GEMMs run on that many rows, else on all slots
+        rows = [c for c in row_buckets(ep * n * k, e_l, e_l * ep)[:1] if c < ep * cap] + [ep * cap]
+        y = _bucketed_experts(rows, recv[:, :d], jnp.ones((ep * cap, 1), f32), recv_ids, gate, up, down, 0)
+        back = jax.lax.all_to_all(y.astype(x.dtype).reshape(ep, cap, d), expert_axes, 0, 0)
+        mine = back[dest, slot].reshape(n, k, d).astype(f32)
+        return jnp.einsum("nc,ncd->nd", weights.astype(f32), mine)
+
+    def run(bucket, *args):
+        if len(caps) == 1:
+            return exchange(caps[0], *args)
+        return jax.lax.switch(bucket, [functools.partial(exchange, c) for c in caps], *args)
+
+    return jax.checkpoint(run)(bucket, x, weights, ids, dest, slot, gate, up, down)
 
 
 class DecoderLayer(nnx.Module):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from step3_jax import KVCache, create_model, make_mesh
-from step3_jax.model import abstract_model, param_shardings, use_fp8_gemm
+from step3_jax.model import MoE, ShardCtx, abstract_model, param_shardings, use_fp8_gemm
 from step3_jax.sharding import DEFAULT_RULES
 
 # (mesh axes, number of experts): expert-parallel meshes need experts divisible by the expert axis
@@ -78,6 +78,66 @@ def test_impossible_splits_raise_clear_errors(test_config):
         create_model(test_config, mesh=mesh)  # 5 experts cannot be split 4 ways: refused before any work
     with pytest.raises(ValueError, match="moe_intermediate_size = 36 cannot be split over mesh axes"):
         create_model(test_config, mesh=make_mesh(tensor=8))
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def _distinct_ids(rng, rows: int, k: int, choices) -> np.ndarray:
+    return np.stack([rng.choice(choices, k, replace=False) for _ in range(rows)]).astype(np.int32)
+
+
+@pytest.mark.parametrize("axes", [dict(expert=8), dict(data=2, tensor=2, expert=2)], ids=str)
+def test_all_to_all_dispatch_equals_one_device(test_config, axes):
+    """Expert parallelism by all_to_all (tokens stay on their device; each token-expert pair travels to its
+    expert's owner and back) gives the single-device MoE's outputs and gradients, for even routing, a hot expert
+    shard, and every pair on one shard (the largest send capacity); a batch that does not split over the
+    batch x expert devices takes the all-gather path and is equally right."""
+    config = dataclasses.replace(test_config, moe_num_experts=8)
+    mesh = make_mesh(**axes)
+    single, sharded = MoE(config, rngs=nnx.Rngs(3), ctx=ShardCtx()), MoE(config, rngs=nnx.Rngs(3), ctx=ShardCtx(mesh))
+    e, k, d = config.moe_num_experts, config.moe_top_k, config.hidden_size
+    local = e // mesh.shape["expert"]
+
+    def grad_fn(moe):
+        graphdef, state = nnx.split(moe)
+
+        def loss(state, x, w, ids):
+            out = nnx.merge(graphdef, state).experts(x, w, ids)
+            return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), state
+
+    (want_fn, want_state), (got_fn, got_state) = grad_fn(single), grad_fn(sharded)
+    rng = np.random.default_rng(4)
+    for batch in (256, 6):  # 64 or 128 tokens per device: enough for the larger send capacities to be needed
+        x = jnp.asarray(rng.standard_normal((batch, 2, d)), jnp.float32)
+        w = jnp.asarray(rng.random((batch, 2, k)), jnp.float32)
+        routings = {
+            "even": _distinct_ids(rng, batch * 2, k, np.arange(e)),
+            "hot shard": np.where(rng.random((batch * 2, 1)) < 0.7, 0, _distinct_ids(rng, batch * 2, k, np.arange(e))),
+        }
+        if local >= k:
+            routings["one shard"] = _distinct_ids(rng, batch * 2, k, np.arange(local))
+        for name, ids in routings.items():
+            ids = np.asarray(ids, np.int32)
+            ids[:, 1:] = np.where(ids[:, 1:] == ids[:, :1], (ids[:, :1] + 1) % e, ids[:, 1:])  # distinct per token
+            ids = jnp.asarray(ids.reshape(batch, 2, k))
+            (_, want), (want_gs, want_gx) = want_fn(want_state, x, w, ids)
+            (_, got), (got_gs, got_gx) = got_fn(got_state, x, w, ids)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{batch} {name}")
+            np.testing.assert_allclose(got_gx, want_gx, rtol=1e-4, atol=1e-4, err_msg=f"{batch} {name}")
+            for path, g in nnx.to_flat_state(got_gs):
+                want_g = dict(nnx.to_flat_state(want_gs))[path]
+                np.testing.assert_allclose(g.get_value(), want_g.get_value(), rtol=1e-4, atol=1e-4, err_msg=str(path))
+        jaxpr = jax.make_jaxpr(lambda x, w, ids: sharded.experts(x, w, ids))(x, w, ids).jaxpr
+        assert ("all_to_all" in _primitives(jaxpr)) == (batch == 256)
 
 
 def _count_shard_maps(jaxpr) -> int:
