@@ -33,6 +33,7 @@ from step3_jax.quant import (
     BLOCK,
     FP8_DTYPE,
     Fp8Weight,
+    dequantize_activations,
     fake_quantize_activations,
     quantize_activations,
     quantize_blockwise,
@@ -667,15 +668,15 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
     """One device's part of the all-to-all MoE (inside ``shard_map``): x [n, D], weights / ids [n, C] are this
     device's tokens; gate / up / down hold the experts of expert shard ``axis_index(expert_axes)``.
 
-    Pairs are sorted by the shard owning their expert and sent in a ``[ep, cap, D + 1]`` buffer (the extra column:
-    the pair's local expert id), ``cap`` the smallest
+    Pairs are sorted by the shard owning their expert and sent with their local expert ids in an ``[ep, cap]``
+    buffer (:func:`_send_pairs`; FP8 bytes for FP8 experts, :func:`_send_fp8_pairs`), ``cap`` the smallest
     of the static :func:`row_buckets` capacities that holds the most pairs any device sends any shard (agreed by a
     ``pmax`` over ``agree_axes``, so every device takes the same branch and the collectives match). Each shard runs
     its experts on the ``ep * cap`` rows it receives (empty slots in no group), sends the outputs back in x's dtype,
     and each device sums its tokens' weighted expert outputs. Returns float32 [n, D]."""
     n, k = ids.shape
     e_l = gate.shape[0]
-    if e_l >= 2 ** (jnp.finfo(x.dtype).nmant + 1):
+    if not isinstance(gate, Fp8Weight) and e_l >= 2 ** (jnp.finfo(x.dtype).nmant + 1):
         raise ValueError(f"{e_l} experts per shard: local expert ids are not exact in {x.dtype} for the all_to_all")
     dest = (ids // e_l).reshape(-1)  # [n*C] the expert shard of each pair
     counts = jnp.bincount(dest, length=ep)
@@ -691,15 +692,14 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
 
     def exchange(cap, x, weights, ids, dest, slot, gate, up, down):
         d = x.shape[-1]
-        # each row carries its local expert id (exact in x's dtype) as one more column; e_l marks an empty slot
-        pairs = jnp.concatenate([x[jnp.arange(n * k) // k], (ids % e_l).reshape(-1, 1).astype(x.dtype)], axis=-1)
-        send = jnp.zeros((ep, cap, d + 1), x.dtype).at[:, :, d].set(e_l).at[dest, slot].set(pairs)
-        recv = jax.lax.all_to_all(send, expert_axes, 0, 0).reshape(ep * cap, d + 1)  # [i*cap:]: from device i
-        recv_ids = jax.lax.stop_gradient(recv[:, d:]).astype(jnp.int32)
+        send = jnp.zeros((ep, cap, d), x.dtype).at[dest, slot].set(x[jnp.arange(n * k) // k])
+        send_ids = jnp.full((ep, cap), e_l, jnp.int32).at[dest, slot].set((ids % e_l).reshape(-1))  # e_l: empty
+        send_pairs = _send_fp8_pairs if isinstance(gate, Fp8Weight) else _send_pairs
+        recv, recv_ids = send_pairs(send, send_ids, expert_axes)  # [i*cap:]: what device i sent here
         # the pairs received fill the ep * cap slots unevenly: when they fit the shard's first row bucket (1.25x
         # its even share of all pairs) the GEMMs run on that many rows, else on all slots
         rows = [c for c in row_buckets(ep * n * k, e_l, e_l * ep)[:1] if c < ep * cap] + [ep * cap]
-        y = _bucketed_experts(rows, recv[:, :d], jnp.ones((ep * cap, 1), f32), recv_ids, gate, up, down, 0)
+        y = _bucketed_experts(rows, recv, jnp.ones((ep * cap, 1), f32), recv_ids, gate, up, down, 0)
         back = jax.lax.all_to_all(y.astype(x.dtype).reshape(ep, cap, d), expert_axes, 0, 0)
         mine = back[dest, slot].reshape(n, k, d).astype(f32)
         return jnp.einsum("nc,ncd->nd", weights.astype(f32), mine)
@@ -710,6 +710,48 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
         return jax.lax.switch(bucket, [functools.partial(exchange, c) for c in caps], *args)
 
     return jax.checkpoint(run)(bucket, x, weights, ids, dest, slot, gate, up, down)
+
+
+def _send_pairs(rows, ids, axes):
+    """``all_to_all`` of ``rows [ep, cap, D]`` and their int32 ``ids [ep, cap]`` as one message (the ids, exact in
+    the rows' float dtype up to its mantissa, as one more column). Returns ``([ep * cap, D], [ep * cap, 1])``."""
+    d = rows.shape[-1]
+    recv = jax.lax.all_to_all(jnp.concatenate([rows, ids[..., None].astype(rows.dtype)], -1), axes, 0, 0)
+    recv = recv.reshape(-1, d + 1)
+    return recv[:, :d], jax.lax.stop_gradient(recv[:, d:]).astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _send_fp8_pairs(rows, ids, axes):
+    """:func:`_send_pairs` for FP8 experts: the rows travel as per-token 128-channel FP8 with their float32 scales
+    (the quantisation the FP8 GEMMs apply anyway, so nothing is lost: quantising the dequantised rows again gives
+    them back), packed as bytes with the ids; about half the bytes of bf16 rows. Returns float32 rows. Gradients
+    pass straight through (as :func:`~step3_jax.quant.fake_quantize_activations`), back over the same all_to_all."""
+    q, scale = quantize_activations(rows)
+    lead = rows.shape[:-1]
+
+    def as_bytes(a):
+        return jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(*lead, -1)
+
+    recv = jax.lax.all_to_all(jnp.concatenate([as_bytes(q), as_bytes(scale), as_bytes(ids)], -1), axes, 0, 0)
+    recv = recv.reshape(-1, recv.shape[-1])
+    d, g = rows.shape[-1], scale.shape[-1]
+    q = jax.lax.bitcast_convert_type(recv[:, :d], FP8_DTYPE)
+    scale = jax.lax.bitcast_convert_type(recv[:, d : d + 4 * g].reshape(-1, g, 4), jnp.float32)
+    ids = jax.lax.bitcast_convert_type(recv[:, d + 4 * g :], jnp.int32).reshape(-1, 1)
+    return dequantize_activations(q, scale), ids
+
+
+def _send_fp8_pairs_fwd(rows, ids, axes):
+    return _send_fp8_pairs(rows, ids, axes), jnp.zeros((0, *rows.shape), rows.dtype)  # the rows' shape and dtype
+
+
+def _send_fp8_pairs_bwd(axes, like, cotangents):
+    rows_ct = cotangents[0].reshape(like.shape[1:]).astype(like.dtype)
+    return jax.lax.all_to_all(rows_ct, axes, 0, 0), None
+
+
+_send_fp8_pairs.defvjp(_send_fp8_pairs_fwd, _send_fp8_pairs_bwd)
 
 
 class DecoderLayer(nnx.Module):

@@ -15,7 +15,7 @@ from flax import nnx
 from step3_jax import kv_cache as kvc
 from step3_jax import make_mesh
 from step3_jax.config import get_preset
-from step3_jax.model import Step3ForCausalLM, abstract_model, param_shardings, row_buckets, use_fp8_gemm
+from step3_jax.model import Step3ForCausalLM, abstract_model, param_shardings, use_fp8_gemm
 
 S = jax.ShapeDtypeStruct
 
@@ -64,14 +64,12 @@ def _kernels_inside_manual_computations(text: str) -> tuple[int, int]:
     return inside, total
 
 
-def _sharded_fp8_layer(mesh, moe: bool = False, dispatch: str = "all_to_all"):
+def _sharded_fp8_layer(mesh, moe: bool = False):
     """(graphdef, abstract state with the parameters' shardings) of one Step-3 FP8 layer (dense or MoE) on ``mesh``."""
     config = dataclasses.replace(
         get_preset("step3"), num_hidden_layers=1, moe_layers_enum=(0,) if moe else (), quantization="fp8"
     )
     layer = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh)).layers[0]
-    if moe:
-        layer.moe.dispatch = dispatch
     graphdef, state = nnx.split(layer)
     shardings = nnx.to_pure_dict(param_shardings(state, mesh))
     pure = jax.tree.map(lambda s, n: S(s.shape, s.dtype, sharding=n), nnx.to_pure_dict(state), shardings)
@@ -120,53 +118,33 @@ def test_fp8_ffn_on_a_submesh_without_batch_axes_splits_its_rows():
         assert f"tensor<{shard_operand}>" in text, shard_operand
 
 
-def _lower_ep_moe(dispatch: str, tokens: int = 256) -> str:
-    """StableHLO (for CUDA, FP8 kernel path) of a Step-3 FP8 MoE layer's FFN half on an 8-way expert-parallel mesh."""
+def test_expert_parallel_fp8_moe_dispatches_pairs_by_all_to_all():
+    """A Step-3 FP8 MoE layer's FFN half on an 8-way expert-parallel mesh (6 experts per device, 256 tokens, top-3),
+    lowered for CUDA on the FP8 kernel path: each device keeps its 32 tokens and sends their 96 token-expert pairs
+    to the experts' owners as FP8 bytes, an [8, cap, 7168 + 56 x 4 + 4] uint8 buffer (values, float32 scales per
+    128 channels, local expert id), cap one of (26, 51, 96) (1.25x the even share of 12 pairs per destination
+    + 3 sqrt(12), doubling, then all 96); the experts' three kernels run on the 120-row bucket (1.25x the shard's
+    share of all 768 pairs) or on all 8 x cap received slots, and the outputs come back by a second all_to_all. The
+    only other collective is the scalar ``pmax`` that picks the capacity: no token all-gather, no all-reduce of the
+    outputs. Every kernel sits inside ``shard_map``, the shared expert's on the device's own 32 rows.
+    (``dispatch="all_gather"`` runs its row buckets through the same ``shard_map`` and ``_bucketed_experts``; its
+    numerics are tested on the CPU in test_sharding.)"""
     config = get_preset("step3")
-    graphdef, state = _sharded_fp8_layer(make_mesh(expert=8), moe=True, dispatch=dispatch)
+    graphdef, state = _sharded_fp8_layer(make_mesh(expert=8), moe=True)
 
     def moe_ffn(state, x, weights, ids):
         return nnx.merge(graphdef, state).ffn(x, (weights, ids))
 
-    k = config.moe_top_k
+    tokens, k = 256, config.moe_top_k
     x = S((tokens, 1, config.hidden_size), jnp.bfloat16)
     args = (x, S((tokens, 1, k), jnp.float32), S((tokens, 1, k), jnp.int32))
     with use_fp8_gemm("kernel"):
-        return jax.jit(moe_ffn).trace(state, *args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def test_expert_parallel_fp8_moe_lowers_with_a_kernel_per_row_bucket():
-    """A Step-3 FP8 MoE layer's FFN half on an 8-way expert-parallel mesh (6 experts per device, 256 tokens, top-3),
-    tokens gathered to every expert shard (``dispatch="all_gather"``): the routed experts' three FP8 GEMMs lower for
-    CUDA once per row bucket (`row_buckets`: 120, 240, 480, 768 of the 768 pairs) inside the ``lax.switch`` that
-    picks one at run time, and the shared expert's three on the device's own 32 rows; every kernel inside
-    ``shard_map``."""
-    config = get_preset("step3")
-    buckets = row_buckets(256 * config.moe_top_k, config.moe_num_experts // 8, config.moe_num_experts)
-    assert buckets == (120, 240, 480, 768)
-    text = _lower_ep_moe("all_gather")
-    inside, total = _kernels_inside_manual_computations(text)
-    assert total == 3 * len(buckets) + 3 and inside == total
-    assert "stablehlo.case" in text
-    for rows in buckets:  # gate/up read [rows, 7168] FP8 activations, down [rows, 5120]
-        assert f"tensor<{rows}x7168xf8E4M3FN>" in text and f"tensor<{rows}x5120xf8E4M3FN>" in text, rows
-    assert "tensor<32x1x7168xbf16>" in text  # the shared expert on this device's rows
-    assert "all_to_all" not in text
-
-
-def test_expert_parallel_fp8_moe_dispatches_pairs_by_all_to_all():
-    """The same layer with the default ``dispatch="all_to_all"``: each device keeps its 32 tokens and sends their 96
-    token-expert pairs to the experts' owners in an [8, cap, 7168 + 1] buffer, cap one of (26, 51, 96) (1.25x the
-    even share of 12 pairs per destination + 3 sqrt(12), doubling, then all 96); the experts run on the 120-row
-    bucket (1.25x the shard's share of all 768 pairs) or on all 8 x cap received slots, and the outputs come back
-    by a second all_to_all. The only other collective is the scalar ``pmax`` that picks the capacity: no token
-    all-gather, no all-reduce of the outputs."""
-    text = _lower_ep_moe("all_to_all")
+        text = jax.jit(moe_ffn).trace(state, *args).lower(lowering_platforms=("cuda",)).as_text()
     caps = (26, 51, 96)
     inside, total = _kernels_inside_manual_computations(text)
     assert total == 3 * 2 * len(caps) + 3 and inside == total  # two row counts per capacity, + the shared expert
     for cap in caps:
-        assert f"tensor<8x{cap}x7169xbf16>" in text and f"tensor<8x{cap}x7168xbf16>" in text, cap
+        assert f"tensor<8x{cap}x7396xui8>" in text and f"tensor<8x{cap}x7168xbf16>" in text, cap
         for rows in (120, 8 * cap):
             assert f"tensor<{rows}x7168xf8E4M3FN>" in text and f"tensor<{rows}x5120xf8E4M3FN>" in text, rows
     assert len(re.findall(r'"stablehlo\.all_to_all"', text)) == 2 * len(caps)
