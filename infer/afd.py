@@ -340,8 +340,9 @@ def ffn_program(
 class LocalTransport:
     """Both sides in this process: asynchronous single-device copies between the two submeshes.
 
-    With as many FFN as attention devices, attention device ``i`` sends its rows to FFN device ``i`` (the FFN
-    program all-gathers them over the FFN mesh) and gets the same rows back. Otherwise every attention shard is
+    With as many FFN as attention devices, attention device ``i`` sends its rows to FFN device ``i`` (in the FFN
+    program they stay there for the routed experts' ``all_to_all`` dispatch; what needs them whole gathers them)
+    and gets the same rows back. Otherwise every attention shard is
     broadcast to every FFN device (one part per attention device, concatenated inside the FFN program) and row
     block ``i`` of the output comes back from FFN device ``i mod N``."""
 
@@ -381,12 +382,12 @@ class CollectiveTransport:
     the side without data feeds zeros (never read).
 
     As many attention as FFN devices: ``lax.ppermute`` over the ``role`` axis of one global ``(role, x)`` mesh
-    (row 0 attention, row 1 FFN) moves each attention device's rows to its FFN partner and back (the FFN program
-    all-gathers them over the FFN mesh). Otherwise (M attention, N FFN devices): one global mesh over all M + N
-    devices, and rounds of ``ppermute`` that never send two blocks from, or to, one device at once: A -> F delivers
-    every attention device's rows to every FFN device (max(M, N) rounds, each block crossing once per FFN device),
-    F -> A returns row block ``i`` of the (replicated) FFN output from FFN device ``i mod N`` (ceil(M / N)
-    rounds)."""
+    (row 0 attention, row 1 FFN) moves each attention device's rows to its FFN partner and back (in the FFN program
+    they stay there for the routed experts' ``all_to_all`` dispatch; what needs them whole gathers them).
+    Otherwise (M attention, N FFN devices): one global mesh over all M + N devices, and rounds of ``ppermute`` that
+    never send two blocks from, or to, one device at once: A -> F delivers every attention device's rows to every
+    FFN device (max(M, N) rounds, each block crossing once per FFN device), F -> A returns row block ``i`` of the
+    (replicated) FFN output from FFN device ``i mod N`` (ceil(M / N) rounds)."""
 
     def __init__(self, attn_mesh: Mesh, ffn_mesh: Mesh, has_attention: bool, has_ffn: bool):
         a, f = list(attn_mesh.devices.flat), list(ffn_mesh.devices.flat)
