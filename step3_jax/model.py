@@ -495,8 +495,6 @@ def _experts_on_rows(rows, x, weights, ids, gate, up, down, first_expert):
 
 
 def _bucketed_experts(caps, x, weights, ids, gate, up, down, first_expert):
-    if len(caps) == 1:
-        return _experts_on_rows(caps[0], x, weights, ids, gate, up, down, first_expert)
     local = ids - first_expert
     count = jnp.sum((local >= 0) & (local < gate.shape[0]))
     bucket = jnp.sum(jnp.asarray(caps[:-1], jnp.int32) < count)  # the smallest bucket that holds every local pair
@@ -704,9 +702,7 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
         mine = back[dest, slot].reshape(n, k, d).astype(f32)
         return jnp.einsum("nc,ncd->nd", weights.astype(f32), mine)
 
-    def run(bucket, *args):
-        if len(caps) == 1:
-            return exchange(caps[0], *args)
+    def run(bucket, *args):  # (lax.switch calls a lone branch directly)
         return jax.lax.switch(bucket, [functools.partial(exchange, c) for c in caps], *args)
 
     return jax.checkpoint(run)(bucket, x, weights, ids, dest, slot, gate, up, down)
