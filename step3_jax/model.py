@@ -670,8 +670,9 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
     buffer (:func:`_send_pairs`; FP8 bytes for FP8 experts, :func:`_send_fp8_pairs`), ``cap`` the smallest
     of the static :func:`row_buckets` capacities that holds the most pairs any device sends any shard (agreed by a
     ``pmax`` over ``agree_axes``, so every device takes the same branch and the collectives match). Each shard runs
-    its experts on the ``ep * cap`` rows it receives (empty slots in no group), sends the outputs back in x's dtype,
-    and each device sums its tokens' weighted expert outputs. Returns float32 [n, D]."""
+    its experts on the pairs it received (on its first :func:`row_buckets` size when they fit it, else on all
+    ``ep * cap`` slots; empty slots in no group), sends the outputs back in x's dtype, and each device sums its
+    tokens' weighted expert outputs. Returns float32 [n, D]."""
     n, k = ids.shape
     e_l = gate.shape[0]
     if not isinstance(gate, Fp8Weight) and e_l >= 2 ** (jnp.finfo(x.dtype).nmant + 1):
