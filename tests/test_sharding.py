@@ -1,5 +1,6 @@
 """Sharded initialisation and forward on 8 fake CPU devices equal the single-device model."""
 
+import collections
 import dataclasses
 
 import jax
@@ -80,13 +81,14 @@ def test_impossible_splits_raise_clear_errors(test_config):
         create_model(test_config, mesh=make_mesh(tensor=8))
 
 
-def _primitives(jaxpr) -> set[str]:
-    names = set()
+def _primitive_counts(jaxpr) -> collections.Counter:
+    """How often each primitive occurs in ``jaxpr``, its sub-jaxprs included."""
+    counts = collections.Counter()
     for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
+        counts[eqn.primitive.name] += 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            names |= _primitives(sub)
-    return names
+            counts += _primitive_counts(sub)
+    return counts
 
 
 def _distinct_ids(rng, rows: int, k: int, choices) -> np.ndarray:
@@ -139,23 +141,16 @@ def test_all_to_all_dispatch_equals_one_device(test_config, axes, quantization):
             (_, got), (got_gs, got_gx) = got_fn(got_state, x, w, ids)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{batch} {name}")
             np.testing.assert_allclose(got_gx, want_gx, rtol=1e-4, atol=1e-4, err_msg=f"{batch} {name}")
+            want_by_path = dict(nnx.to_flat_state(want_gs))
             for path, g in nnx.to_flat_state(got_gs):
-                want_g = dict(nnx.to_flat_state(want_gs))[path]
-                np.testing.assert_allclose(g.get_value(), want_g.get_value(), rtol=1e-4, atol=1e-4, err_msg=str(path))
+                np.testing.assert_allclose(
+                    g.get_value(), want_by_path[path].get_value(), rtol=1e-4, atol=1e-4, err_msg=str(path)
+                )
         jaxpr = jax.make_jaxpr(lambda x, w, ids: sharded.experts(x, w, ids))(x, w, ids).jaxpr
-        assert ("all_to_all" in _primitives(jaxpr)) == (batch == 256)
+        assert ("all_to_all" in _primitive_counts(jaxpr)) == (batch == 256)
     sharded.dispatch = "ring"
     with pytest.raises(ValueError, match="MoE dispatch must be one of \\('all_to_all', 'all_gather'\\), got 'ring'"):
         sharded.experts(x, w, ids)
-
-
-def _count_shard_maps(jaxpr) -> int:
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "shard_map"
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _count_shard_maps(sub)
-    return n
 
 
 @pytest.mark.parametrize("impl", [None, "reference"], ids=["xla", "kernel-path"])
@@ -185,7 +180,7 @@ def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(
     with use_fp8_gemm(impl):
         want = jit_forward(single)(ids)
         got = jit_forward(sharded)(ids_sharded)
-        n_maps = _count_shard_maps(jax.make_jaxpr(lambda ids: sharded(ids))(ids_sharded).jaxpr)
+        n_maps = _primitive_counts(jax.make_jaxpr(lambda ids: sharded(ids))(ids_sharded).jaxpr)["shard_map"]
     # the routed experts of each MoE layer run in shard_map anyway; on the kernel path also 5 attention
     # projections per layer and the 3 products of each dense MLP / shared expert
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
