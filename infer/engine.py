@@ -80,7 +80,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.kv_dtype not in (None, *kvc.KV_DTYPES):
             raise ValueError(
-                f"EngineConfig.kv_dtype must be None, 'bfloat16', 'float32' or 'float8_e4m3fn', got {self.kv_dtype!r}"
+                f"EngineConfig.kv_dtype must be None (the model's dtype) or one of {kvc.KV_DTYPES}, "
+                f"got {self.kv_dtype!r}"
             )
         if self.page_size is None:
             object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))

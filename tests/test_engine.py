@@ -214,6 +214,22 @@ def test_fp8_kv_pages_default_to_what_the_gpu_decode_kernel_takes():
     assert "FP8" in kernel_supports(256, jnp.float8_e4m3fn, 16)
 
 
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(kv_dtype="int8"), r"kv_dtype must be None \(the model's dtype\) or one of \('bfloat16', .*got 'int8'"),
+        (dict(max_batch=0), "max_batch must be an int >= 1, got 0"),
+        (dict(page_size=2.5), "page_size must be an int >= 1, got 2.5"),
+        (dict(num_pages=True), "num_pages must be None or an int >= 1, got True"),
+        (dict(min_bucket=12), "min_bucket must be a power of two, got 12"),
+        (dict(prefill_chunk=8, min_bucket=16), r"prefill_chunk \(8\) must be >= min_bucket \(16\)"),
+    ],
+)
+def test_bad_engine_configs_are_refused_with_the_field_named(kwargs, msg):
+    with pytest.raises(ValueError, match="EngineConfig." + msg):
+        EngineConfig(**kwargs)
+
+
 def re_search(pattern, text):
     import re
 
