@@ -669,7 +669,8 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
     Pairs are sorted by the shard owning their expert and sent with their local expert ids in an ``[ep, cap]``
     buffer (:func:`_send_pairs`; FP8 bytes for FP8 experts, :func:`_send_fp8_pairs`), ``cap`` the smallest
     of the static :func:`row_buckets` capacities that holds the most pairs any device sends any shard (agreed by a
-    ``pmax`` over ``agree_axes``, so every device takes the same branch and the collectives match). Each shard runs
+    ``pmax`` over ``agree_axes``, so every device takes the same branch and the collectives match; no ``pmax`` when
+    the pairs are so few that there is one capacity). Each shard runs
     its experts on the pairs it received (on its first :func:`row_buckets` size when they fit it, else on all
     ``ep * cap`` slots; empty slots in no group), sends the outputs back in x's dtype, and each device sums its
     tokens' weighted expert outputs. Returns float32 [n, D]."""
@@ -686,8 +687,11 @@ def _dispatched_experts(x, weights, ids, gate, up, down, *, expert_axes, ep: int
     share = n * k / ep
     start = ROW_BUCKET_START * share + 3 * math.sqrt(share)
     caps = row_buckets(n * k, e_l, e_l * ep, align=ROW_BUCKET_ALIGN // math.gcd(ROW_BUCKET_ALIGN, ep), start=start)
-    need = jax.lax.pmax(jnp.max(counts), agree_axes)
-    bucket = jnp.sum(jnp.asarray(caps[:-1], jnp.int32) < need)
+    if len(caps) > 1:  # (one capacity, for a handful of tokens: nothing to agree on, no collective)
+        need = jax.lax.pmax(jnp.max(counts), agree_axes)
+        bucket = jnp.sum(jnp.asarray(caps[:-1], jnp.int32) < need)
+    else:
+        bucket = jnp.zeros((), jnp.int32)
 
     def exchange(cap, x, weights, ids, dest, slot, gate, up, down):
         d = x.shape[-1]

@@ -146,8 +146,13 @@ def test_all_to_all_dispatch_equals_one_device(test_config, axes, quantization):
                 np.testing.assert_allclose(
                     g.get_value(), want_by_path[path].get_value(), rtol=1e-4, atol=1e-4, err_msg=str(path)
                 )
-        jaxpr = jax.make_jaxpr(lambda x, w, ids: sharded.experts(x, w, ids))(x, w, ids).jaxpr
-        assert ("all_to_all" in _primitive_counts(jaxpr)) == (batch == 256)
+        counts = _primitive_counts(jax.make_jaxpr(sharded.experts)(x, w, ids).jaxpr)
+        # per capacity branch: rows out and back; one pmax to agree on the capacity
+        assert (counts["all_to_all"] > 2, counts["pmax"]) == ((True, 1) if batch == 256 else (False, 0)), counts
+    # decoding 8 sequences (one or two tokens per device): one send capacity, so no pmax to agree on it
+    x, w, ids = jnp.zeros((8, 1, d)), jnp.zeros((8, 1, k)), jnp.zeros((8, 1, k), jnp.int32)
+    counts = _primitive_counts(jax.make_jaxpr(sharded.experts)(x, w, ids).jaxpr)
+    assert counts["all_to_all"] == 2 and counts["pmax"] == 0, counts
     sharded.dispatch = "ring"
     with pytest.raises(ValueError, match="MoE dispatch must be one of \\('all_to_all', 'all_gather'\\), got 'ring'"):
         sharded.experts(x, w, ids)
