@@ -166,6 +166,65 @@ def dense_matmul(x: jax.Array, w) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
 
 
+TILE_CHUNK_BYTES = 64 << 20  # tiled_ragged_dot gathers at most this many bytes of expert weights at a time
+
+
+def tiled_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``lax.ragged_dot(x [A, I], w [G, I, O], group_sizes)`` in float32, at the cost of the rows it has.
+
+    XLA expands ``ragged_dot`` into a dense product masked per group (G times the FLOPs, and a ``[G, A, I]``
+    masked copy of ``x``). Here each group's rows are padded to whole tiles (the largest power of two up to half the
+    even share ``A / G``, at most 64 rows), so every tile belongs to one group, and each tile is multiplied by its
+    group's weights: ``A + G * (tile - 1)`` rows at most. The tiles' gathered weights are not kept for the backward
+    pass (``jax.checkpoint``), and are gathered at most ``TILE_CHUNK_BYTES`` at a time (``lax.map`` over chunks of
+    tiles beyond that). Rows past
+    ``sum(group_sizes)`` are zeros, as from ``ragged_dot``. The CPU path of :func:`grouped_matmul`."""
+    a, i = x.shape
+    g, _, o = w.shape
+    tile = 1 << min(6, max(0, (a // (2 * g)).bit_length() - 1))
+    tiles = max(1, (a + g * (tile - 1)) // tile)  # sum_g ceil(size_g / tile) is never more
+    sizes = group_sizes.astype(jnp.int32)
+    ends, padded = jnp.cumsum(sizes), (sizes + tile - 1) // tile * tile
+    padded_ends = jnp.cumsum(padded)
+    row = jnp.arange(a, dtype=jnp.int32)
+    group = jnp.searchsorted(ends, row, side="right", method="compare_all").astype(jnp.int32)  # G: past the end
+    valid = group < g
+    group = jnp.minimum(group, g - 1)
+    slot = jnp.where(valid, padded_ends[group] - padded[group] + row - (ends[group] - sizes[group]), tiles * tile)
+    tile_start = jnp.arange(tiles, dtype=jnp.int32) * tile
+    tile_group = jnp.searchsorted(padded_ends, tile_start, side="right", method="compare_all")
+    tile_group = jnp.minimum(tile_group, g - 1)  # tiles past the last group hold only zero rows
+    xt = jnp.zeros((tiles * tile, i), x.dtype).at[slot].set(x, mode="drop").reshape(tiles, tile, i)
+
+    @jax.checkpoint
+    def some_tiles(args):
+        rows, e = args
+        return jnp.einsum("tri,tio->tro", rows, w[e], preferred_element_type=f32)
+
+    chunk = max(1, TILE_CHUNK_BYTES // max(1, i * o * w.dtype.itemsize))  # tiles whose weights fit
+    if chunk >= tiles:
+        yt = some_tiles((xt, tile_group))
+    else:
+        n = -(-tiles // chunk)  # chunks of `chunk` tiles, the last one padded with zero tiles
+        pad = n * chunk - tiles
+        xt = jnp.concatenate([xt, jnp.zeros((pad, tile, i), xt.dtype)]).reshape(n, chunk, tile, i)
+        yt = jax.lax.map(some_tiles, (xt, jnp.pad(tile_group, (0, pad)).reshape(n, chunk)))
+    yt = yt.reshape(-1, o)
+    return jnp.where(valid[:, None], yt.at[slot].get(mode="fill", fill_value=0), 0.0)
+
+
+def _ragged_dot(x, w, group_sizes):
+    """float32 ``ragged_dot``: :func:`tiled_ragged_dot` on the CPU, XLA's elsewhere (GPU choices wait for H200
+    measurements)."""
+    return jax.lax.platform_dependent(
+        x,
+        w,
+        group_sizes,
+        cpu=tiled_ragged_dot,
+        default=functools.partial(jax.lax.ragged_dot, preferred_element_type=f32),
+    )
+
+
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     """Rows of ``x [A, I]`` in consecutive groups, group ``g`` times expert ``g`` -> float32 ``[A, O]``;
     ``w`` is ``[G, I, O]`` or an :class:`Fp8Weight` ``[G, O, I]`` (FP8: the grouped-GEMM kernel on Hopper)."""
@@ -174,8 +233,8 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
         if out is not None:
             return out
         wd = w.dequantize().swapaxes(-1, -2)
-        return jax.lax.ragged_dot(fake_quantize_activations(x), wd, group_sizes, preferred_element_type=f32)
-    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=f32)
+        return _ragged_dot(fake_quantize_activations(x), wd, group_sizes)
+    return _ragged_dot(x, w, group_sizes)
 
 
 def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
