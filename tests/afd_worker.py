@@ -36,7 +36,9 @@ def main() -> int:
         num_processes=2,
         process_id=process_id,
         initialization_timeout=60,
-        heartbeat_timeout_seconds=10,
+        # short enough that the dead-peer test ends soon, long enough for a loaded 2-core machine: at 10 s a
+        # clean-clone CI run once saw both (live) processes declared dead in the middle of a run
+        heartbeat_timeout_seconds=30,
         shutdown_timeout_seconds=10,
     )
     if "--exit-early" in sys.argv and process_id == 1:
