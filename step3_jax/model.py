@@ -177,8 +177,8 @@ def tiled_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.
     even share ``A / G``, at most 64 rows), so every tile belongs to one group, and each tile is multiplied by its
     group's weights: ``A + G * (tile - 1)`` rows at most. The tiles' gathered weights are not kept for the backward
     pass (``jax.checkpoint``), and are gathered at most ``TILE_CHUNK_BYTES`` at a time (``lax.map`` over chunks of
-    tiles beyond that). Rows past
-    ``sum(group_sizes)`` are zeros, as from ``ragged_dot``. The CPU path of :func:`grouped_matmul`."""
+    tiles beyond that). Rows past ``sum(group_sizes)`` are zeros, as from ``ragged_dot``. The CPU path of
+    :func:`grouped_matmul`."""
     a, i = x.shape
     g, _, o = w.shape
     tile = 1 << min(6, max(0, (a // (2 * g)).bit_length() - 1))

@@ -4,8 +4,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# LLVM's optimisation of XLA:CPU's generated code is most of a test program's compile time, and compiling is most
-# of the suite's time; tests check results, not speed, so they compile without it (the same HLO programs, IEEE
+# LLVM's optimisation of XLA:CPU's generated code is about half of a test program's compile time, and compiling is
+# most of the suite's time; tests check results, not speed, so they compile without it (the same HLO programs, IEEE
 # arithmetic either way). Set in the environment, so the processes tests start (CLIs, notebook kernels) inherit it.
 # Benchmarks and users keep XLA's default. An explicit level in XLA_FLAGS wins.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
