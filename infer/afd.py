@@ -150,10 +150,7 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         raise ValueError("AFD needs at least one attention device, got attention_devices = 0")
     if isinstance(afd.ffn_devices, int) and afd.ffn_devices == 0:
         raise ValueError("AFD needs at least one FFN device, got ffn_devices = 0")
-    if afd.kv_dtype not in (None, *kvc.KV_DTYPES):
-        raise ValueError(
-            f"AFD kv_dtype must be None (the model's dtype) or one of {kvc.KV_DTYPES}, got {afd.kv_dtype!r}"
-        )
+    kvc.check_kv_dtype(afd.kv_dtype, "AFD kv_dtype")
     for name in ("attention_devices", "ffn_devices", "micro_batches", "page_size"):
         _positive_int(name, getattr(afd, name))
     if isinstance(afd.peer_timeout_s, bool) or not (

@@ -78,11 +78,7 @@ class EngineConfig:
     kv_dtype: str | None = None
 
     def __post_init__(self):
-        if self.kv_dtype not in (None, *kvc.KV_DTYPES):
-            raise ValueError(
-                f"EngineConfig.kv_dtype must be None (the model's dtype) or one of {kvc.KV_DTYPES}, "
-                f"got {self.kv_dtype!r}"
-            )
+        kvc.check_kv_dtype(self.kv_dtype, "EngineConfig.kv_dtype")
         if self.page_size is None:
             object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))
         for name in ("max_batch", "page_size", "prefill_chunk", "prefill_batch", "min_bucket"):

@@ -322,6 +322,12 @@ class PageAllocator:
 KV_DTYPES = ("bfloat16", "float32", "float8_e4m3fn")  # what the paged KV cache can store (None: the model's dtype)
 
 
+def check_kv_dtype(kv_dtype, name: str) -> None:
+    """Raise a ValueError naming ``name`` unless ``kv_dtype`` is None or one of :data:`KV_DTYPES`."""
+    if kv_dtype not in (None, *KV_DTYPES):
+        raise ValueError(f"{name} must be None (the model's dtype) or one of {KV_DTYPES}, got {kv_dtype!r}")
+
+
 def default_page_size(kv_dtype) -> int:
     """Tokens per KV page when none is asked for: 16, or 64 for FP8 pages (the smallest FP8 page the MFA decode
     kernel takes on a GPU; smaller FP8 pages run the pure-JAX reference there)."""
