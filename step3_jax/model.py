@@ -186,11 +186,11 @@ def tiled_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.
     sizes = group_sizes.astype(jnp.int32)
     ends, padded = jnp.cumsum(sizes), (sizes + tile - 1) // tile * tile
     padded_ends = jnp.cumsum(padded)
+    shift = padded_ends - padded - (ends - sizes)  # a group's padded start minus its start
     row = jnp.arange(a, dtype=jnp.int32)
     group = jnp.searchsorted(ends, row, side="right", method="compare_all").astype(jnp.int32)  # G: past the end
     valid = group < g
-    group = jnp.minimum(group, g - 1)
-    slot = jnp.where(valid, padded_ends[group] - padded[group] + row - (ends[group] - sizes[group]), tiles * tile)
+    slot = jnp.where(valid, row + shift[jnp.minimum(group, g - 1)], tiles * tile)
     tile_start = jnp.arange(tiles, dtype=jnp.int32) * tile
     tile_group = jnp.searchsorted(padded_ends, tile_start, side="right", method="compare_all")
     tile_group = jnp.minimum(tile_group, g - 1)  # tiles past the last group hold only zero rows
