@@ -21,11 +21,13 @@ replicated FFN sharding goes through the host and blocks the dispatching thread 
 asynchronous. Each attention shard is broadcast to every FFN device (the paper's A->F broadcast); each FFN output
 row block goes back to the one attention device that owns those rows.
 
-Transfers (several processes, ``jax.distributed``): attention devices in process 0, FFN devices in process 1; jitted
-``shard_map`` programs of ``lax.ppermute`` over one global mesh of both sides move the rows (to an FFN partner and
-back when the two sides have as many devices; otherwise in rounds that give every FFN device every attention block,
-and each attention device its rows back; see :class:`CollectiveTransport`). Every process runs the same driver loop
-(multi-controller JAX), dispatching only its own side's programs and joining every transfer.
+Transfers (several processes, ``jax.distributed``): the attention devices in processes ``0 .. K-1``, the FFN
+devices in the others (:func:`split_processes`; either side's mesh may span several processes, as the paper's
+multi-node instances do); jitted ``shard_map`` programs of ``lax.ppermute`` over one global mesh of both sides move
+the rows (to an FFN partner and back when the two sides have as many devices; otherwise in rounds that give every
+FFN device every attention block, and each attention device its rows back; see :class:`CollectiveTransport`).
+Every process runs the same driver loop (multi-controller JAX), dispatching only its own side's programs and
+joining every transfer.
 
 Wire format per layer and micro-batch of ``b`` rows and ``T`` tokens (A->F): ``x [b, T, D]`` (float8_e4m3fn with
 ``scale [b, T, D/128]`` float32, or bfloat16, or the model dtype), and for MoE layers ``weights [b, T, top_k]``
@@ -102,6 +104,9 @@ class AFDConfig:
     kv_dtype: str | None = None  # paged KV cache dtype (default: the model's; "float8_e4m3fn" for FP8 pages)
     # several processes: a step that makes no progress for this long means the peer failed: exit with an error
     peer_timeout_s: float = 120.0
+    # several processes: processes 0 .. attention_processes - 1 run the attention side, the rest the FFN side
+    # (None: half of them, rounded down); each side's devices are split evenly over its processes
+    attention_processes: int | None = None
 
     def __post_init__(self):
         if self.page_size is None and self.kv_dtype in (None, *kvc.KV_DTYPES):  # a bad kv_dtype: validate() says so
@@ -165,7 +170,45 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         )
     if afd.transfer not in TRANSFERS:
         raise ValueError(f"AFD transfer must be one of {TRANSFERS}, got {afd.transfer!r}")
+    if afd.attention_processes is not None:
+        _positive_int("attention_processes", afd.attention_processes)
     return ffn_layout(config, afd)
+
+
+def split_processes(
+    devices: Sequence[jax.Device], afd: AFDConfig, num_processes: int
+) -> tuple[list[jax.Device], list[jax.Device], int]:
+    """The two sides' devices under ``num_processes`` processes: processes ``0 .. K-1`` (``K`` =
+    ``afd.attention_processes``, default ``num_processes // 2``) give ``attention_devices / K`` devices each (their
+    first local ones, in process order), the other processes ``ffn_devices / (num_processes - K)`` each. Every
+    process serves exactly one side, and every process has work. Returns ``(attention devices, FFN devices, K)``;
+    raises ``ValueError`` naming the problem for splits that cannot be made."""
+    k = num_processes // 2 if afd.attention_processes is None else afd.attention_processes
+    if not 1 <= k < num_processes:
+        raise ValueError(
+            f"attention_processes = {k} with {num_processes} processes: each side needs at least one process, so "
+            f"choose 1 .. {num_processes - 1}"
+        )
+    sides = (("attention", afd.attention_devices, range(k)), ("FFN", afd.ffn_devices, range(k, num_processes)))
+    chosen = []
+    for side, count, procs in sides:
+        first, last = procs[0], procs[-1]
+        if count % len(procs):
+            raise ValueError(
+                f"{count} {side} devices cannot be split evenly over the {len(procs)} {side} processes "
+                f"({first} .. {last}); ask for a multiple of {len(procs)}"
+            )
+        each = count // len(procs)
+        for p in procs:
+            local = [d for d in devices if d.process_index == p]
+            if len(local) < each:
+                raise ValueError(
+                    f"process {p} has {len(local)} devices, but each of the {len(procs)} {side} processes "
+                    f"({first} .. {last}) must give {each} of the {count} {side} devices"
+                )
+            chosen.append(local[:each])
+    attn = [d for devs in chosen[:k] for d in devs]
+    return attn, [d for devs in chosen[k:] for d in devs], k
 
 
 def is_ffn_param(path, _value=None) -> bool:
@@ -393,7 +436,8 @@ class CollectiveTransport:
         self.m, self.n = len(a), len(f)
         self.paired = self.m == self.n
         self.has_attention, self.has_ffn = has_attention, has_ffn
-        self.local_devices = a if has_attention else f
+        me = jax.process_index()
+        self.local_devices = [d for d in (a if has_attention else f) if d.process_index == me]
         self._dummies: dict = {}
         if self.paired:
             self.mesh = Mesh(np.array([a, f], dtype=object), ("role", "x"))
@@ -531,8 +575,9 @@ class AFDRunner:
     docstring).
 
     Build it with :meth:`create` (initialise each half directly on its submesh) or :meth:`from_model` (place a
-    built or loaded model's halves). Under ``jax.distributed`` with two processes, process 0 runs the attention
-    side on its local devices and process 1 the FFN side; both call :meth:`generate` with the same arguments."""
+    built or loaded model's halves). Under ``jax.distributed`` (two or more processes) processes ``0 .. K-1`` run
+    the attention side and the others the FFN side (:func:`split_processes`); every process calls :meth:`generate`
+    with the same arguments, and every attention process gets the tokens."""
 
     def __init__(
         self,
@@ -551,17 +596,9 @@ class AFDRunner:
         m, n = afd.attention_devices, afd.ffn_devices
         self.multiprocess = jax.process_count() > 1
         if self.multiprocess:
-            if jax.process_count() != 2:
-                raise ValueError(f"multi-process AFD runs on exactly 2 processes, got {jax.process_count()}")
-            by_proc = [[d for d in devices if d.process_index == p] for p in (0, 1)]
-            if len(by_proc[0]) < m or len(by_proc[1]) < n:
-                raise ValueError(
-                    f"multi-process AFD takes {m} attention devices from process 0 and {n} FFN devices from process "
-                    f"1, which have {len(by_proc[0])} and {len(by_proc[1])}"
-                )
-            attn_devs, ffn_devs = by_proc[0][:m], by_proc[1][:n]
-            me = jax.process_index()
-            self.has_attention, self.has_ffn = me == 0, me == 1
+            attn_devs, ffn_devs, k = split_processes(devices, afd, jax.process_count())
+            self.has_attention = jax.process_index() < k
+            self.has_ffn = not self.has_attention
         else:
             attn_devs, ffn_devs = devices[:m], devices[m : m + n]
             self.has_attention = self.has_ffn = True
@@ -602,17 +639,19 @@ class AFDRunner:
         self.ffn_graph, ffn_abs, ffn_abs_attn = nnx.split(self._view(self.ffn_mesh), is_ffn_param, ...)
         self._attn_abs_ffn, self._ffn_abs_attn = attn_abs_ffn, ffn_abs_attn
         self.attention_params = self.ffn_params = None
+        # under several processes a side's mesh may span processes: each places its slices of host values
+        host = jax.device_get if self.multiprocess else (lambda tree: tree)
         if self.has_attention:
             shard = param_shardings(attn_abs, self.attn_mesh, self.rules)
             self.attention_params = (
-                jax.device_put(attention_params, shard)
+                jax.device_put(host(attention_params), shard)
                 if attention_params is not None
                 else self._init_half(self.attn_mesh, False, shard, seed)
             )
         if self.has_ffn:
             shard = param_shardings(ffn_abs, self.ffn_mesh, self.rules)
             self.ffn_params = (
-                jax.device_put(ffn_params, shard)
+                jax.device_put(host(ffn_params), shard)
                 if ffn_params is not None
                 else self._init_half(self.ffn_mesh, True, shard, seed)
             )
@@ -684,7 +723,10 @@ class AFDRunner:
                 return sample(logits, request_keys(seeds, counters), temperature, top_k, top_p), logits
 
             self._embed_fn = jax.jit(afd_embed)
-            self._logits_fn = jax.jit(afd_logits)
+            # an attention mesh over several processes: every attention process gets all tokens (and logits)
+            spans = len({d.process_index for d in self.attn_mesh.devices.flat}) > 1
+            everywhere = NamedSharding(self.attn_mesh, PartitionSpec())
+            self._logits_fn = jax.jit(afd_logits, out_shardings=(everywhere, everywhere) if spans else None)
 
     # ------------------------------------------------------------------ generation
 
@@ -859,19 +901,17 @@ class AFDRunner:
             """Append this step's tokens to the sequences still running; returns the device tokens (next input)."""
             if res is None:
                 return None
-            toks = np.concatenate([np.asarray(tok)[: mb.rows] for (tok, _), mb in zip(res, mbs, strict=True)])
+            toks = np.concatenate([_host(tok)[: mb.rows] for (tok, _), mb in zip(res, mbs, strict=True)])
             for i, t in enumerate(toks):
                 if not ended[i]:
                     tokens[i].append(int(t))
                     p = per_row[i]
                     ended[i] = int(t) in p.stop_token_ids or len(tokens[i]) >= p.max_new_tokens
             if return_logits:
-                step_logits.append(
-                    np.concatenate([np.asarray(lg)[: mb.rows] for (_, lg), mb in zip(res, mbs, strict=True)])
-                )
+                step_logits.append(np.concatenate([_host(lg)[: mb.rows] for (_, lg), mb in zip(res, mbs, strict=True)]))
             return [tok for tok, _ in res]
 
-        def all_ended() -> bool:  # under several processes the attention process decides for both
+        def all_ended() -> bool:  # under several processes attention process 0 decides for all
             done = bool(ended.all()) if self.has_attention else False
             if watchdog:
                 done = _agree(done)
@@ -931,6 +971,12 @@ class AFDRunner:
         )
 
 
+def _host(arr: jax.Array) -> np.ndarray:
+    """A token / logits array on this host: replicated over an attention mesh of several processes (read the local
+    copy), else addressable here."""
+    return np.asarray(arr.addressable_data(0) if not arr.is_fully_addressable else arr)
+
+
 def _row_params(
     n: int, max_new_tokens: int | None, sampling, stop_token_ids: Sequence[int] | None
 ) -> list[SamplingParams]:
@@ -985,8 +1031,8 @@ class _Watchdog:
 
 
 def _agree(done: bool) -> bool:
-    """Multi-process step end: both processes meet here, and the attention process (0), the only one that sees
-    the tokens, tells the FFN process whether every sequence has ended."""
+    """Multi-process step end: every process meets here, and process 0 (an attention process: the attention
+    processes see the tokens) tells the others whether every sequence has ended."""
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(done)))
@@ -1165,17 +1211,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run the colocated model and compare tokens")  # fmt: skip
     ap.add_argument("--trace-dir", help="profile the last decode step here; writes afd_trace.json + afd_gantt.png")
     mp = ap.add_argument_group(
-        "multi-process (jax.distributed): process 0 runs the attention side on its devices, process 1 the FFN side; "
-        "start both with the same arguments but --process-id"
+        "multi-process (jax.distributed): processes 0 .. K-1 run the attention side, the others the FFN side, each "
+        "side's devices split evenly over its processes; start every process with the same arguments but "
+        "--process-id"
     )
-    mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator; runs this as one of two processes")
-    mp.add_argument("--process-id", type=int, choices=(0, 1), help="0: attention process, 1: FFN process")
+    mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator; runs this as one of the processes")
+    mp.add_argument("--process-id", type=int, help="this process's index, 0 .. --num-processes - 1")
+    mp.add_argument("--num-processes", type=int, default=None, help="processes in the job (default 2)")
+    mp.add_argument("--attention-processes", type=int, default=None,
+                    help="K: processes 0 .. K-1 run the attention side (default: half, rounded down)")  # fmt: skip
     mp.add_argument("--peer-timeout", type=float, default=120.0,
                     help="seconds without progress from the peer before this process exits with an error")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.coordinator is None) != (args.process_id is None):
-        ap.error("--coordinator and --process-id go together (one per process, the same coordinator for both)")
+        ap.error("--coordinator and --process-id go together (one per process, the same coordinator for all)")
+    if args.coordinator is None and (args.num_processes is not None or args.attention_processes is not None):
+        ap.error("--num-processes and --attention-processes are for multi-process runs (with --coordinator)")
+    if args.coordinator is not None:
+        args.num_processes = 2 if args.num_processes is None else args.num_processes
+        if args.num_processes < 2:
+            ap.error(f"--num-processes must be at least 2 (one per side), got {args.num_processes}")
+        if not 0 <= args.process_id < args.num_processes:
+            ap.error(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes), got {args.process_id}")
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -1183,13 +1241,14 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
         wait = max(1, math.ceil(args.peer_timeout))
         print(
-            f"joining the two-process job at {args.coordinator} as process {args.process_id} (waiting up to {wait} s "
-            "for the other process; if it never comes, JAX ends this one with DEADLINE_EXCEEDED)",
+            f"joining the {args.num_processes}-process job at {args.coordinator} as process {args.process_id} "
+            f"(waiting up to {wait} s for the other processes; if they never come, JAX ends this one with "
+            "DEADLINE_EXCEEDED)",
             flush=True,
         )
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
-            num_processes=2,
+            num_processes=args.num_processes,
             process_id=args.process_id,
             initialization_timeout=wait,
         )
@@ -1207,8 +1266,11 @@ def main(argv: list[str] | None = None) -> int:
             page_size=args.page_size,
             kv_dtype=args.kv_dtype,
             peer_timeout_s=args.peer_timeout,
+            attention_processes=args.attention_processes,
         )
         sampling_from_args(args)  # bad sampling values fail before any model is built
+        if jax.process_count() > 1:  # so does a split of the processes that cannot be made
+            split_processes(jax.devices(), afd, jax.process_count())
         t0 = time.perf_counter()
         if args.checkpoint:
             model, tokenizer = load_checkpoint(args)
@@ -1235,7 +1297,9 @@ def main(argv: list[str] | None = None) -> int:
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     res = runner.generate(prompts, sampling=params, trace_dir=trace_dir)
     if not attention_process:
-        print(f"FFN process: served {len(prompts)} sequences; the attention process (0) prints the tokens")
+        side = "attention" if runner.has_attention else "FFN"
+        print(f"process {jax.process_index()} ({side} side): served {len(prompts)} sequences; process 0 prints the "
+              "tokens")  # fmt: skip
         return 0
     print(f"prefill {res.prefill_seconds:.2f} s, decode {res.decode_tokens_per_second:.1f} tokens/s (after compile)")
     for text, toks in zip(texts, res.tokens, strict=True):

@@ -1,11 +1,16 @@
-"""One process of the two-process AFD test (tests/test_afd.py): 4 fake CPU devices each, gloo collectives,
-``jax.distributed`` on localhost; process 0 runs the attention side, process 1 the FFN side.
+"""One process of the multi-process AFD tests (tests/test_afd.py): fake CPU devices, gloo collectives,
+``jax.distributed`` on localhost.
 
-    python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--exit-early] [--splits 4x4,3x2,2x3]
+    python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--processes 2] [--devices 4] [--splits 4x4,3x2,2x3]
+                               [--from-model] [--exit-early]
 
-For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M attention devices of process 0 and N FFN devices
-of process 1 and generates; process 0 writes ``{"MxN": tokens}`` to OUT_JSON. With ``--exit-early`` process 1
-exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of hanging."""
+``--processes`` processes with ``--devices`` fake CPU devices each; the first half of the processes (rounded down)
+run the attention side, the others the FFN side. For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M
+attention and N FFN devices, split evenly over each side's processes, and generates; every attention process
+writes ``{"MxN": tokens}`` to ``OUT_JSON.<process id>``. ``--from-model`` builds the model in each process and
+places its halves (``AFDRunner.from_model``) instead of initialising them on the submeshes. With ``--exit-early``
+process 1 exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of
+hanging."""
 
 import os
 import sys
@@ -15,7 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 4)
+
+def _opt(name: str, default: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+jax.config.update("jax_num_cpu_devices", int(_opt("--devices", "4")))
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
@@ -28,12 +38,14 @@ def main() -> int:
 
     from infer.afd import AFDConfig, AFDRunner
     from step3_jax.config import get_preset
+    from step3_jax.model import create_model
+    from step3_jax.sharding import make_mesh
 
     logging.basicConfig(level=logging.INFO, format=f"[process {sys.argv[1]}] %(message)s")
     process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
-        num_processes=2,
+        num_processes=int(_opt("--processes", "2")),
         process_id=process_id,
         initialization_timeout=60,
         # short enough that the dead-peer test ends soon, long enough for a loaded 2-core machine: at 10 s a
@@ -47,15 +59,18 @@ def main() -> int:
     config = dataclasses.replace(get_preset("test"), param_dtype="float32", moe_num_experts=8)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in (5, 3, 7, 4, 6, 2, 5)]
-    splits = sys.argv[sys.argv.index("--splits") + 1].split(",") if "--splits" in sys.argv else ["4x4"]
+    one = make_mesh(devices=jax.local_devices()[:1])  # this process's own copy of the model, on one of its devices
+    model = create_model(config, seed=3, mesh=one) if "--from-model" in sys.argv else None
     tokens = {}
-    for split in splits:
+    for split in _opt("--splits", "4x4").split(","):
         m, n = (int(v) for v in split.split("x"))
         afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=45.0)
-        runner = AFDRunner.create(config, afd, seed=3)
-        tokens[split] = runner.generate(prompts, 4).tokens
-    if process_id == 0:
-        with open(out, "w") as fh:
+        runner = AFDRunner.from_model(model, afd) if model else AFDRunner.create(config, afd, seed=3)
+        result = runner.generate(prompts, 4)
+        if runner.has_attention:
+            tokens[split] = result.tokens
+    if tokens:
+        with open(f"{out}.{process_id}", "w") as fh:
             json.dump(tokens, fh)
     return 0
 

@@ -1,6 +1,7 @@
 """Attention-FFN disaggregation (infer/afd.py) on 8 fake CPU devices: same tokens and logits as the colocated
 model for several attention:FFN splits and micro-batch counts, FP8 / BF16 transfers, pipelining overlap checked
-from the profiler trace, clear errors for impossible requests, and a two-process run over jax.distributed."""
+from the profiler trace, clear errors for impossible requests, and two- and four-process runs over
+jax.distributed."""
 
 import dataclasses
 import json
@@ -255,9 +256,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_pair(command, timeout: float, what: str) -> list[tuple[int, str]]:
-    """Run ``command(process_id)`` for processes 0 and 1 at once from the repository root; returns
-    [(returncode, output)] (a hard timeout fails the test, killing both)."""
+def _run_processes(command, timeout: float, what: str, count: int = 2) -> list[tuple[int, str]]:
+    """Run ``command(process_id)`` for processes 0 .. count-1 at once from the repository root; returns
+    [(returncode, output)] (a hard timeout fails the test, killing them all)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     procs = [
         subprocess.Popen(
@@ -268,7 +269,7 @@ def _run_pair(command, timeout: float, what: str) -> list[tuple[int, str]]:
             env=env,
             cwd=Path(__file__).parents[1],
         )
-        for i in (0, 1)
+        for i in range(count)
     ]
     try:
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
@@ -279,38 +280,96 @@ def _run_pair(command, timeout: float, what: str) -> list[tuple[int, str]]:
         pytest.fail(f"{what} did not finish within {timeout} s")
 
 
-def _run_workers(tmp_path, *extra, timeout=150):
-    """Both processes of tests/afd_worker.py on localhost; returns ([(returncode, output)], the tokens file)."""
+def _run_workers(tmp_path, *extra, processes=2, timeout=150):
+    """The processes of tests/afd_worker.py on localhost; returns [(returncode, output)] (tokens: tmp_path /
+    tokens.json.<process id> of each attention process)."""
     port, out = _free_port(), tmp_path / "tokens.json"
     worker = Path(__file__).with_name("afd_worker.py")
-    command = lambda i: [sys.executable, str(worker), str(i), str(port), str(out), *extra]  # noqa: E731
-    return _run_pair(command, timeout, "two-process AFD run"), out
+    command = lambda i: [sys.executable, str(worker), str(i), str(port), str(out), "--processes", str(processes),  # noqa: E731
+                         *extra]  # fmt: skip
+    return _run_processes(command, timeout, f"{processes}-process AFD run", processes)
+
+
+def _tokens_of(tmp_path, process_id: int) -> dict:
+    return json.loads((tmp_path / f"tokens.json.{process_id}").read_text())
 
 
 def test_two_processes_give_the_single_process_tokens(four_four, tmp_path):
     """Attention devices in process 0, FFN devices in process 1 (jax.distributed, gloo): the tokens of the
-    single-process 4A4F run with the same weights, for 4A4F (ppermute to a partner over the role axis of one global
-    mesh) and for unequal splits (rounds of ppermute over all devices): 3A2F (every FFN device gets all three
-    attention blocks; two return rounds, the second partial) and 2A3F (more FFN than attention devices)."""
-    splits = ("4x4", "3x2", "2x3")
-    (rc0, out0), (rc1, out1) = _run_workers(tmp_path, "--splits", ",".join(splits), timeout=300)[0]
+    single-process 4A4F run with the same weights, for unequal splits (rounds of ppermute over all devices): 3A2F
+    (every FFN device gets all three attention blocks; two return rounds, the second partial) and 2A3F (more FFN
+    than attention devices). (Equal splits: the four-process test below.)"""
+    splits = ("3x2", "2x3")
+    (rc0, out0), (rc1, out1) = _run_workers(tmp_path, "--splits", ",".join(splits), timeout=300)
     assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
-    tokens = json.loads((tmp_path / "tokens.json").read_text())
+    tokens = _tokens_of(tmp_path, 0)
     assert list(tokens) == list(splits)
     for split in splits:
         assert tokens[split] == four_four[1].tokens, split
+    assert not (tmp_path / "tokens.json.1").exists()  # the FFN process never sees tokens
+
+
+def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tokens(four_four, tmp_path):
+    """Four processes of 2 devices: attention on processes 0 and 1, FFN on 2 and 3, so both sides' meshes span two
+    processes (the paper's multi-node instances): the experts' all_to_all and the logits program's token gather
+    run between processes of one side. 4A4F (ppermute to a partner over the role axis of one global mesh; experts
+    split 4 ways over two processes) and 4A2F (rounds of ppermute; expert parallel 2 across processes 2 and 3),
+    each process placing the halves of its own built model (``AFDRunner.from_model``): the single-process tokens,
+    on both attention processes."""
+    splits = ("4x4", "4x2")
+    runs = _run_workers(tmp_path, "--devices", "2", "--splits", ",".join(splits), "--from-model", processes=4,
+                        timeout=300)  # fmt: skip
+    assert all(rc == 0 for rc, _ in runs), "".join(out[-2000:] for _, out in runs)
+    for p in (0, 1):
+        tokens = _tokens_of(tmp_path, p)
+        assert list(tokens) == list(splits)
+        for split in splits:
+            assert tokens[split] == four_four[1].tokens, (p, split)
+    assert not any((tmp_path / f"tokens.json.{p}").exists() for p in (2, 3))
+
+
+def test_process_splits_that_cannot_be_made_are_refused(config):
+    """:func:`split_processes` (run by every process before any work): which devices each side takes, and the
+    errors for splits that cannot be made."""
+    from types import SimpleNamespace
+
+    from infer.afd import split_processes
+
+    devices = [SimpleNamespace(id=10 * p + i, process_index=p) for p in range(4) for i in range(2)]
+    ids = lambda ds: [d.id for d in ds]  # noqa: E731
+    attn, ffn, k = split_processes(devices, AFDConfig(attention_devices=4, ffn_devices=2), 4)
+    assert k == 2 and ids(attn) == [0, 1, 10, 11] and ids(ffn) == [20, 30]
+    attn, ffn, k = split_processes(devices, AFDConfig(attention_devices=3, ffn_devices=2, attention_processes=3), 4)
+    assert k == 3 and ids(attn) == [0, 10, 20] and ids(ffn) == [30, 31]
+    attn, ffn, k = split_processes(devices[:4], AFDConfig(attention_devices=2, ffn_devices=1), 2)
+    assert k == 1 and ids(attn) == [0, 1] and ids(ffn) == [10]
+    bad = [
+        (AFDConfig(attention_devices=3, ffn_devices=2), "3 attention devices cannot be split evenly over the 2 "
+         "attention processes \\(0 .. 1\\); ask for a multiple of 2"),
+        (AFDConfig(attention_devices=2, ffn_devices=1), "1 FFN devices cannot be split evenly over the 2 FFN "
+         "processes \\(2 .. 3\\)"),
+        (AFDConfig(attention_devices=6, ffn_devices=2), "process 0 has 2 devices, but each of the 2 attention "
+         "processes \\(0 .. 1\\) must give 3 of the 6 attention devices"),
+        (AFDConfig(attention_devices=2, ffn_devices=2, attention_processes=4), "attention_processes = 4 with 4 "
+         "processes: each side needs at least one process, so choose 1 .. 3"),
+    ]  # fmt: skip
+    for afd, message in bad:
+        with pytest.raises(ValueError, match=message):
+            split_processes(devices, afd, 4)
+    with pytest.raises(ValueError, match="AFD attention_processes must be a positive int, got 0"):
+        AFDRunner.create(config, AFDConfig(attention_processes=0))
 
 
 def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     """The FFN process exits right after joining: the attention process must not hang but exit with an error
     that says a peer died (JAX's heartbeat; the runner's own watchdog bounds it too)."""
-    (rc0, out0), (rc1, _) = _run_workers(tmp_path, "--exit-early", timeout=120)[0]
+    (rc0, out0), (rc1, _) = _run_workers(tmp_path, "--exit-early", timeout=120)
     assert rc1 == 0  # the early exit itself
     assert rc0 != 0
     assert "another task died" in out0 or "stopped sending heartbeats" in out0 or "peer process failed" in out0, out0[
         -3000:
     ]
-    assert not (tmp_path / "tokens.json").exists()
+    assert not (tmp_path / "tokens.json.0").exists()
 
 
 CLI_ARGS = ["--preset", "test", "--attention-devices", "2", "--ffn-devices", "1", "--micro-batches", "2"]
@@ -337,15 +396,24 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
         main([*CLI_ARGS, "--coordinator", "127.0.0.1:1"])
     assert err.value.code == 2
     assert "--coordinator and --process-id go together" in capsys.readouterr().err
+    for bad, message in [
+        (["--attention-processes", "1"], "--num-processes and --attention-processes are for multi-process runs"),
+        (["--coordinator", "127.0.0.1:1", "--process-id", "2"], "--process-id must be in 0 .. 1 (--num-processes)"),
+        (["--coordinator", "127.0.0.1:1", "--process-id", "0", "--num-processes", "1"], "must be at least 2"),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            main([*CLI_ARGS, *bad])
+        assert err.value.code == 2
+        assert message in capsys.readouterr().err
 
     port = _free_port()
     cli = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator", f"127.0.0.1:{port}"]
-    (rc0, out0), (rc1, out1) = _run_pair(
+    (rc0, out0), (rc1, out1) = _run_processes(
         lambda i: [*cli, "--process-id", str(i), "--peer-timeout", "60"], 240, "two-process CLI run"
     )
     assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
     assert _token_lines(out0) == want
-    assert "FFN process: served 3 sequences" in out1 and not _token_lines(out1)
+    assert "process 1 (FFN side): served 3 sequences" in out1 and not _token_lines(out1)
 
 
 def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
@@ -360,4 +428,4 @@ def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
         pytest.fail("the CLI waited more than 90 s for a peer it was told to wait 3 s for")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "waiting up to 3 s for the other process" in out and "DEADLINE_EXCEEDED" in out, out[-3000:]
+    assert "waiting up to 3 s for the other processes" in out and "DEADLINE_EXCEEDED" in out, out[-3000:]
