@@ -57,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from infer.sampling import SamplingParams, param_rows, request_keys, sample
 from step3_jax import kv_cache as kvc
+from step3_jax.checkpoint import CheckpointReport, inspect_checkpoint, load_tensors
 from step3_jax.config import Step3Config
 from step3_jax.init_rng import init_key
 from step3_jax.model import Step3ForCausalLM, param_shardings
@@ -589,6 +590,8 @@ class AFDRunner:
         seed: int = 0,
         devices: Sequence[jax.Device] | None = None,
         rules: ShardingRules = DEFAULT_RULES,
+        checkpoint: CheckpointReport | None = None,
+        progress: bool = False,
     ):
         devices = list(jax.devices() if devices is None else devices)
         self.ep, self.tp = validate(config, afd, len(devices))
@@ -608,7 +611,7 @@ class AFDRunner:
             self.transport = CollectiveTransport(self.attn_mesh, self.ffn_mesh, self.has_attention, self.has_ffn)
         else:
             self.transport = LocalTransport(self.attn_mesh, self.ffn_mesh)
-        self._place(attention_params, ffn_params, seed)
+        self._place(attention_params, ffn_params, seed, checkpoint, progress)
         self._build_programs()
         self._dispatch_log: list[tuple[str, str, int, int]] | None = None
         log.info(
@@ -625,6 +628,20 @@ class AFDRunner:
         return cls(config, afd, seed=seed, **kw)
 
     @classmethod
+    def from_checkpoint(
+        cls, path, afd: AFDConfig, *, dtype=None, quantization: str | None = "auto", progress: bool = False, **kw
+    ) -> AFDRunner:
+        """Read a Hugging Face checkpoint folder (as :func:`~step3_jax.checkpoint.load_pretrained` does, FP8 weights
+        staying FP8) straight into the two submeshes: each side's tensors go only to its own devices, and under
+        several processes each process reads only its side's tensors and keeps only its own devices' slices, so
+        no process ever holds the whole model. The checkpoint is checked (keys, shapes, dtypes, config) before
+        anything is read."""
+        report = inspect_checkpoint(path, dtype=dtype, quantization=quantization)
+        if not report.ok:
+            raise ValueError(report.error_message())
+        return cls(report.config, afd, checkpoint=report, progress=progress, **kw)
+
+    @classmethod
     def from_model(cls, model: Step3ForCausalLM, afd: AFDConfig, **kw) -> AFDRunner:
         """Place an existing (built or loaded) model's two halves on the two submeshes."""
         _, ffn, attn = nnx.split(model, is_ffn_param, ...)
@@ -633,12 +650,28 @@ class AFDRunner:
     def _view(self, mesh: Mesh) -> Step3ForCausalLM:
         return nnx.eval_shape(lambda: Step3ForCausalLM(self.config, rngs=nnx.Rngs(0), mesh=mesh, rules=self.rules))
 
-    def _place(self, attention_params, ffn_params, seed: int) -> None:
-        """Materialise each side's half on its submesh (only the local side's under several processes)."""
+    def _place(self, attention_params, ffn_params, seed: int, checkpoint, progress: bool) -> None:
+        """Materialise each side's half on its submesh (only the local side's under several processes): from the
+        given parameters, from a checkpoint, or initialised in place."""
         self.attn_graph, attn_abs_ffn, attn_abs = nnx.split(self._view(self.attn_mesh), is_ffn_param, ...)
         self.ffn_graph, ffn_abs, ffn_abs_attn = nnx.split(self._view(self.ffn_mesh), is_ffn_param, ...)
         self._attn_abs_ffn, self._ffn_abs_attn = attn_abs_ffn, ffn_abs_attn
         self.attention_params = self.ffn_params = None
+        if checkpoint is not None:
+            sides = [(abs_, mesh) for abs_, mesh, mine in ((attn_abs, self.attn_mesh, self.has_attention),
+                     (ffn_abs, self.ffn_mesh, self.has_ffn)) if mine]  # fmt: skip
+            targets = {
+                tuple(p): s
+                for abs_, mesh in sides
+                for p, s in nnx.to_flat_state(param_shardings(abs_, mesh, self.rules))
+            }
+            values = load_tensors(checkpoint, targets, progress=progress)
+            for abs_, _ in sides:
+                for p, var in nnx.to_flat_state(abs_):
+                    var.set_value(values.pop(tuple(p)))
+            self.attention_params = attn_abs if self.has_attention else None
+            self.ffn_params = ffn_abs if self.has_ffn else None
+            return
         # under several processes a side's mesh may span processes: each places its slices of host values
         host = jax.device_get if self.multiprocess else (lambda tree: tree)
         if self.has_attention:
@@ -810,6 +843,56 @@ class AFDRunner:
             self._log("jit_afd_logits", cfg.num_hidden_layers, j)
             results.append(self._logits_fn(self._top_params, mb.h, mb.f, last[j], None if rows is None else rows[j]))
         return results
+
+    def step(self, pool: dict, ids, block_table, start, last, rows=None, *, micro_batches: int | None = None):
+        """One pass of a batch through the pipeline on a shared page pool, for a scheduler such as the
+        continuous-batching :class:`~infer.engine.Engine` (which drives an ``AFDRunner`` through this).
+
+        The batch is laid out as the engine lays out its slots: ``n = M * r`` rows, attention device ``g``'s rows
+        ``g*r .. (g+1)*r - 1``, with ``block_table`` rows of that device's local page ids into ``pool`` (per layer
+        ``k``, ``v``, ``k_scale``, ``v_scale`` pages on the attention mesh, as ``kv_cache.create_page_pool`` makes
+        them; donated, the updated pool is returned). ``ids [n, T]`` are written at positions ``start ..
+        start + T - 1``, ``last [n]`` picks each row's logits, ``rows`` = (seeds, counters, temperature, top_k,
+        top_p) sample as the engine does (None: greedy). Micro-batch ``j`` of ``micro_batches`` (default
+        ``AFDConfig.micro_batches``; it must divide ``r``) takes the ``j``-th ``r / micro_batches`` rows of every
+        device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], pool)``."""
+        if self.multiprocess:
+            raise ValueError("AFDRunner.step drives a single-process runner (the schedule lives in one process)")
+        m = self.afd.attention_devices
+        ids, block_table = np.asarray(ids, np.int32), np.asarray(block_table, np.int32)
+        start, last = np.asarray(start, np.int32), np.asarray(last, np.int32)
+        n, width = ids.shape
+        mb_count = self.afd.micro_batches if micro_batches is None else micro_batches
+        if n % m or (n // m) % mb_count:
+            raise ValueError(
+                f"a step of {n} rows over {m} attention devices and {mb_count} micro-batches: each device's rows "
+                f"({n} / {m}) must split into {mb_count} equal micro-batches"
+            )
+        r, q = n // m, n // m // mb_count
+        fp8 = pool["k_scale"] is not None
+        kv = [  # one list for every micro-batch: each one's attention writes the pool the next one reads
+            (pool["k"][i], pool["v"][i], pool["k_scale"][i] if fp8 else None, pool["v_scale"][i] if fp8 else None)
+            for i in range(self.config.num_hidden_layers)
+        ]
+        put = lambda a: jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape))  # noqa: E731
+        order = [
+            np.concatenate([np.arange(g * r + j * q, g * r + (j + 1) * q) for g in range(m)]) for j in range(mb_count)
+        ]
+        mbs = [_MicroBatch(m * q, m * q, kv, put(block_table[sel])) for sel in order]
+        positions = [put(start[sel][:, None] + np.arange(width, dtype=np.int32)[None]) for sel in order]
+        per_mb_rows = None if rows is None else [tuple(put(np.asarray(a)[sel]) for a in rows) for sel in order]
+        res = self._forward(
+            mbs, [put(ids[sel]) for sel in order], positions, [put(start[sel]) for sel in order],
+            [put(last[sel]) for sel in order], per_mb_rows,
+        )  # fmt: skip
+        tokens = np.empty((n,), np.int32)
+        for sel, (tok, _) in zip(order, res, strict=True):
+            tokens[sel] = np.asarray(tok)
+        new_pool = {
+            name: tuple(layer[c] for layer in kv) if (c < 2 or fp8) else None
+            for c, name in enumerate(("k", "v", "k_scale", "v_scale"))
+        }
+        return tokens, new_pool
 
     def generate(
         self,
@@ -1183,11 +1266,11 @@ def main(argv: list[str] | None = None) -> int:
         add_model_args,
         add_sampling_args,
         byte_tokenizer_for,
-        load_checkpoint,
         preset_config,
         sampling_from_args,
         stop_ids,
     )
+    from step3_jax.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(
         prog="python -m infer.afd",
@@ -1272,11 +1355,9 @@ def main(argv: list[str] | None = None) -> int:
         if jax.process_count() > 1:  # so does a split of the processes that cannot be made
             split_processes(jax.devices(), afd, jax.process_count())
         t0 = time.perf_counter()
-        if args.checkpoint:
-            model, tokenizer = load_checkpoint(args)
-            validate(model.config, afd, len(jax.devices()))
-            runner = AFDRunner.from_model(model, afd)
-            del model
+        if args.checkpoint:  # each side (each process) reads only its own half, into its own devices
+            runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)
+            tokenizer = load_tokenizer(args.checkpoint)
         else:
             config = preset_config(args)
             tokenizer = byte_tokenizer_for(config, args.preset)
@@ -1286,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = args.prompt or ["Attention and FFN on different devices."] * args.batch
         prompts = [tokenizer.encode(x) for x in texts]
         microbatch_sizes(len(prompts), afd.micro_batches)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

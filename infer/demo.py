@@ -95,20 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens/s, {stats['mean_time_per_output_token'] * 1e3:.1f} ms per output token"
     )
     if not args.no_afd:
-        _afd_generate(loaded, tokenizer, prompts, params, outputs)
+        _afd_generate(model_dir, tokenizer, prompts, params, outputs)
     return 0
 
 
-def _afd_generate(model, tokenizer, prompts, params, engine_outputs) -> None:
-    """The same prompts through the attention-FFN disaggregated runner: attention on one device, FFN on another,
-    FP8 hidden states between them, two micro-batches in flight."""
+def _afd_generate(model_dir, tokenizer, prompts, params, engine_outputs) -> None:
+    """The same prompts through the attention-FFN disaggregated runner, its halves read from the saved checkpoint:
+    attention on one device, FFN on another, FP8 hidden states between them, two micro-batches in flight."""
     from infer.afd import AFDConfig, AFDRunner
 
     if len(jax.devices()) < 2:
         print("\n(AFD skipped: it needs two devices)")
         return
     afd = AFDConfig(attention_devices=1, ffn_devices=1, micro_batches=min(2, len(prompts)), transfer="fp8")
-    runner = AFDRunner.from_model(model, afd)
+    runner = AFDRunner.from_checkpoint(model_dir, afd)
     res = runner.generate([tokenizer.encode(p) for p in prompts], sampling=params)
     print(
         f"\nAFD ({afd.attention_devices} attention + {afd.ffn_devices} FFN device, {afd.micro_batches} micro-batches, "

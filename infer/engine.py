@@ -27,6 +27,9 @@ Design (docs/engine.md has the long version):
 * **Mesh.** With a model created on a mesh, the decode batch and the page pool are split over the batch mesh axes
   (data-parallel attention groups, the paper's attention instances; ``model.paged_write_attend``); the experts
   follow the model's own expert / tensor sharding.
+* **Disaggregated.** Given an :class:`~infer.afd.AFDRunner` instead of a model, the same scheduler drives
+  attention-FFN disaggregation: the groups are the attention devices, the pool lives on the attention submesh,
+  and every prefill / decode step runs through the runner's micro-batch pipeline (``AFDRunner.step``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +51,9 @@ from flax import nnx
 from infer.sampling import SamplingParams, param_rows, request_keys, sample
 from step3_jax import kv_cache as kvc
 from step3_jax.model import Step3ForCausalLM
+
+if TYPE_CHECKING:
+    from infer.afd import AFDRunner
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,8 @@ class EngineConfig:
       needs at least ``max_seq_len / page_size`` pages, so any single request fits on its own.
     max_seq_len: the context limit (prompt + generated tokens); default the model's ``max_position_embedding``.
     prefill_chunk: most prompt tokens prefilled per request per step (a power of two >= ``min_bucket``).
-    prefill_batch: requests prefilled per prefill call (rows; divisible by the data-parallel groups).
+    prefill_batch: requests prefilled per prefill call (rows; divisible by the data-parallel groups; default one
+      per group).
     min_bucket: shortest prefill chunk shape (power of two); chunks are rounded up to powers of two.
     kv_dtype: KV page dtype: None (the model's dtype), "bfloat16", "float32" or "float8_e4m3fn" (per-token scales).
     """
@@ -73,7 +81,7 @@ class EngineConfig:
     num_pages: int | None = None
     max_seq_len: int | None = None
     prefill_chunk: int = 64
-    prefill_batch: int = 1
+    prefill_batch: int | None = None
     min_bucket: int = 16
     kv_dtype: str | None = None
 
@@ -81,11 +89,11 @@ class EngineConfig:
         kvc.check_kv_dtype(self.kv_dtype, "EngineConfig.kv_dtype")
         if self.page_size is None:
             object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))
-        for name in ("max_batch", "page_size", "prefill_chunk", "prefill_batch", "min_bucket"):
+        for name in ("max_batch", "page_size", "prefill_chunk", "min_bucket"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("num_pages", "max_seq_len"):
+        for name in ("num_pages", "max_seq_len", "prefill_batch"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"EngineConfig.{name} must be None or an int >= 1, got {v!r}")
@@ -184,7 +192,9 @@ def _pow2_at_least(n: int, minimum: int) -> int:
 
 
 class Engine:
-    """Continuous batching over a paged KV cache for a :class:`~step3_jax.model.Step3ForCausalLM`.
+    """Continuous batching over a paged KV cache for a :class:`~step3_jax.model.Step3ForCausalLM`, or for an
+    :class:`~infer.afd.AFDRunner` (attention and FFN on separate device groups, each step pipelined over its
+    micro-batches).
 
     ``tokenizer`` (``encode(text) -> ids``, ``decode(ids) -> text``) lets prompts be strings and results carry
     text; default: the byte tokenizer when the model's vocabulary holds it, else token ids only.
@@ -193,13 +203,19 @@ class Engine:
 
     def __init__(
         self,
-        model: Step3ForCausalLM,
+        model: Step3ForCausalLM | AFDRunner,
         config: EngineConfig | None = None,
         *,
         tokenizer=None,
         clock: Callable[[], float] = time.perf_counter,
     ):
+        from infer.afd import AFDRunner
+
         cfg = config or EngineConfig()
+        self.afd = model if isinstance(model, AFDRunner) else None
+        if self.afd is not None and self.afd.multiprocess:
+            raise ValueError("the engine drives an AFD runner of one process; under several processes use "
+                             "AFDRunner.generate")  # fmt: skip
         mc = model.config
         self.model = model
         self.model_config = mc
@@ -209,7 +225,10 @@ class Engine:
 
             tokenizer = ByteTokenizer() if mc.vocab_size >= ByteTokenizer.vocab_size else None
         self.tokenizer = tokenizer
-        mesh, rules = model.ctx.mesh, model.ctx.rules
+        if self.afd is not None:
+            mesh, rules = self.afd.attn_mesh, self.afd.rules
+        else:
+            mesh, rules = model.ctx.mesh, model.ctx.rules
         self.mesh = mesh
         groups = kvc.num_page_groups(mesh, rules)
         self.groups = groups
@@ -219,6 +238,8 @@ class Engine:
                 f"EngineConfig.max_seq_len {max_seq_len} exceeds the model's max_position_embedding "
                 f"{mc.max_position_embedding}"
             )
+        if cfg.prefill_batch is None:
+            cfg = dataclasses.replace(cfg, prefill_batch=groups)
         for name in ("max_batch", "prefill_batch"):
             if getattr(cfg, name) % groups:
                 raise ValueError(
@@ -250,10 +271,14 @@ class Engine:
             mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
         )
         self._pool = pool
-        self._graphdef, self._state = nnx.split(model)
         self.trace_counts = {"prefill": 0, "decode": 0}
-        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
-        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        if self.afd is not None:
+            self._state = None
+            self._decode_fn, self._prefill_fn = self._afd_steps(self.afd)
+        else:
+            self._graphdef, self._state = nnx.split(model)
+            self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
+            self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._slots: list[_Request | None] = [None] * cfg.max_batch
         self._queue: list[tuple[int, _Request]] = []  # heap by arrival
         self._requests: dict[str, _Request] = {}
@@ -303,6 +328,28 @@ class Engine:
         logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         keys = request_keys(seeds, counters)
         return sample(logits, keys, temperature, top_k, top_p), self._pool_of(cache)
+
+    def _afd_steps(self, runner):
+        """Decode and prefill steps through an AFD runner's pipeline, with the jitted steps' signatures. Decoding
+        splits every group's slots into ``AFDConfig.micro_batches`` micro-batches (they must divide evenly);
+        prefill too when its rows per group divide evenly, else it runs as one micro-batch."""
+        n_mb = runner.afd.micro_batches
+        if self.slots_per_group % n_mb:
+            raise ValueError(
+                f"EngineConfig.max_batch ({self.config.max_batch}) gives {self.slots_per_group} decode slots per "
+                f"attention device, which the AFD runner's {n_mb} micro-batches must divide; use a max_batch that "
+                f"is a multiple of {self.groups * n_mb}"
+            )
+        prefill_mb = n_mb if self.prefill_rows_per_group % n_mb == 0 else 1
+
+        def decode(state, pool, tokens, table, start, *rows):
+            zeros = np.zeros_like(start)
+            return runner.step(pool, tokens[:, None], table, start, zeros, rows, micro_batches=n_mb)
+
+        def prefill(state, pool, ids, table, start, last, *rows):
+            return runner.step(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
+
+        return decode, prefill
 
     # ------------------------------------------------------------------ submission
 

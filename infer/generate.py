@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infer.afd import TRANSFERS
 from infer.cli import (
     add_model_args,
     add_sampling_args,
@@ -159,7 +160,10 @@ def _read_prompts(args) -> list[str]:
 
 
 def _load_model(args):
-    """(model, tokenizer, description) from --checkpoint or --preset."""
+    """(model, tokenizer, description) from --checkpoint or --preset; with --afd an :class:`AFDRunner` instead of
+    the model (the engine drives either)."""
+    if args.afd:
+        return _load_afd(args)
     if args.checkpoint:
         model, tokenizer = load_checkpoint(args)
         return model, tokenizer, f"checkpoint {args.checkpoint}"
@@ -170,6 +174,36 @@ def _load_model(args):
         tokenizer,
         f"preset {args.preset!r} (random weights, so the text is noise)",
     )
+
+
+def _load_afd(args):
+    from infer.afd import AFDConfig, AFDRunner
+    from step3_jax.tokenizer import load_tokenizer
+
+    m, n = args.afd
+    afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=args.micro_batches, transfer=args.transfer)
+    if args.checkpoint:
+        runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)
+        tokenizer, what = load_tokenizer(args.checkpoint), f"checkpoint {args.checkpoint}"
+    else:
+        config = preset_config(args)
+        tokenizer = byte_tokenizer_for(config, args.preset)
+        runner = AFDRunner.create(config, afd, seed=args.seed)
+        what = f"preset {args.preset!r} (random weights, so the text is noise)"
+    what += (
+        f", disaggregated: {m} attention + {n} FFN devices (EP {runner.ep} x TP {runner.tp}), "
+        f"{afd.micro_batches} micro-batches, {afd.transfer} A->F"
+    )
+    return runner, tokenizer, what
+
+
+def _split(text: str) -> tuple[int, int]:
+    """``--afd MxN`` -> (M, N)."""
+    try:
+        m, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MxN (attention x FFN devices, e.g. 2x2), got {text!r}") from None
+    return m, n
 
 
 def _fmt_ms(seconds) -> str:
@@ -196,12 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: fits the prompts)")
     eng.add_argument("--prefill-chunk", type=int, default=64)
     eng.add_argument("--kv-dtype", default=None, choices=KV_DTYPES)
+    dis = ap.add_argument_group("attention-FFN disaggregation (the same engine over infer.afd's pipeline)")
+    dis.add_argument("--afd", type=_split, metavar="MxN", help="attention on M devices, FFN on N others (e.g. 2x2)")
+    dis.add_argument("--micro-batches", type=int, default=2, help="with --afd: micro-batches per step")
+    dis.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="with --afd: A->F format")
+    dis.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="print text as it is generated (default: when there is one prompt)")  # fmt: skip
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile with a short throwaway request first so timings exclude compilation")  # fmt: skip
     ap.add_argument("--json-out", help="write every request's tokens, text and timings as JSON")
     args = ap.parse_args(argv)
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
     try:
         params = sampling_from_args(args)
@@ -227,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             tokenizer=tokenizer,
         )
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -2,13 +2,13 @@
 ``jax.distributed`` on localhost.
 
     python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--processes 2] [--devices 4] [--splits 4x4,3x2,2x3]
-                               [--from-model] [--exit-early]
+                               [--checkpoint DIR] [--exit-early]
 
 ``--processes`` processes with ``--devices`` fake CPU devices each; the first half of the processes (rounded down)
 run the attention side, the others the FFN side. For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M
 attention and N FFN devices, split evenly over each side's processes, and generates; every attention process
-writes ``{"MxN": tokens}`` to ``OUT_JSON.<process id>``. ``--from-model`` builds the model in each process and
-places its halves (``AFDRunner.from_model``) instead of initialising them on the submeshes. With ``--exit-early``
+writes ``{"MxN": tokens}`` to ``OUT_JSON.<process id>``. ``--checkpoint`` reads the weights from a checkpoint
+folder (``AFDRunner.from_checkpoint``) instead of initialising them on the submeshes. With ``--exit-early``
 process 1 exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of
 hanging."""
 
@@ -38,8 +38,6 @@ def main() -> int:
 
     from infer.afd import AFDConfig, AFDRunner
     from step3_jax.config import get_preset
-    from step3_jax.model import create_model
-    from step3_jax.sharding import make_mesh
 
     logging.basicConfig(level=logging.INFO, format=f"[process {sys.argv[1]}] %(message)s")
     process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -59,13 +57,15 @@ def main() -> int:
     config = dataclasses.replace(get_preset("test"), param_dtype="float32", moe_num_experts=8)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in (5, 3, 7, 4, 6, 2, 5)]
-    one = make_mesh(devices=jax.local_devices()[:1])  # this process's own copy of the model, on one of its devices
-    model = create_model(config, seed=3, mesh=one) if "--from-model" in sys.argv else None
+    checkpoint = _opt("--checkpoint", "")
     tokens = {}
     for split in _opt("--splits", "4x4").split(","):
         m, n = (int(v) for v in split.split("x"))
         afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=45.0)
-        runner = AFDRunner.from_model(model, afd) if model else AFDRunner.create(config, afd, seed=3)
+        if checkpoint:
+            runner = AFDRunner.from_checkpoint(checkpoint, afd)
+        else:
+            runner = AFDRunner.create(config, afd, seed=3)
         result = runner.generate(prompts, 4)
         if runner.has_attention:
             tokens[split] = result.tokens

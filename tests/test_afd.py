@@ -6,6 +6,8 @@ jax.distributed."""
 import dataclasses
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from flax import nnx
 from infer.afd import AFDConfig, AFDRunner, overlaps, plot_gantt, write_chrome_trace
 from infer.generate import generate_ids
 from infer.sampling import SamplingParams
+from step3_jax.checkpoint import save_pretrained
 from step3_jax.model import create_model
 
 SEED = 3
@@ -221,6 +224,40 @@ def test_pipeline_overlaps_attention_and_ffn(config, tmp_path):
     assert (tmp_path / "afd.png").stat().st_size > 1000
 
 
+def test_engine_drives_afd_with_continuous_batching(config):
+    """``Engine(AFDRunner)``: the continuous-batching scheduler over the disaggregated pipeline (2 attention + 2 FFN
+    devices, decode steps in 2 micro-batches). Requests arriving at different times, greedy and sampled, prompts
+    of 1 to 16 tokens, a page pool too small for all of them at once (preemption and recompute): every request
+    gets exactly the tokens the colocated engine gives it. A batch the micro-batches cannot split is refused."""
+    from infer.engine import Engine, EngineConfig
+
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in rng.integers(1, 17, size=12)]
+    params = [
+        SamplingParams(max_new_tokens=int(k), temperature=0.0 if i % 2 else 0.9, top_k=0 if i % 3 else 20, seed=i)
+        for i, k in enumerate(rng.integers(1, 14, size=12))
+    ]
+    sizes = dict(max_seq_len=32, page_size=8, prefill_chunk=16)
+    want = Engine(create_model(config, seed=SEED), EngineConfig(max_batch=4, **sizes)).generate_outputs(prompts, params)
+
+    runner = AFDRunner.create(config, AFDConfig(attention_devices=2, ffn_devices=2, micro_batches=2, transfer="model"),
+                              seed=SEED)  # fmt: skip
+    engine = Engine(runner, EngineConfig(max_batch=8, num_pages=12, **sizes))
+    first = [engine.submit(p, sp) for p, sp in zip(prompts[:7], params[:7], strict=True)]
+    done = {}
+    for _ in range(3):
+        done |= {ev.request_id: ev.output for ev in engine.step() if ev.finished}
+    later = [engine.submit(p, sp) for p, sp in zip(prompts[7:], params[7:], strict=True)]
+    done |= engine.run()
+    got = [done[i] for i in first + later]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(o.ok for o in got) and engine.stats["preemptions"] > 0
+    assert engine.pages_in_use() == 0
+
+    with pytest.raises(ValueError, match="gives 3 decode slots per attention device, which the AFD runner's 2 "):
+        Engine(runner, EngineConfig(max_batch=6, **sizes))
+
+
 def test_impossible_requests_fail_before_work(config, test_config, prompts):
     with pytest.raises(ValueError, match=r"asks for 6 attention \+ 4 FFN = 10 devices, but only 8 exist"):
         AFDRunner.create(config, AFDConfig(attention_devices=6, ffn_devices=4))
@@ -309,16 +346,44 @@ def test_two_processes_give_the_single_process_tokens(four_four, tmp_path):
     assert not (tmp_path / "tokens.json.1").exists()  # the FFN process never sees tokens
 
 
-def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tokens(four_four, tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint_dir(config, tmp_path_factory):
+    """The reference model (seed 3, float32) as a Hugging Face checkpoint folder."""
+    return save_pretrained(create_model(config, seed=SEED), tmp_path_factory.mktemp("afd") / "model")
+
+
+def test_from_checkpoint_reads_each_half_into_its_own_submesh(prompts, checkpoint_dir, four_four, tmp_path):
+    """``AFDRunner.from_checkpoint``: every tensor read once, straight into its side's submesh (attention weights
+    only on the attention devices, experts only on the FFN devices), giving the tokens of the runner built from
+    the same seed; a checkpoint that does not match its config is refused before any tensor is read."""
+    runner = AFDRunner.from_checkpoint(checkpoint_dir, FOUR_FOUR)
+    experts = runner._ffn_layer[1]["moe"]["gate_proj"].get_value()
+    assert set(experts.sharding.device_set) == set(runner.ffn_mesh.devices.flat)
+    wq = runner._attn_layer[0]["self_attn"]["wq"].get_value()
+    assert set(wq.sharding.device_set) == set(runner.attn_mesh.devices.flat)
+    assert runner.generate(prompts, NEW).tokens == four_four[1].tokens
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint_dir, bad)
+    hf = json.loads((bad / "config.json").read_text())
+    hf["num_hidden_layers"] += 1
+    (bad / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="does not match the Step-3 model of its config.json; nothing was loaded"):
+        AFDRunner.from_checkpoint(bad, FOUR_FOUR)
+
+
+def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tokens(
+    four_four, checkpoint_dir, tmp_path
+):
     """Four processes of 2 devices: attention on processes 0 and 1, FFN on 2 and 3, so both sides' meshes span two
     processes (the paper's multi-node instances): the experts' all_to_all and the logits program's token gather
     run between processes of one side. 4A4F (ppermute to a partner over the role axis of one global mesh; experts
     split 4 ways over two processes) and 4A2F (rounds of ppermute; expert parallel 2 across processes 2 and 3),
-    each process placing the halves of its own built model (``AFDRunner.from_model``): the single-process tokens,
-    on both attention processes."""
+    the weights read from a checkpoint (``AFDRunner.from_checkpoint``): the single-process tokens on both attention
+    processes, and each process reads only its own side's tensors."""
     splits = ("4x4", "4x2")
-    runs = _run_workers(tmp_path, "--devices", "2", "--splits", ",".join(splits), "--from-model", processes=4,
-                        timeout=300)  # fmt: skip
+    runs = _run_workers(tmp_path, "--devices", "2", "--splits", ",".join(splits), "--checkpoint", str(checkpoint_dir),
+                        processes=4, timeout=300)  # fmt: skip
     assert all(rc == 0 for rc, _ in runs), "".join(out[-2000:] for _, out in runs)
     for p in (0, 1):
         tokens = _tokens_of(tmp_path, p)
@@ -326,6 +391,11 @@ def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tok
         for split in splits:
             assert tokens[split] == four_four[1].tokens, (p, split)
     assert not any((tmp_path / f"tokens.json.{p}").exists() for p in (2, 3))
+    read = [[int(n) for n in re.findall(r"loaded (\d+) tensors", out)] for _, out in runs]
+    total = len(json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())["weight_map"])
+    assert all(len(r) == len(splits) for r in read), read  # one checkpoint read per runner
+    attn, ffn = read[0][0], read[2][0]
+    assert read[1][0] == attn and read[3][0] == ffn and 0 < attn < total and attn + ffn == total, (read, total)
 
 
 def test_process_splits_that_cannot_be_made_are_refused(config):

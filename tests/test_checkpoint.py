@@ -393,6 +393,37 @@ def test_load_onto_mesh_fp8_checkpoint(fp8_ckpt):
         forward(bad, ids)
 
 
+def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
+    """``load_tensors``: the named parameters (an FP8 expert weight with its scales, a norm) read straight into
+    the given shardings, bytes equal to the file's; no other tensor of the checkpoint is read; a path that no
+    tensor loads into is refused before anything is read."""
+    folder, source, _ = fp8_ckpt
+    report = hf_mod.inspect_checkpoint(folder)
+    experts = ("layers", 1, "moe", "gate_proj")
+    scales = next(ld.scale_path for ld in report.loads if ld.path == experts)
+    norm = ("layers", 0, "input_layernorm", "weight")
+    mesh = make_mesh(expert=2, devices=jax.devices()[:2])
+    by_expert = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    reads = []
+    real = hf_mod.read_tensor
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info: reads.append(info.key) or real(info))
+    got = hf_mod.load_tensors(report, {experts: by_expert, scales: by_expert, norm: replicated}, progress=False)
+    assert sorted(reads) == sorted(
+        ["model.layers.1.moe.gate_proj.weight", "model.layers.1.moe.gate_proj.weight_scale_inv",
+         "model.layers.0.input_layernorm.weight"]
+    )  # fmt: skip
+    assert set(got) == {experts, scales, norm}
+    assert got[experts].sharding == by_expert and got[experts].dtype == FP8_DTYPE
+    want = dict((tuple(p), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(source)))
+    for p in (experts, scales, norm):
+        np.testing.assert_array_equal(np.asarray(got[p]).view(np.uint8), np.asarray(want[p]).view(np.uint8))
+    reads.clear()
+    with pytest.raises(ValueError, match="no checkpoint tensor loads into 1 of the named parameters"):
+        hf_mod.load_tensors(report, {norm: replicated, ("layers", 0, "nope"): replicated}, progress=False)
+    assert reads == []
+
+
 # ---------------------------------------------------------------------- bad input: clear errors, nothing loaded
 
 

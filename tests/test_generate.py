@@ -115,3 +115,26 @@ def test_demo_cli_prints_tokens_per_second(capsys):
     assert "tokens/s" in out and "prompt: 'hi'" in out
     assert main(["--preset", "test", "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
+    """``python -m infer.generate --afd 2x1``: the same engine over attention on 2 devices and FFN on 1 (2
+    micro-batches, exact transfer) gives every prompt the colocated run's tokens; a malformed split or a batch the
+    micro-batches cannot split is refused with the reason."""
+    import json
+
+    base = ["--preset", "test", "--dtype", "float32", "--max-new-tokens", "4", "--max-batch", "4", "--no-warmup"]
+    base += ["--prompt", "Step-3 decodes", "--prompt", "x", "--prompt", "attention and FFN apart"]
+    assert main([*base, "--json-out", str(tmp_path / "one.json")]) == 0
+    afd = ["--afd", "2x1", "--micro-batches", "2", "--transfer", "model"]
+    assert main([*base, *afd, "--json-out", str(tmp_path / "afd.json")]) == 0
+    assert "disaggregated: 2 attention + 1 FFN devices" in capsys.readouterr().out
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["requests"] for n in ("one", "afd"))
+    assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one]
+    assert all(len(r["token_ids"]) == 4 for r in two)
+
+    with pytest.raises(SystemExit):
+        main([*base, "--afd", "2by1"])
+    assert "expected MxN (attention x FFN devices, e.g. 2x2), got '2by1'" in capsys.readouterr().err
+    assert main([*base, "--afd", "2x1", "--micro-batches", "4"]) == 2
+    assert "which the AFD runner's 4 micro-batches must divide" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from step3_jax.checkpoint.hf import (
     CheckpointReport,
     inspect_checkpoint,
     load_pretrained,
+    load_tensors,
     read_hf_config,
     save_pretrained,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "hf_shapes",
     "inspect_checkpoint",
     "load_pretrained",
+    "load_tensors",
     "read_hf_config",
     "save_pretrained",
     "to_hf_layout",

@@ -25,6 +25,7 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -456,6 +457,40 @@ def _load_one(load: _Load, shardings: dict) -> dict[tuple, jax.Array]:
     return out
 
 
+def load_tensors(
+    report: CheckpointReport, shardings: Mapping[tuple, jax.sharding.Sharding], *, progress: bool = True
+) -> dict[tuple, jax.Array]:
+    """Read the tensors of the parameters named in ``shardings`` (model paths as ``nnx.to_flat_state`` gives them,
+    each with its target sharding) straight into those shardings, in file order; the checkpoint's other tensors
+    are not read. An FP8 weight and its scale parameter go together (name both, or neither). Each process of a
+    multi-process job reads only what its own devices hold of them. ``report`` is an ``ok``
+    :func:`inspect_checkpoint` result. Returns ``{path: array}``."""
+    if not report.ok:
+        raise ValueError(report.error_message())
+    known = {ld.path for ld in report.loads} | {ld.scale_path for ld in report.loads if ld.scale_path}
+    unknown = sorted(map(str, set(shardings) - known))
+    if unknown:
+        raise ValueError(f"no checkpoint tensor loads into {len(unknown)} of the named parameters: {unknown[:5]}")
+    loads = [ld for ld in report.loads if ld.path in shardings]
+    loads.sort(key=lambda ld: (str(ld.source.file), ld.source.offset))
+    total = sum(ld.nbytes for ld in loads)
+    values: dict[tuple, jax.Array] = {}
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        for i, load in enumerate(loads):
+            values.update(_load_one(load, shardings))
+            bar.update(load.nbytes)
+            bar.set_postfix_str(f"{i + 1}/{len(loads)} tensors", refresh=False)
+    log.info(
+        "loaded %d tensors (%.2f GB) from %s in %.1f s",
+        len(loads),
+        total / 1e9,
+        report.folder,
+        time.perf_counter() - t0,
+    )
+    return values
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -481,7 +516,6 @@ def load_pretrained(
     unexpected, mis-shaped or mis-typed key (vision weights are skipped, not unexpected), a corrupt or
     truncated file, a config that is not Step-3, or a pickle checkpoint; all before any tensor is loaded.
     """
-    t0 = time.perf_counter()
     rules = rules or DEFAULT_RULES
     report = inspect_checkpoint(path, dtype=dtype, quantization=quantization, mesh=mesh, rules=rules)
     if not report.ok:
@@ -510,23 +544,9 @@ def load_pretrained(
         single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = {tuple(p): single for p, _ in nnx.to_flat_state(state)}
 
-    loads = sorted(report.loads, key=lambda ld: (str(ld.source.file), ld.source.offset))
-    total = sum(ld.nbytes for ld in loads)
-    values: dict[tuple, jax.Array] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
-        for i, load in enumerate(loads):
-            values.update(_load_one(load, shardings))
-            bar.update(load.nbytes)
-            bar.set_postfix_str(f"{i + 1}/{len(loads)} tensors", refresh=False)
+    values = load_tensors(report, shardings, progress=progress)
     for p, var in nnx.to_flat_state(state):
         var.set_value(values.pop(tuple(p)))
-    log.info(
-        "loaded %d tensors (%.2f GB) from %s in %.1f s",
-        len(loads),
-        total / 1e9,
-        report.folder,
-        time.perf_counter() - t0,
-    )
     return nnx.merge(graphdef, state)
 
 
