@@ -855,19 +855,20 @@ class AFDRunner:
         start + T - 1``, ``last [n]`` picks each row's logits, ``rows`` = (seeds, counters, temperature, top_k,
         top_p) sample as the engine does (None: greedy). Micro-batch ``j`` of ``micro_batches`` (default
         ``AFDConfig.micro_batches``; it must divide ``r``) takes the ``j``-th ``r / micro_batches`` rows of every
-        device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], pool)``."""
-        if self.multiprocess:
-            raise ValueError("AFDRunner.step drives a single-process runner (the schedule lives in one process)")
-        m = self.afd.attention_devices
+        device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], pool)``.
+
+        Under several processes the driver is process 0, holding every attention device; the FFN processes run
+        :meth:`serve`, which follows each step (its shapes are announced to them), until the driver calls
+        :meth:`release`."""
         ids, block_table = np.asarray(ids, np.int32), np.asarray(block_table, np.int32)
         start, last = np.asarray(start, np.int32), np.asarray(last, np.int32)
         n, width = ids.shape
         mb_count = self.afd.micro_batches if micro_batches is None else micro_batches
-        if n % m or (n // m) % mb_count:
-            raise ValueError(
-                f"a step of {n} rows over {m} attention devices and {mb_count} micro-batches: each device's rows "
-                f"({n} / {m}) must split into {mb_count} equal micro-batches"
-            )
+        self._check_step(n, mb_count)
+        if self.multiprocess:
+            self.check_driver("AFDRunner.step")
+            _announce(np.array([1, n, width, mb_count], np.int32))
+        m = self.afd.attention_devices
         r, q = n // m, n // m // mb_count
         fp8 = pool["k_scale"] is not None
         kv = [  # one list for every micro-batch: each one's attention writes the pool the next one reads
@@ -887,12 +888,55 @@ class AFDRunner:
         )  # fmt: skip
         tokens = np.empty((n,), np.int32)
         for sel, (tok, _) in zip(order, res, strict=True):
-            tokens[sel] = np.asarray(tok)
+            tokens[sel] = _host(tok)
         new_pool = {
             name: tuple(layer[c] for layer in kv) if (c < 2 or fp8) else None
             for c, name in enumerate(("k", "v", "k_scale", "v_scale"))
         }
         return tokens, new_pool
+
+    def _check_step(self, n: int, mb_count: int) -> None:
+        m = self.afd.attention_devices
+        if n % m or (n // m) % mb_count:
+            raise ValueError(
+                f"a step of {n} rows over {m} attention devices and {mb_count} micro-batches: each device's rows "
+                f"({n} / {m}) must split into {mb_count} equal micro-batches"
+            )
+
+    def check_driver(self, what: str) -> None:
+        """Under several processes, raise ``ValueError`` unless this is process 0 holding every attention device
+        (the one process that can drive :meth:`step`)."""
+        if not self.multiprocess:
+            return
+        if jax.process_index() != 0 or any(d.process_index != 0 for d in self.attn_mesh.devices.flat):
+            raise ValueError(
+                f"{what} under several processes: process 0 drives the steps and must hold every "
+                "attention device (attention_processes = 1); the FFN processes call serve()"
+            )
+
+    def serve(self) -> int:
+        """FFN process of a multi-process runner driven step by step from process 0 (:meth:`step`, e.g. by the
+        engine): run the FFN side of every step the driver announces, until it calls :meth:`release`. Returns
+        the number of steps served. (A driver that dies ends this process through JAX's heartbeat.)"""
+        if not self.multiprocess or self.has_attention:
+            raise ValueError("AFDRunner.serve is for the FFN processes of a multi-process runner")
+        served = 0
+        while True:
+            go, n, width, mb_count = (int(v) for v in _announce(np.zeros((4,), np.int32)))
+            if not go:
+                return served
+            q = n // mb_count
+            mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
+            shapes = [np.zeros((q, width), np.int32)] * mb_count  # the FFN side needs only the shapes
+            self._forward(mbs, shapes, shapes, None, None)
+            served += 1
+
+    def release(self) -> None:
+        """Driver (process 0) of a multi-process runner: tell the FFN processes' :meth:`serve` that no step
+        follows."""
+        if self.multiprocess:
+            self.check_driver("AFDRunner.release")
+            _announce(np.zeros((4,), np.int32))
 
     def generate(
         self,
@@ -1113,6 +1157,13 @@ class _Watchdog:
                 os._exit(75)
 
 
+def _announce(header: np.ndarray) -> np.ndarray:
+    """Process 0's ``header`` to every process (the others pass an array of the same shape)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(header))
+
+
 def _agree(done: bool) -> bool:
     """Multi-process step end: every process meets here, and process 0 (an attention process: the attention
     processes see the tokens) tells the others whether every sequence has ended."""
@@ -1264,8 +1315,11 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m infer.afd``: generation (greedy or sampled) with attention and FFN on separate device groups."""
     from infer.cli import (
         add_model_args,
+        add_process_args,
         add_sampling_args,
         byte_tokenizer_for,
+        check_process_args,
+        join_processes,
         preset_config,
         sampling_from_args,
         stop_ids,
@@ -1293,48 +1347,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the colocated model and compare tokens")  # fmt: skip
     ap.add_argument("--trace-dir", help="profile the last decode step here; writes afd_trace.json + afd_gantt.png")
-    mp = ap.add_argument_group(
-        "multi-process (jax.distributed): processes 0 .. K-1 run the attention side, the others the FFN side, each "
-        "side's devices split evenly over its processes; start every process with the same arguments but "
-        "--process-id"
+    add_process_args(
+        ap,
+        "processes 0 .. K-1 run the attention side, the others the FFN side, each side's devices split evenly over "
+        "its processes",
+        attention_processes=True,
     )
-    mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator; runs this as one of the processes")
-    mp.add_argument("--process-id", type=int, help="this process's index, 0 .. --num-processes - 1")
-    mp.add_argument("--num-processes", type=int, default=None, help="processes in the job (default 2)")
-    mp.add_argument("--attention-processes", type=int, default=None,
-                    help="K: processes 0 .. K-1 run the attention side (default: half, rounded down)")  # fmt: skip
-    mp.add_argument("--peer-timeout", type=float, default=120.0,
-                    help="seconds without progress from the peer before this process exits with an error")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if (args.coordinator is None) != (args.process_id is None):
-        ap.error("--coordinator and --process-id go together (one per process, the same coordinator for all)")
-    if args.coordinator is None and (args.num_processes is not None or args.attention_processes is not None):
-        ap.error("--num-processes and --attention-processes are for multi-process runs (with --coordinator)")
-    if args.coordinator is not None:
-        args.num_processes = 2 if args.num_processes is None else args.num_processes
-        if args.num_processes < 2:
-            ap.error(f"--num-processes must be at least 2 (one per side), got {args.num_processes}")
-        if not 0 <= args.process_id < args.num_processes:
-            ap.error(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes), got {args.process_id}")
-
+    check_process_args(ap, args)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
-        wait = max(1, math.ceil(args.peer_timeout))
-        print(
-            f"joining the {args.num_processes}-process job at {args.coordinator} as process {args.process_id} "
-            f"(waiting up to {wait} s for the other processes; if they never come, JAX ends this one with "
-            "DEADLINE_EXCEEDED)",
-            flush=True,
-        )
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-            initialization_timeout=wait,
-        )
+        join_processes(args)
         if args.trace_dir:
             print("(--trace-dir is for single-process runs; skipped)")
         args.compare, args.trace_dir = False, None  # the colocated comparison too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 from infer.sampling import SamplingParams
 from step3_jax.config import PRESETS, Step3Config, get_preset
@@ -79,3 +80,56 @@ def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
     """Stop tokens: the tokenizer's end-of-sequence id if it has one, else the config's, within the vocabulary."""
     eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None) or tuple(config.eos_token_ids)
     return tuple(i for i in eos if i < config.vocab_size)
+
+
+def add_process_args(ap: argparse.ArgumentParser, roles: str, *, attention_processes: bool = False) -> None:
+    """``--coordinator``, ``--process-id``, ``--num-processes``, ``--peer-timeout`` (and ``--attention-processes``)
+    for a multi-process (``jax.distributed``) run; ``roles`` says what the processes do."""
+    mp = ap.add_argument_group(
+        f"multi-process (jax.distributed): {roles}; start every process with the same arguments but --process-id"
+    )
+    mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator; runs this as one of the processes")
+    mp.add_argument("--process-id", type=int, help="this process's index, 0 .. --num-processes - 1")
+    mp.add_argument("--num-processes", type=int, default=None, help="processes in the job (default 2)")
+    if attention_processes:
+        mp.add_argument("--attention-processes", type=int, default=None,
+                        help="K: processes 0 .. K-1 run the attention side (default: half, rounded down)")  # fmt: skip
+    mp.add_argument("--peer-timeout", type=float, default=120.0,
+                    help="seconds to wait for the other processes to join, and for a peer that stops")  # fmt: skip
+
+
+def check_process_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``ap.error``) a multi-process request that cannot be right; fills in ``--num-processes``."""
+    if (args.coordinator is None) != (args.process_id is None):
+        ap.error("--coordinator and --process-id go together (one per process, the same coordinator for all)")
+    if args.coordinator is None and (
+        args.num_processes is not None or getattr(args, "attention_processes", None) is not None
+    ):
+        ap.error("--num-processes and --attention-processes are for multi-process runs (with --coordinator)")
+    if args.coordinator is not None:
+        args.num_processes = 2 if args.num_processes is None else args.num_processes
+        if args.num_processes < 2:
+            ap.error(f"--num-processes must be at least 2 (one per side), got {args.num_processes}")
+        if not 0 <= args.process_id < args.num_processes:
+            ap.error(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes), got {args.process_id}")
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` as ``--process-id`` of ``--num-processes`` at ``--coordinator`` (gloo
+    collectives for CPU devices), waiting at most ``--peer-timeout`` seconds for the others."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
+    wait = max(1, math.ceil(args.peer_timeout))
+    print(
+        f"joining the {args.num_processes}-process job at {args.coordinator} as process {args.process_id} "
+        f"(waiting up to {wait} s for the other processes; if they never come, JAX ends this one with "
+        "DEADLINE_EXCEEDED)",
+        flush=True,
+    )
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=wait,
+    )

@@ -213,9 +213,8 @@ class Engine:
 
         cfg = config or EngineConfig()
         self.afd = model if isinstance(model, AFDRunner) else None
-        if self.afd is not None and self.afd.multiprocess:
-            raise ValueError("the engine drives an AFD runner of one process; under several processes use "
-                             "AFDRunner.generate")  # fmt: skip
+        if self.afd is not None:  # several processes: this must be the driver, the FFN processes serve()
+            self.afd.check_driver("Engine(AFDRunner)")
         mc = model.config
         self.model = model
         self.model_config = mc

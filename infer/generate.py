@@ -28,8 +28,11 @@ from flax import nnx
 from infer.afd import TRANSFERS
 from infer.cli import (
     add_model_args,
+    add_process_args,
     add_sampling_args,
     byte_tokenizer_for,
+    check_process_args,
+    join_processes,
     load_checkpoint,
     preset_config,
     sampling_from_args,
@@ -181,7 +184,13 @@ def _load_afd(args):
     from step3_jax.tokenizer import load_tokenizer
 
     m, n = args.afd
-    afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=args.micro_batches, transfer=args.transfer)
+    afd = AFDConfig(
+        attention_devices=m,
+        ffn_devices=n,
+        micro_batches=args.micro_batches,
+        transfer=args.transfer,
+        attention_processes=1 if jax.process_count() > 1 else None,  # process 0 runs the engine: all of attention
+    )
     if args.checkpoint:
         runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)
         tokenizer, what = load_tokenizer(args.checkpoint), f"checkpoint {args.checkpoint}"
@@ -212,7 +221,7 @@ def _fmt_ms(seconds) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m infer.generate``: stream generations from a checkpoint folder or a preset."""
-    from infer.engine import Engine, EngineConfig, summarize
+    from infer.engine import Engine, EngineConfig
 
     ap = argparse.ArgumentParser(
         prog="python -m infer.generate",
@@ -240,16 +249,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile with a short throwaway request first so timings exclude compilation")  # fmt: skip
     ap.add_argument("--json-out", help="write every request's tokens, text and timings as JSON")
+    add_process_args(ap, "with --afd, process 0 holds the attention devices and runs the engine, the others hold "
+                     "the FFN devices and serve its steps")  # fmt: skip
     args = ap.parse_args(argv)
+    check_process_args(ap, args)
+    if args.coordinator is not None and not args.afd:
+        ap.error("--coordinator (several processes) needs --afd: process 0 runs attention, the others the FFN")
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.coordinator is not None:
+        join_processes(args)
 
+    model = None
     try:
         params = sampling_from_args(args)
         prompts = _read_prompts(args)
         t0 = time.perf_counter()
         model, tokenizer, what = _load_model(args)
         build_seconds = time.perf_counter() - t0
+        if jax.process_index() != 0:  # an FFN process of a multi-process --afd job: follow process 0's steps
+            steps = model.serve()
+            print(f"process {jax.process_index()} (FFN side): served {steps} steps; process 0 prints the results")
+            return 0
         config = model.config
         params = dataclasses.replace(params, stop_token_ids=stop_ids(tokenizer, config))
         max_seq_len = args.max_seq_len
@@ -270,9 +291,26 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        _release(model)
         return 2
+    try:
+        print(f"model: {what}, {config.param_dtype}, built in {build_seconds:.2f} s on {jax.devices()[0].platform}")
+        return _serve(args, engine, prompts, params, what)
+    finally:
+        _release(model)
 
-    print(f"model: {what}, {config.param_dtype}, built in {build_seconds:.2f} s on {jax.devices()[0].platform}")
+
+def _release(model) -> None:
+    """Let the FFN processes of a multi-process --afd job stop serving (nothing otherwise)."""
+    if model is not None and getattr(model, "multiprocess", False) and jax.process_index() == 0:
+        model.release()
+
+
+def _serve(args, engine, prompts, params, what: str) -> int:
+    """Run the prompts through the engine with progress / streaming; print per-request and aggregate figures."""
+    from infer.engine import summarize
+
+    tokenizer = engine.tokenizer
     if args.warmup:
         t0 = time.perf_counter()
         engine.warmup([len(tokenizer.encode(p)) for p in prompts])

@@ -118,23 +118,56 @@ def test_demo_cli_prints_tokens_per_second(capsys):
 
 
 def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
-    """``python -m infer.generate --afd 2x1``: the same engine over attention on 2 devices and FFN on 1 (2
-    micro-batches, exact transfer) gives every prompt the colocated run's tokens; a malformed split or a batch the
-    micro-batches cannot split is refused with the reason."""
+    """``python -m infer.generate --afd``: the same engine over attention-FFN disaggregation gives every prompt the
+    colocated run's tokens, in one process (2 attention + 1 FFN devices, 2 micro-batches, exact transfer) and in
+    two (``--coordinator``: process 0 holds the 2 attention devices and runs the engine, process 1 the 2 FFN
+    devices and serves its steps until it is done). A malformed split, a batch the micro-batches cannot split and
+    several processes without --afd are refused with the reason."""
     import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
 
     base = ["--preset", "test", "--dtype", "float32", "--max-new-tokens", "4", "--max-batch", "4", "--no-warmup"]
     base += ["--prompt", "Step-3 decodes", "--prompt", "x", "--prompt", "attention and FFN apart"]
+    afd = ["--micro-batches", "2", "--transfer", "model"]
     assert main([*base, "--json-out", str(tmp_path / "one.json")]) == 0
-    afd = ["--afd", "2x1", "--micro-batches", "2", "--transfer", "model"]
-    assert main([*base, *afd, "--json-out", str(tmp_path / "afd.json")]) == 0
+    assert main([*base, "--afd", "2x1", *afd, "--json-out", str(tmp_path / "afd.json")]) == 0
     assert "disaggregated: 2 attention + 1 FFN devices" in capsys.readouterr().out
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["requests"] for n in ("one", "afd"))
-    assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one]
-    assert all(len(r["token_ids"]) == 4 for r in two)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli = [sys.executable, "-m", "infer.generate", *base, "--afd", "2x2", *afd, "--cpu-devices", "2"]
+    cli += ["--coordinator", f"127.0.0.1:{port}", "--peer-timeout", "60", "--json-out", str(tmp_path / "two.json")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    root = Path(__file__).parents[1]
+    procs = [
+        subprocess.Popen([*cli, "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env, cwd=root)
+        for i in (0, 1)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the two-process --afd run did not finish within 240 s")
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "process 1 (FFN side): served" in outs[1]
+
+    tokens = {n: [r["token_ids"] for r in json.loads((tmp_path / f"{n}.json").read_text())["requests"]]
+              for n in ("one", "afd", "two")}  # fmt: skip
+    assert tokens["afd"] == tokens["one"] and tokens["two"] == tokens["one"]
+    assert all(len(t) == 4 for t in tokens["one"])
 
     with pytest.raises(SystemExit):
         main([*base, "--afd", "2by1"])
     assert "expected MxN (attention x FFN devices, e.g. 2x2), got '2by1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--coordinator", "127.0.0.1:1", "--process-id", "0"])
+    assert "--coordinator (several processes) needs --afd" in capsys.readouterr().err
     assert main([*base, "--afd", "2x1", "--micro-batches", "4"]) == 2
     assert "which the AFD runner's 4 micro-batches must divide" in capsys.readouterr().err
