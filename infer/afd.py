@@ -1167,9 +1167,7 @@ def _announce(header: np.ndarray) -> np.ndarray:
 def _agree(done: bool) -> bool:
     """Multi-process step end: every process meets here, and process 0 (an attention process: the attention
     processes see the tokens) tells the others whether every sequence has ended."""
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(done)))
+    return bool(_announce(np.asarray(done)))
 
 
 # ---------------------------------------------------------------------------------------------- traces
@@ -1377,8 +1375,6 @@ def main(argv: list[str] | None = None) -> int:
             attention_processes=args.attention_processes,
         )
         sampling_from_args(args)  # bad sampling values fail before any model is built
-        if jax.process_count() > 1:  # so does a split of the processes that cannot be made
-            split_processes(jax.devices(), afd, jax.process_count())
         t0 = time.perf_counter()
         if args.checkpoint:  # each side (each process) reads only its own half, into its own devices
             runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)

@@ -266,18 +266,17 @@ class Engine:
         self.allocators = [
             CheckedPageAllocator(pages_per_group, cfg.page_size, self.max_pages_per_seq) for _ in range(groups)
         ]
-        pool = kvc.create_page_pool(
-            mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
-        )
-        self._pool = pool
         self.trace_counts = {"prefill": 0, "decode": 0}
-        if self.afd is not None:
+        if self.afd is not None:  # (refuses a max_batch its micro-batches cannot split, before the pool exists)
             self._state = None
             self._decode_fn, self._prefill_fn = self._afd_steps(self.afd)
         else:
             self._graphdef, self._state = nnx.split(model)
             self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
             self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._pool = kvc.create_page_pool(
+            mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
+        )
         self._slots: list[_Request | None] = [None] * cfg.max_batch
         self._queue: list[tuple[int, _Request]] = []  # heap by arrival
         self._requests: dict[str, _Request] = {}
