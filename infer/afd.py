@@ -38,8 +38,10 @@ in the model's activation dtype (bfloat16 for Step-3).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import functools
 import gzip
 import json
 import logging
@@ -82,7 +84,17 @@ _PROGRAMS = {
 }
 
 
-def _named(fn, name: str):
+def _named(fn, name: str, traces: collections.Counter | None = None):
+    """``fn`` renamed ``name`` (profiler traces call its program ``jit_<name>``); with ``traces``, every trace of
+    it (a compilation when jitted) adds one to ``traces[name]``."""
+    if traces is not None:
+        inner = fn
+
+        @functools.wraps(inner)  # (keeps the signature: donate_argnames resolves through __wrapped__)
+        def fn(*args, **kwargs):
+            traces[name] += 1
+            return inner(*args, **kwargs)
+
     fn.__name__ = fn.__qualname__ = name
     return fn
 
@@ -335,11 +347,12 @@ def ffn_stage(layer, buf: jax.Array, config: Step3Config, transfer: str) -> jax.
     return layer.ffn(normed, routing).astype(return_dtype(config, transfer))
 
 
-def attention_program(graphdef, abstract_ffn, transfer: str, *, moe: bool, constrain=None):
+def attention_program(graphdef, abstract_ffn, transfer: str, *, moe: bool, constrain=None, traces=None):
     """The jitted attention-side program of one layer kind: ``(params, x, f, positions, pages, table, start)``
     -> ``(h, message, pages)`` with ``pages = (k, v, k_scale, v_scale)`` donated and ``message`` the packed A->F
     bytes. ``graphdef`` / ``abstract_ffn`` come from ``nnx.split(layer, is_ffn_param, ...)`` (the FFN half is
-    shape-only and never read); ``constrain`` places the message (the runner's data-parallel sharding)."""
+    shape-only and never read); ``constrain`` places the message (the runner's data-parallel sharding);
+    ``traces`` (a ``Counter``) counts its compilations by program name."""
 
     def afd_attention(params, x, f, positions, pages, table, start):
         layer = nnx.merge(graphdef, abstract_ffn, params)
@@ -351,7 +364,7 @@ def attention_program(graphdef, abstract_ffn, transfer: str, *, moe: bool, const
         return h, message, (kv.k, kv.v, kv.k_scale, kv.v_scale)
 
     name = "afd_attention_moe" if moe else "afd_attention_dense"
-    return jax.jit(_named(afd_attention, name), donate_argnames=("pages",))
+    return jax.jit(_named(afd_attention, name, traces), donate_argnames=("pages",))
 
 
 def ffn_program(
@@ -363,9 +376,11 @@ def ffn_program(
     moe: bool,
     out_parts: int = 1,
     out_sharding=None,
+    traces=None,
 ):
     """The jitted FFN-side program of one layer kind: ``(params, parts)`` -> ``out_parts`` row blocks of the FFN
-    output, ``parts`` being the A->F messages (one per attention device when broadcast), concatenated by rows."""
+    output, ``parts`` being the A->F messages (one per attention device when broadcast), concatenated by rows;
+    ``traces`` as for :func:`attention_program`."""
 
     def afd_ffn(params, parts):
         layer = nnx.merge(graphdef, params, abstract_attention)
@@ -374,7 +389,7 @@ def ffn_program(
 
     name = "afd_ffn_moe" if moe else "afd_ffn_dense"
     kw = {} if out_sharding is None else {"out_shardings": (out_sharding,) * out_parts}
-    return jax.jit(_named(afd_ffn, name), **kw)
+    return jax.jit(_named(afd_ffn, name, traces), **kw)
 
 
 # ---------------------------------------------------------------------------------------------- transports
@@ -606,6 +621,7 @@ class AFDRunner:
             attn_devs, ffn_devs = devices[:m], devices[m : m + n]
             self.has_attention = self.has_ffn = True
         self.attn_mesh = make_mesh(data=m, devices=attn_devs)
+        self._attention_spans = len({d.process_index for d in attn_devs}) > 1  # the attention side: several processes
         self.ffn_mesh = make_mesh(tensor=self.tp, expert=self.ep, devices=ffn_devs)
         if self.multiprocess:
             self.transport = CollectiveTransport(self.attn_mesh, self.ffn_mesh, self.has_attention, self.has_ffn)
@@ -701,6 +717,8 @@ class AFDRunner:
 
     def _build_programs(self) -> None:
         config, transfer = self.config, self.afd.transfer
+        # traces (compilations) of this runner's programs by name: a scheduler's steady state must not add any
+        self.trace_counts: collections.Counter[str] = collections.Counter()
         self.layer_kind = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
         act = lambda mesh, shape: self.rules.sharding(mesh, ("act_batch",) + (None,) * (len(shape) - 1), shape)  # noqa: E731
         self._act_sharding = act
@@ -728,11 +746,20 @@ class AFDRunner:
             return jax.lax.with_sharding_constraint(message, act(self.attn_mesh, message.shape))
 
         self._attn_fn = {
-            k: attention_program(gd, abs_ffn, transfer, moe=k, constrain=constrain)
+            k: attention_program(gd, abs_ffn, transfer, moe=k, constrain=constrain, traces=self.trace_counts)
             for k, (gd, abs_ffn) in attn_kind.items()
         }
         self._ffn_fn = {
-            k: ffn_program(gd, abs_attn, config, transfer, moe=k, out_parts=out_parts, out_sharding=out_sharding)
+            k: ffn_program(
+                gd,
+                abs_attn,
+                config,
+                transfer,
+                moe=k,
+                out_parts=out_parts,
+                out_sharding=out_sharding,
+                traces=self.trace_counts,
+            )  # fmt: skip
             for k, (gd, abs_attn) in ffn_kind.items()
         }
 
@@ -755,11 +782,14 @@ class AFDRunner:
                 seeds, counters, temperature, top_k, top_p = rows
                 return sample(logits, request_keys(seeds, counters), temperature, top_k, top_p), logits
 
-            self._embed_fn = jax.jit(afd_embed)
+            self._embed_fn = jax.jit(_named(afd_embed, "afd_embed", self.trace_counts))
             # an attention mesh over several processes: every attention process gets all tokens (and logits)
-            spans = len({d.process_index for d in self.attn_mesh.devices.flat}) > 1
             everywhere = NamedSharding(self.attn_mesh, PartitionSpec())
-            self._logits_fn = jax.jit(afd_logits, out_shardings=(everywhere, everywhere) if spans else None)
+            spans = self._attention_spans
+            self._logits_fn = jax.jit(
+                _named(afd_logits, "afd_logits", self.trace_counts),
+                out_shardings=(everywhere, everywhere) if spans else None,
+            )
 
     # ------------------------------------------------------------------ generation
 
@@ -844,30 +874,53 @@ class AFDRunner:
             results.append(self._logits_fn(self._top_params, mb.h, mb.f, last[j], None if rows is None else rows[j]))
         return results
 
+    def create_pool(self, num_pages: int, page_size: int, dtype=None) -> dict:
+        """A zeroed page pool on the attention mesh for :meth:`step` (``kv_cache.create_page_pool``: per layer
+        ``k``, ``v`` and for FP8 ``k_scale``, ``v_scale``; ``num_pages`` counts every attention device's pages).
+        Under several processes the driver calls this and every serving attention process makes the same pool
+        (its own devices' pages), which its :meth:`serve` then passes to each step."""
+        kvc.check_kv_dtype(dtype if dtype is None else jnp.dtype(dtype).name, "the page pool's dtype")
+        kvc.check_pool_size(num_pages, page_size, self.afd.attention_devices)
+        if self.multiprocess:
+            self.check_driver("AFDRunner.create_pool")
+            code = 0 if dtype is None else 1 + kvc.KV_DTYPES.index(jnp.dtype(dtype).name)
+            _announce(np.array([_OP_POOL, num_pages, page_size, code, 0, 0], np.int32))
+        return self._make_pool(num_pages, page_size, dtype)
+
+    def _make_pool(self, num_pages: int, page_size: int, dtype) -> dict:
+        return kvc.create_page_pool(
+            self.config, num_pages, page_size, dtype=dtype, mesh=self.attn_mesh, rules=self.rules
+        )
+
     def step(self, pool: dict, ids, block_table, start, last, rows=None, *, micro_batches: int | None = None):
         """One pass of a batch through the pipeline on a shared page pool, for a scheduler such as the
         continuous-batching :class:`~infer.engine.Engine` (which drives an ``AFDRunner`` through this).
 
         The batch is laid out as the engine lays out its slots: ``n = M * r`` rows, attention device ``g``'s rows
         ``g*r .. (g+1)*r - 1``, with ``block_table`` rows of that device's local page ids into ``pool`` (per layer
-        ``k``, ``v``, ``k_scale``, ``v_scale`` pages on the attention mesh, as ``kv_cache.create_page_pool`` makes
-        them; donated, the updated pool is returned). ``ids [n, T]`` are written at positions ``start ..
+        ``k``, ``v``, ``k_scale``, ``v_scale`` pages on the attention mesh, as :meth:`create_pool` makes them;
+        donated, the updated pool is returned). ``ids [n, T]`` are written at positions ``start ..
         start + T - 1``, ``last [n]`` picks each row's logits, ``rows`` = (seeds, counters, temperature, top_k,
         top_p) sample as the engine does (None: greedy). Micro-batch ``j`` of ``micro_batches`` (default
         ``AFDConfig.micro_batches``; it must divide ``r``) takes the ``j``-th ``r / micro_batches`` rows of every
         device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], pool)``.
 
-        Under several processes the driver is process 0, holding every attention device; the FFN processes run
-        :meth:`serve`, which follows each step (its shapes are announced to them), until the driver calls
-        :meth:`release`."""
-        ids, block_table = np.asarray(ids, np.int32), np.asarray(block_table, np.int32)
-        start, last = np.asarray(start, np.int32), np.asarray(last, np.int32)
-        n, width = ids.shape
+        Under several processes the driver is process 0 (an attention process); every other process runs
+        :meth:`serve`, which follows each step (its shapes, and for the other attention processes its inputs, are
+        announced to them), until the driver calls :meth:`release`."""
+        inputs = _step_inputs(ids, block_table, start, last, rows)
+        n, width = inputs[0].shape
         mb_count = self.afd.micro_batches if micro_batches is None else micro_batches
         self._check_step(n, mb_count)
         if self.multiprocess:
             self.check_driver("AFDRunner.step")
-            _announce(np.array([1, n, width, mb_count], np.int32))
+            _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], rows is not None], np.int32))
+            if self._attention_spans:  # the other attention processes run this step too: they need its inputs
+                _announce(inputs)
+        return self._step(pool, *inputs, mb_count)
+
+    def _step(self, pool: dict, ids, block_table, start, last, rows, mb_count: int):
+        n, width = ids.shape
         m = self.afd.attention_devices
         r, q = n // m, n // m // mb_count
         fp8 = pool["k_scale"] is not None
@@ -881,7 +934,7 @@ class AFDRunner:
         ]
         mbs = [_MicroBatch(m * q, m * q, kv, put(block_table[sel])) for sel in order]
         positions = [put(start[sel][:, None] + np.arange(width, dtype=np.int32)[None]) for sel in order]
-        per_mb_rows = None if rows is None else [tuple(put(np.asarray(a)[sel]) for a in rows) for sel in order]
+        per_mb_rows = None if rows is None else [tuple(put(a[sel]) for a in rows) for sel in order]
         res = self._forward(
             mbs, [put(ids[sel]) for sel in order], positions, [put(start[sel]) for sel in order],
             [put(last[sel]) for sel in order], per_mb_rows,
@@ -904,39 +957,51 @@ class AFDRunner:
             )
 
     def check_driver(self, what: str) -> None:
-        """Under several processes, raise ``ValueError`` unless this is process 0 holding every attention device
-        (the one process that can drive :meth:`step`)."""
-        if not self.multiprocess:
-            return
-        if jax.process_index() != 0 or any(d.process_index != 0 for d in self.attn_mesh.devices.flat):
+        """Under several processes, raise ``ValueError`` unless this is process 0 (the one process that drives
+        :meth:`step`; it always holds attention devices)."""
+        if self.multiprocess and jax.process_index() != 0:
             raise ValueError(
-                f"{what} under several processes: process 0 drives the steps and must hold every "
-                "attention device (attention_processes = 1); the FFN processes call serve()"
+                f"{what} under several processes: process 0 drives the steps; every other process calls serve()"
             )
 
     def serve(self) -> int:
-        """FFN process of a multi-process runner driven step by step from process 0 (:meth:`step`, e.g. by the
-        engine): run the FFN side of every step the driver announces, until it calls :meth:`release`. Returns
-        the number of steps served. (A driver that dies ends this process through JAX's heartbeat.)"""
-        if not self.multiprocess or self.has_attention:
-            raise ValueError("AFDRunner.serve is for the FFN processes of a multi-process runner")
-        served = 0
+        """A process other than 0 of a multi-process runner driven step by step from process 0 (:meth:`step`,
+        e.g. by the engine): make the page pool the driver makes (:meth:`create_pool`, attention processes) and
+        run this process's side of every step the driver announces, until it calls :meth:`release`. Returns the
+        number of steps served. (A driver that dies ends this process through JAX's heartbeat.)"""
+        if not self.multiprocess or jax.process_index() == 0:
+            raise ValueError("AFDRunner.serve is for the processes other than 0 of a multi-process runner")
+        served, pool = 0, None
         while True:
-            go, n, width, mb_count = (int(v) for v in _announce(np.zeros((4,), np.int32)))
-            if not go:
+            op, a, b, c, d, e = (int(v) for v in _announce(np.zeros((6,), np.int32)))
+            if op == _OP_RELEASE:
                 return served
-            q = n // mb_count
-            mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
-            shapes = [np.zeros((q, width), np.int32)] * mb_count  # the FFN side needs only the shapes
-            self._forward(mbs, shapes, shapes, None, None)
+            if op == _OP_POOL:
+                if self.has_attention:
+                    pool = self._make_pool(a, b, None if c == 0 else kvc.KV_DTYPES[c - 1])
+                continue
+            n, width, mb_count, table_width, has_rows = a, b, c, d, bool(e)
+            inputs = _step_inputs(
+                np.zeros((n, width)), np.zeros((n, table_width)), np.zeros((n,)), np.zeros((n,)),
+                tuple(np.zeros((n,)) for _ in range(5)) if has_rows else None,
+            )  # fmt: skip
+            if self._attention_spans:
+                inputs = _announce(inputs)
+            if self.has_attention:
+                _, pool = self._step(pool, *inputs, mb_count)
+            else:  # the FFN side needs only the shapes
+                q = n // mb_count
+                mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
+                shapes = [np.zeros((q, width), np.int32)] * mb_count
+                self._forward(mbs, shapes, shapes, None, None)
             served += 1
 
     def release(self) -> None:
-        """Driver (process 0) of a multi-process runner: tell the FFN processes' :meth:`serve` that no step
+        """Driver (process 0) of a multi-process runner: tell every other process's :meth:`serve` that no step
         follows."""
         if self.multiprocess:
             self.check_driver("AFDRunner.release")
-            _announce(np.zeros((4,), np.int32))
+            _announce(np.zeros((6,), np.int32))
 
     def generate(
         self,
@@ -1157,11 +1222,26 @@ class _Watchdog:
                 os._exit(75)
 
 
-def _announce(header: np.ndarray) -> np.ndarray:
-    """Process 0's ``header`` to every process (the others pass an array of the same shape)."""
+def _announce(message):
+    """Process 0's ``message`` (an array or a tuple of them) to every process (the others pass the same shapes and
+    dtypes)."""
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.broadcast_one_to_all(header))
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(message))
+
+
+# what the driver of step-by-step serving announces (a 6-int header: the op, then its arguments)
+_OP_RELEASE, _OP_STEP, _OP_POOL = 0, 1, 2
+
+
+def _step_inputs(ids, block_table, start, last, rows) -> tuple:
+    """:meth:`AFDRunner.step`'s host inputs with the dtypes every process agrees on: ``(ids, block_table, start,
+    last, rows)``, ``rows`` None or (seeds, counters, temperature, top_k, top_p)."""
+    i32 = lambda a: np.asarray(a, np.int32)  # noqa: E731
+    if rows is not None:
+        dtypes = (np.uint32, np.int32, np.float32, np.int32, np.float32)
+        rows = tuple(np.asarray(a, dt) for a, dt in zip(rows, dtypes, strict=True))
+    return i32(ids), i32(block_table), i32(start), i32(last), rows
 
 
 def _agree(done: bool) -> bool:
@@ -1313,6 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m infer.afd``: generation (greedy or sampled) with attention and FFN on separate device groups."""
     from infer.cli import (
         add_model_args,
+        add_pipeline_args,
         add_process_args,
         add_sampling_args,
         byte_tokenizer_for,
@@ -1334,11 +1415,9 @@ def main(argv: list[str] | None = None) -> int:
     grp.add_argument("--attention-devices", type=int, default=4)
     grp.add_argument("--ffn-devices", type=int, default=4)
     grp.add_argument("--expert-parallel", type=int, default=None, help="FFN expert-parallel size (rest: tensor)")
-    grp.add_argument("--micro-batches", type=int, default=3)
-    grp.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="A->F hidden-state format")
+    add_pipeline_args(grp, micro_batches=3)
     grp.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16; 64 for FP8 KV)")
     grp.add_argument("--kv-dtype", default=None, choices=kvc.KV_DTYPES)
-    grp.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     ap.add_argument("--batch", type=int, default=6, help="without --prompt: this many copies of a demo prompt")
     add_sampling_args(ap, max_new_tokens=16)

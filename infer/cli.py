@@ -82,6 +82,16 @@ def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
     return tuple(i for i in eos if i < config.vocab_size)
 
 
+def add_pipeline_args(group, *, micro_batches: int, prefix: str = "") -> None:
+    """``--micro-batches``, ``--transfer`` and ``--cpu-devices`` of an AFD run, in argument group ``group``
+    (``prefix`` starts each help text, e.g. "with --afd: ")."""
+    from infer.afd import TRANSFERS
+
+    group.add_argument("--micro-batches", type=int, default=micro_batches, help=f"{prefix}micro-batches per step")
+    group.add_argument("--transfer", default="fp8", choices=TRANSFERS, help=f"{prefix}A->F hidden-state format")
+    group.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
+
+
 def add_process_args(ap: argparse.ArgumentParser, roles: str, *, attention_processes: bool = False) -> None:
     """``--coordinator``, ``--process-id``, ``--num-processes``, ``--peer-timeout`` (and ``--attention-processes``)
     for a multi-process (``jax.distributed``) run; ``roles`` says what the processes do."""

@@ -29,7 +29,9 @@ Design (docs/engine.md has the long version):
   follow the model's own expert / tensor sharding.
 * **Disaggregated.** Given an :class:`~infer.afd.AFDRunner` instead of a model, the same scheduler drives
   attention-FFN disaggregation: the groups are the attention devices, the pool lives on the attention submesh,
-  and every prefill / decode step runs through the runner's micro-batch pipeline (``AFDRunner.step``).
+  and every prefill / decode step runs through the runner's micro-batch pipeline (``AFDRunner.step``). Under
+  several processes the engine runs in process 0, and every other process (attention or FFN, either side may span
+  processes) follows its steps with ``AFDRunner.serve``.
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ class Engine:
 
         cfg = config or EngineConfig()
         self.afd = model if isinstance(model, AFDRunner) else None
-        if self.afd is not None:  # several processes: this must be the driver, the FFN processes serve()
+        if self.afd is not None:  # several processes: this must be the driver (process 0), the others serve()
             self.afd.check_driver("Engine(AFDRunner)")
         mc = model.config
         self.model = model
@@ -266,7 +268,8 @@ class Engine:
         self.allocators = [
             CheckedPageAllocator(pages_per_group, cfg.page_size, self.max_pages_per_seq) for _ in range(groups)
         ]
-        self.trace_counts = {"prefill": 0, "decode": 0}
+        # traces (compilations) of the jitted steps; over AFD the runner's, per program (AFDRunner.trace_counts)
+        self.trace_counts = {"prefill": 0, "decode": 0} if self.afd is None else self.afd.trace_counts
         if self.afd is not None:  # (refuses a max_batch its micro-batches cannot split, before the pool exists)
             self._state = None
             self._decode_fn, self._prefill_fn = self._afd_steps(self.afd)
@@ -274,9 +277,12 @@ class Engine:
             self._graphdef, self._state = nnx.split(model)
             self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
             self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._pool = kvc.create_page_pool(
-            mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
-        )
+        if self.afd is not None:  # (under several processes every attention process makes its own pages)
+            self._pool = self.afd.create_pool(groups * (pages_per_group + 1), cfg.page_size, cfg.kv_dtype)
+        else:
+            self._pool = kvc.create_page_pool(
+                mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
+            )
         self._slots: list[_Request | None] = [None] * cfg.max_batch
         self._queue: list[tuple[int, _Request]] = []  # heap by arrival
         self._requests: dict[str, _Request] = {}

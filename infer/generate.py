@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.afd import TRANSFERS
 from infer.cli import (
     add_model_args,
+    add_pipeline_args,
     add_process_args,
     add_sampling_args,
     byte_tokenizer_for,
@@ -189,7 +189,7 @@ def _load_afd(args):
         ffn_devices=n,
         micro_batches=args.micro_batches,
         transfer=args.transfer,
-        attention_processes=1 if jax.process_count() > 1 else None,  # process 0 runs the engine: all of attention
+        attention_processes=args.attention_processes,
     )
     if args.checkpoint:
         runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)
@@ -241,20 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--kv-dtype", default=None, choices=KV_DTYPES)
     dis = ap.add_argument_group("attention-FFN disaggregation (the same engine over infer.afd's pipeline)")
     dis.add_argument("--afd", type=_split, metavar="MxN", help="attention on M devices, FFN on N others (e.g. 2x2)")
-    dis.add_argument("--micro-batches", type=int, default=2, help="with --afd: micro-batches per step")
-    dis.add_argument("--transfer", default="fp8", choices=TRANSFERS, help="with --afd: A->F format")
-    dis.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
+    add_pipeline_args(dis, micro_batches=2, prefix="with --afd: ")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="print text as it is generated (default: when there is one prompt)")  # fmt: skip
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile with a short throwaway request first so timings exclude compilation")  # fmt: skip
     ap.add_argument("--json-out", help="write every request's tokens, text and timings as JSON")
-    add_process_args(ap, "with --afd, process 0 holds the attention devices and runs the engine, the others hold "
-                     "the FFN devices and serve its steps")  # fmt: skip
+    add_process_args(ap, "with --afd, processes 0 .. K-1 hold the attention devices, the others the FFN devices; "
+                     "process 0 runs the engine and the others serve its steps", attention_processes=True)  # fmt: skip
     args = ap.parse_args(argv)
     check_process_args(ap, args)
     if args.coordinator is not None and not args.afd:
-        ap.error("--coordinator (several processes) needs --afd: process 0 runs attention, the others the FFN")
+        ap.error("--coordinator (several processes) needs --afd: the processes split into attention and FFN sides")
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:
@@ -267,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model, tokenizer, what = _load_model(args)
         build_seconds = time.perf_counter() - t0
-        if jax.process_index() != 0:  # an FFN process of a multi-process --afd job: follow process 0's steps
+        if jax.process_index() != 0:  # a multi-process --afd job: follow the steps of process 0's engine
             steps = model.serve()
-            print(f"process {jax.process_index()} (FFN side): served {steps} steps; process 0 prints the results")
+            side = "attention" if model.has_attention else "FFN"
+            print(f"process {jax.process_index()} ({side} side): served {steps} steps; process 0 prints the results")
             return 0
         config = model.config
         params = dataclasses.replace(params, stop_token_ids=stop_ids(tokenizer, config))

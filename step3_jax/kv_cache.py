@@ -353,6 +353,16 @@ def num_page_groups(mesh: jax.sharding.Mesh | None, rules: ShardingRules = DEFAU
     return n
 
 
+def check_pool_size(num_pages: int, page_size: int, groups: int) -> None:
+    """Raise a ValueError unless a pool of ``num_pages`` pages of ``page_size`` tokens splits over ``groups``
+    data-parallel attention groups."""
+    if num_pages < 1 or page_size < 1 or num_pages % groups:
+        raise ValueError(
+            f"page pool needs num_pages >= 1 divisible by the {groups} data-parallel attention groups and "
+            f"page_size >= 1, got num_pages={num_pages}, page_size={page_size}"
+        )
+
+
 def create_page_pool(
     config: Step3Config,
     num_pages: int,
@@ -365,12 +375,7 @@ def create_page_pool(
     """Zeroed page pools of every layer (``k``, ``v``, and for FP8 ``k_scale``, ``v_scale``) for a
     :class:`PagedKVCache` whose block table is supplied per step. With a mesh the pools are created directly in
     their shards (split over the data-parallel attention groups); ``num_pages`` counts all groups together."""
-    groups = num_page_groups(mesh, rules)
-    if num_pages < 1 or page_size < 1 or num_pages % groups:
-        raise ValueError(
-            f"page pool needs num_pages >= 1 divisible by the {groups} data-parallel attention groups and "
-            f"page_size >= 1, got num_pages={num_pages}, page_size={page_size}"
-        )
+    check_pool_size(num_pages, page_size, num_page_groups(mesh, rules))
     dtype = jnp.dtype(dtype or config.dtype)
     fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
     g, kd, n = config.num_kv_heads, config.head_dim, config.num_hidden_layers

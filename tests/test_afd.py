@@ -228,7 +228,8 @@ def test_engine_drives_afd_with_continuous_batching(config):
     """``Engine(AFDRunner)``: the continuous-batching scheduler over the disaggregated pipeline (2 attention + 2 FFN
     devices, decode steps in 2 micro-batches). Requests arriving at different times, greedy and sampled, prompts
     of 1 to 16 tokens, a page pool too small for all of them at once (preemption and recompute): every request
-    gets exactly the tokens the colocated engine gives it. A batch the micro-batches cannot split is refused."""
+    gets exactly the tokens the colocated engine gives it; a second wave of requests compiles nothing new. A batch
+    the micro-batches cannot split is refused."""
     from infer.engine import Engine, EngineConfig
 
     rng = np.random.default_rng(5)
@@ -253,6 +254,14 @@ def test_engine_drives_afd_with_continuous_batching(config):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(o.ok for o in got) and engine.stats["preemptions"] > 0
     assert engine.pages_in_use() == 0
+    # steady state: a second wave of different requests compiles nothing new (one decode program per kind,
+    # prefill ones per chunk bucket, all traced by the first wave)
+    counts = dict(engine.trace_counts)
+    programs = ("embed", "attention_dense", "attention_moe", "ffn_dense", "ffn_moe", "logits")
+    assert set(counts) == {f"afd_{p}" for p in programs}
+    more = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in rng.integers(1, 17, size=10)]
+    outs = engine.generate_outputs(more, [dataclasses.replace(p, seed=p.seed + 100) for p in params[:10]])
+    assert all(o.ok for o in outs) and engine.trace_counts == counts
 
     with pytest.raises(ValueError, match="gives 3 decode slots per attention device, which the AFD runner's 2 "):
         Engine(runner, EngineConfig(max_batch=6, **sizes))

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,10 +121,12 @@ def test_demo_cli_prints_tokens_per_second(capsys):
 
 def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
     """``python -m infer.generate --afd``: the same engine over attention-FFN disaggregation gives every prompt the
-    colocated run's tokens, in one process (2 attention + 1 FFN devices, 2 micro-batches, exact transfer) and in
-    two (``--coordinator``: process 0 holds the 2 attention devices and runs the engine, process 1 the 2 FFN
-    devices and serves its steps until it is done). A malformed split, a batch the micro-batches cannot split and
-    several processes without --afd are refused with the reason."""
+    colocated run's tokens (FP8 KV pages), in one process (2 attention + 1 FFN devices, 2 micro-batches, exact
+    transfer) and in
+    three (``--coordinator``: the attention side spans processes 0 and 1, one device each, process 0 runs the
+    engine and process 1 follows its steps on its own pages; process 2 holds the 2 FFN devices and serves the
+    steps until it is done). A malformed split, a batch the micro-batches cannot split and several processes
+    without --afd are refused with the reason."""
     import json
     import os
     import socket
@@ -132,6 +136,7 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
 
     base = ["--preset", "test", "--dtype", "float32", "--max-new-tokens", "4", "--max-batch", "4", "--no-warmup"]
     base += ["--prompt", "Step-3 decodes", "--prompt", "x", "--prompt", "attention and FFN apart"]
+    base += ["--kv-dtype", "float8_e4m3fn", "--page-size", "8"]  # FP8 pages: their dtype reaches every process
     afd = ["--micro-batches", "2", "--transfer", "model"]
     assert main([*base, "--json-out", str(tmp_path / "one.json")]) == 0
     assert main([*base, "--afd", "2x1", *afd, "--json-out", str(tmp_path / "afd.json")]) == 0
@@ -141,26 +146,29 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cli = [sys.executable, "-m", "infer.generate", *base, "--afd", "2x2", *afd, "--cpu-devices", "2"]
-    cli += ["--coordinator", f"127.0.0.1:{port}", "--peer-timeout", "60", "--json-out", str(tmp_path / "two.json")]
+    cli += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "3", "--attention-processes", "2"]
+    cli += ["--peer-timeout", "60", "--json-out", str(tmp_path / "three.json")]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     root = Path(__file__).parents[1]
     procs = [
         subprocess.Popen([*cli, "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=env, cwd=root)
-        for i in (0, 1)
+        for i in (0, 1, 2)
     ]  # fmt: skip
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail("the two-process --afd run did not finish within 240 s")
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    assert "process 1 (FFN side): served" in outs[1]
+        pytest.fail("the three-process --afd run did not finish within 240 s")
+    assert [p.returncode for p in procs] == [0, 0, 0], "".join(out[-2000:] for out in outs)
+    served = [re.search(r"process (\d) \((\w+) side\): served (\d+) steps", out) for out in outs[1:]]
+    assert [(m[1], m[2]) for m in served] == [("1", "attention"), ("2", "FFN")], outs[1:]
+    assert served[0][3] == served[1][3] != "0"  # both followed every step of process 0's engine
 
     tokens = {n: [r["token_ids"] for r in json.loads((tmp_path / f"{n}.json").read_text())["requests"]]
-              for n in ("one", "afd", "two")}  # fmt: skip
-    assert tokens["afd"] == tokens["one"] and tokens["two"] == tokens["one"]
+              for n in ("one", "afd", "three")}  # fmt: skip
+    assert tokens["afd"] == tokens["one"] and tokens["three"] == tokens["one"]
     assert all(len(t) == 4 for t in tokens["one"])
 
     with pytest.raises(SystemExit):
