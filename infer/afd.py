@@ -116,6 +116,7 @@ class AFDConfig:
     page_size: int | None = None  # tokens per KV page; default 16, 64 for FP8 pages (kv_cache.default_page_size)
     kv_dtype: str | None = None  # paged KV cache dtype (default: the model's; "float8_e4m3fn" for FP8 pages)
     # several processes: a step that makes no progress for this long means the peer failed: exit with an error
+    # (it must exceed the longest step, compilation included)
     peer_timeout_s: float = 120.0
     # several processes: processes 0 .. attention_processes - 1 run the attention side, the rest the FFN side
     # (None: half of them, rounded down); each side's devices are split evenly over its processes
@@ -630,6 +631,7 @@ class AFDRunner:
         self._place(attention_params, ffn_params, seed, checkpoint, progress)
         self._build_programs()
         self._dispatch_log: list[tuple[str, str, int, int]] | None = None
+        self._watchdog: _Watchdog | None = None  # step-by-step serving under several processes (step / serve)
         log.info(
             "AFD: %d attention devices (data parallel), %d FFN devices (EP %d x TP %d), %d micro-batches, %s transfer",
             m, n, self.ep, self.tp, afd.micro_batches, afd.transfer,
@@ -907,17 +909,32 @@ class AFDRunner:
 
         Under several processes the driver is process 0 (an attention process); every other process runs
         :meth:`serve`, which follows each step (its shapes, and for the other attention processes its inputs, are
-        announced to them), until the driver calls :meth:`release`."""
+        announced to them), until the driver calls :meth:`release`. A step that does not finish within
+        ``AFDConfig.peer_timeout_s`` there (a peer died or hangs) ends the process with an error."""
         inputs = _step_inputs(ids, block_table, start, last, rows)
         n, width = inputs[0].shape
         mb_count = self.afd.micro_batches if micro_batches is None else micro_batches
         self._check_step(n, mb_count)
-        if self.multiprocess:
-            self.check_driver("AFDRunner.step")
+        if not self.multiprocess:
+            return self._step(pool, *inputs, mb_count)
+        self.check_driver("AFDRunner.step")
+        with self._watched():
             _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], rows is not None], np.int32))
             if self._attention_spans:  # the other attention processes run this step too: they need its inputs
                 _announce(inputs)
-        return self._step(pool, *inputs, mb_count)
+            return self._step(pool, *inputs, mb_count)
+
+    @contextlib.contextmanager
+    def _watched(self):
+        """Under several processes: a step that does not finish within ``AFDConfig.peer_timeout_s`` (a peer died
+        or hangs) ends this process with an error (:class:`_Watchdog`); nothing bounds the wait between steps."""
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(self.afd.peer_timeout_s, armed=False)
+        self._watchdog.arm()
+        try:
+            yield
+        finally:
+            self._watchdog.disarm()
 
     def _step(self, pool: dict, ids, block_table, start, last, rows, mb_count: int):
         n, width = ids.shape
@@ -968,33 +985,40 @@ class AFDRunner:
         """A process other than 0 of a multi-process runner driven step by step from process 0 (:meth:`step`,
         e.g. by the engine): make the page pool the driver makes (:meth:`create_pool`, attention processes) and
         run this process's side of every step the driver announces, until it calls :meth:`release`. Returns the
-        number of steps served. (A driver that dies ends this process through JAX's heartbeat.)"""
+        number of steps served. A driver that dies ends this process through JAX's heartbeat; a step that does not
+        finish within ``AFDConfig.peer_timeout_s`` (a peer died or hangs) ends it with an error, as it ends the
+        driver; waiting for the next step is not bounded (a scheduler may idle)."""
         if not self.multiprocess or jax.process_index() == 0:
             raise ValueError("AFDRunner.serve is for the processes other than 0 of a multi-process runner")
         served, pool = 0, None
         while True:
             op, a, b, c, d, e = (int(v) for v in _announce(np.zeros((6,), np.int32)))
             if op == _OP_RELEASE:
+                self._stop_watchdog()
                 return served
             if op == _OP_POOL:
                 if self.has_attention:
                     pool = self._make_pool(a, b, None if c == 0 else kvc.KV_DTYPES[c - 1])
                 continue
-            n, width, mb_count, table_width, has_rows = a, b, c, d, bool(e)
-            inputs = _step_inputs(
-                np.zeros((n, width)), np.zeros((n, table_width)), np.zeros((n,)), np.zeros((n,)),
-                tuple(np.zeros((n,)) for _ in range(5)) if has_rows else None,
-            )  # fmt: skip
-            if self._attention_spans:
-                inputs = _announce(inputs)
-            if self.has_attention:
-                _, pool = self._step(pool, *inputs, mb_count)
-            else:  # the FFN side needs only the shapes
-                q = n // mb_count
-                mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
-                shapes = [np.zeros((q, width), np.int32)] * mb_count
-                self._forward(mbs, shapes, shapes, None, None)
+            with self._watched():
+                pool = self._serve_step(pool, n=a, width=b, mb_count=c, table_width=d, has_rows=bool(e))
             served += 1
+
+    def _serve_step(self, pool, *, n: int, width: int, mb_count: int, table_width: int, has_rows: bool):
+        """This process's side of one announced step (the FFN side needs only the shapes); returns the pool."""
+        inputs = _step_inputs(
+            np.zeros((n, width)), np.zeros((n, table_width)), np.zeros((n,)), np.zeros((n,)),
+            tuple(np.zeros((n,)) for _ in range(5)) if has_rows else None,
+        )  # fmt: skip
+        if self._attention_spans:
+            inputs = _announce(inputs)
+        if self.has_attention:
+            return self._step(pool, *inputs, mb_count)[1]
+        q = n // mb_count
+        mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
+        shapes = [np.zeros((q, width), np.int32)] * mb_count
+        self._forward(mbs, shapes, shapes, None, None)
+        return pool
 
     def release(self) -> None:
         """Driver (process 0) of a multi-process runner: tell every other process's :meth:`serve` that no step
@@ -1002,6 +1026,12 @@ class AFDRunner:
         if self.multiprocess:
             self.check_driver("AFDRunner.release")
             _announce(np.zeros((6,), np.int32))
+            self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     def generate(
         self,
@@ -1187,21 +1217,29 @@ def _row_params(
 
 
 class _Watchdog:
-    """Multi-process runs block inside cross-process collectives when the peer is gone; JAX's heartbeat usually
-    ends the process first, and this bounds the wait in every case: no step finished for ``timeout_s`` -> log
-    the reason and exit the process (status 75)."""
+    """Multi-process runs block inside cross-process collectives when the peer is gone or hangs; JAX's heartbeat
+    ends the process when a peer dies (usually first), and this bounds the wait in every case, a peer that hangs
+    included: while armed, no step finished for ``timeout_s`` -> log the reason and exit the process (status 75).
+    Disarmed (between the steps of a scheduler, which may idle for as long as it likes) it never fires."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, *, armed: bool = True):
         import threading
 
         self.timeout_s = timeout_s
         self.last = time.monotonic()
+        self.armed = armed
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="afd-watchdog", daemon=True)
         self.thread.start()
 
     def tick(self) -> None:
         self.last = time.monotonic()
+
+    def arm(self) -> None:
+        self.last, self.armed = time.monotonic(), True
+
+    def disarm(self) -> None:
+        self.armed = False
 
     def stop(self) -> None:
         self.done.set()
@@ -1211,7 +1249,7 @@ class _Watchdog:
 
         while not self.done.wait(min(1.0, self.timeout_s / 4)):
             idle = time.monotonic() - self.last
-            if idle > self.timeout_s:
+            if self.armed and idle > self.timeout_s:
                 log.critical(
                     "AFD process %d: no step finished for %.0f s (peer_timeout_s); the peer process failed or "
                     "hangs. Exiting.",

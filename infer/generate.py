@@ -190,6 +190,7 @@ def _load_afd(args):
         micro_batches=args.micro_batches,
         transfer=args.transfer,
         attention_processes=args.attention_processes,
+        peer_timeout_s=args.peer_timeout,
     )
     if args.checkpoint:
         runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)

@@ -2,7 +2,7 @@
 ``jax.distributed`` on localhost.
 
     python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--processes 2] [--devices 4] [--splits 4x4,3x2,2x3]
-                               [--checkpoint DIR] [--exit-early]
+                               [--checkpoint DIR] [--exit-early] [--engine] [--hang-at STEP] [--peer-timeout S]
 
 ``--processes`` processes with ``--devices`` fake CPU devices each; the first half of the processes (rounded down)
 run the attention side, the others the FFN side. For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M
@@ -10,7 +10,9 @@ attention and N FFN devices, split evenly over each side's processes, and genera
 writes ``{"MxN": tokens}`` to ``OUT_JSON.<process id>``. ``--checkpoint`` reads the weights from a checkpoint
 folder (``AFDRunner.from_checkpoint``) instead of initialising them on the submeshes. With ``--exit-early``
 process 1 exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of
-hanging."""
+hanging. With ``--engine`` process 0 runs the continuous-batching engine over the runner of the first split (the
+others ``serve()`` its steps); ``--hang-at K`` makes process 1 hang (alive, heartbeats going) in the K-th step it
+serves, and the others must then exit with a clear error within ``--peer-timeout`` seconds (default 45)."""
 
 import os
 import sys
@@ -59,9 +61,15 @@ def main() -> int:
     prompts = [[int(t) for t in rng.integers(3, config.vocab_size, size=n)] for n in (5, 3, 7, 4, 6, 2, 5)]
     checkpoint = _opt("--checkpoint", "")
     tokens = {}
+    timeout = float(_opt("--peer-timeout", "45"))
     for split in _opt("--splits", "4x4").split(","):
         m, n = (int(v) for v in split.split("x"))
-        afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=45.0)
+        afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=timeout)
+        if "--engine" in sys.argv:
+            tokens[split] = _engine(
+                config, dataclasses.replace(afd, micro_batches=2), prompts, int(_opt("--hang-at", "0"))
+            )
+            break
         if checkpoint:
             runner = AFDRunner.from_checkpoint(checkpoint, afd)
         else:
@@ -69,10 +77,40 @@ def main() -> int:
         result = runner.generate(prompts, 4)
         if runner.has_attention:
             tokens[split] = result.tokens
+    tokens = {k: v for k, v in tokens.items() if v is not None}
     if tokens:
         with open(f"{out}.{process_id}", "w") as fh:
             json.dump(tokens, fh)
     return 0
+
+
+def _engine(config, afd, prompts, hang_at: int):
+    """The engine over a multi-process runner: process 0 schedules, the others serve; returns process 0's tokens."""
+    import time
+
+    from infer.afd import AFDRunner
+    from infer.engine import Engine, EngineConfig
+    from infer.sampling import SamplingParams
+
+    runner = AFDRunner.create(config, afd, seed=3)
+    if jax.process_index() != 0:
+        if hang_at and jax.process_index() == 1:  # a peer that hangs (alive, its heartbeats going) mid-step
+            serve_step, served = runner._serve_step, [0]
+
+            def hanging(*args, **kwargs):
+                served[0] += 1
+                if served[0] == hang_at:
+                    time.sleep(3600)
+                return serve_step(*args, **kwargs)
+
+            runner._serve_step = hanging
+        runner.serve()
+        return None
+    try:
+        engine = Engine(runner, EngineConfig(max_batch=4, max_seq_len=32, page_size=8, prefill_chunk=16))
+        return [o.token_ids for o in engine.generate_outputs(prompts, SamplingParams(max_new_tokens=4))]
+    finally:
+        runner.release()
 
 
 if __name__ == "__main__":

@@ -451,6 +451,20 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert not (tmp_path / "tokens.json.0").exists()
 
 
+def test_engine_driver_and_servers_exit_with_a_clear_error_when_a_peer_hangs(tmp_path):
+    """The engine over a two-process runner (process 0 schedules, process 1 serves the FFN side) whose FFN process
+    hangs in its third step, alive and sending heartbeats, so JAX's heartbeat cannot tell: the step watchdog
+    (``peer_timeout_s``, 45 s here: longer than any step's compilation on a loaded machine) ends the driver with
+    an error that says why, instead of a hang, and the hung process goes too (its own watchdog, or JAX once the
+    driver, which hosts the coordination service, is gone), while the wait between steps stays unbounded (the
+    engine's idle time is not a failure)."""
+    args = ("--engine", "--devices", "2", "--splits", "2x2", "--hang-at", "3", "--peer-timeout", "45")
+    (rc0, out0), (rc1, out1) = _run_workers(tmp_path, *args, timeout=180)
+    assert rc0 == 75 and "the peer process failed or hangs" in out0, out0[-3000:]  # the watchdog, not a crash
+    assert rc1 != 0 and ("the peer process failed or hangs" in out1 or "another task died" in out1), out1[-3000:]
+    assert not (tmp_path / "tokens.json.0").exists()
+
+
 CLI_ARGS = ["--preset", "test", "--attention-devices", "2", "--ffn-devices", "1", "--micro-batches", "2"]
 CLI_ARGS += ["--batch", "3", "--max-new-tokens", "3", "--transfer", "model"]
 
