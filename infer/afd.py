@@ -1053,7 +1053,9 @@ class AFDRunner:
         rounding) the same logits it picks the same tokens. A sequence ends at its first stop token or its own
         ``max_new_tokens``; decoding stops when every sequence has ended. With ``trace_dir``, the last decode step
         (the second, when every sequence ends sooner) runs under the JAX profiler and ``result.trace`` holds its
-        per-stage intervals (:func:`stage_intervals`)."""
+        per-stage intervals (:func:`stage_intervals`); under several processes each profiles its own devices
+        (into ``trace_dir/process-<i>``) and every process gets all of them on one time line
+        (:func:`merge_process_intervals`)."""
         from infer.generate import bucket
 
         cfg, afd = self.config, self.afd
@@ -1154,8 +1156,11 @@ class AFDRunner:
             if step == 2:
                 timed_start = time.perf_counter()
             traced = trace_step is not None and trace is None and (step == trace_step or (finished and step >= 2))
+            profile_dir = trace_dir
+            if traced and self.multiprocess:  # each process profiles its own devices
+                profile_dir = Path(trace_dir) / f"process-{jax.process_index()}"
             ctx = (
-                jax.profiler.trace(str(trace_dir), profiler_options=_profile_options())
+                jax.profiler.trace(str(profile_dir), profiler_options=_profile_options())
                 if traced
                 else contextlib.nullcontext()
             )
@@ -1175,8 +1180,10 @@ class AFDRunner:
                 if not watchdog and res is not None:
                     jax.block_until_ready(res)
             if traced:
-                trace = stage_intervals(trace_dir, self._dispatch_log)
+                trace = stage_intervals(profile_dir, self._dispatch_log)
                 self._dispatch_log = None
+                if self.multiprocess:
+                    trace = merge_process_intervals(_gather_json(trace))
             if step >= 2:
                 timed += 1
         decode_seconds = time.perf_counter() - timed_start if timed_start is not None else 0.0
@@ -1362,6 +1369,45 @@ def stage_intervals(trace_dir: str | Path, dispatch_log: list[tuple[str, str, in
     return sorted(out, key=lambda r: (r["start"], r["stage"]))
 
 
+def _gather_json(obj) -> list:
+    """Every process's ``obj`` (JSON-serialisable), in process order, on every process."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    buf = np.zeros((int(sizes.max()),), np.uint8)
+    buf[: data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n])) for row, n in zip(every, sizes, strict=True)]
+
+
+def merge_process_intervals(per_process: list[list[dict]]) -> list[dict]:
+    """One time line from the :func:`stage_intervals` of each process of a multi-process step (each measured
+    from its own profiler's start), every interval tagged with its ``process``. The processes' clocks are aligned
+    on the transfers: every process runs every A->F and F->A program (collectives), which end at about the same
+    moment on all of them; a process is shifted by the median, over the transfers, of how much later they end
+    there than on process 0 (one transfer alone is off by up to a millisecond on a CPU: a sender may finish
+    before the receiver has copied the block in)."""
+
+    def ends(intervals):
+        return {(r["stage"], r["layer"], r["mb"]): r["end"] for r in intervals if r["stage"] in ("a2f", "f2a")}
+
+    ref = ends(per_process[0])
+    out = []
+    for p, intervals in enumerate(per_process):
+        mine = ends(intervals)
+        shared = sorted(set(ref) & set(mine))
+        if not shared:
+            raise ValueError(f"process {p}'s trace shares no A->F / F->A transfer with process 0's to align it on")
+        shift = float(np.median([mine[k] - ref[k] for k in shared]))
+        out += [dict(r, start=r["start"] - shift, end=r["end"] - shift, process=p) for r in intervals]
+    t0 = min(r["start"] for r in out)
+    for r in out:
+        r["start"] -= t0
+        r["end"] -= t0
+    return sorted(out, key=lambda r: (r["start"], r["stage"], r["process"]))
+
+
 def overlaps(intervals: list[dict]) -> list[tuple[dict, dict]]:
     """Pairs (attention of micro-batch a, FFN of micro-batch b != a) whose device work overlaps in time."""
     att = [r for r in intervals if r["stage"] == "attention"]
@@ -1372,14 +1418,21 @@ def overlaps(intervals: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def write_chrome_trace(intervals: list[dict], path: str | Path) -> None:
-    """Chrome-trace JSON (chrome://tracing, Perfetto): one row per stage, events named by layer and micro-batch."""
+    """Chrome-trace JSON (chrome://tracing, Perfetto): one row per stage (per process when the intervals carry
+    one, :func:`merge_process_intervals`), events named by layer and micro-batch."""
     rows = {s: i for i, s in enumerate(("embed", "attention", "a2f", "ffn", "f2a", "logits"))}
-    events = [{"ph": "M", "pid": 0, "tid": i, "name": "thread_name", "args": {"name": s}} for s, i in rows.items()]
+    procs = sorted({r.get("process", 0) for r in intervals}) or [0]
+    events = [{"ph": "M", "pid": p, "name": "process_name", "args": {"name": f"process {p}"}} for p in procs]
+    events += [
+        {"ph": "M", "pid": p, "tid": i, "name": "thread_name", "args": {"name": s}}
+        for p in procs
+        for s, i in rows.items()
+    ]
     for r in intervals:
         events.append(
             {
                 "ph": "X",
-                "pid": 0,
+                "pid": r.get("process", 0),
                 "tid": rows[r["stage"]],
                 "ts": r["start"],
                 "dur": max(r["end"] - r["start"], 0.001),
@@ -1398,12 +1451,19 @@ def plot_gantt(intervals: list[dict], path: str | Path | None = None, title: str
     from matplotlib.patches import Rectangle
 
     order = ["embed", "attention", "a2f", "ffn", "f2a", "logits"]
-    present = [s for s in order if any(r["stage"] == s for r in intervals)]
+    several = len({r.get("process", 0) for r in intervals}) > 1
+
+    def row(r):  # a stage, or under several processes a (stage, process) pair
+        return f"{r['stage']} (process {r.get('process', 0)})" if several else r["stage"]
+
+    rank = {s: i for i, s in enumerate(order)}
+    present = sorted({row(r): (rank[r["stage"]], r.get("process", 0)) for r in intervals}.items(), key=lambda kv: kv[1])
+    present = [name for name, _ in present]
     colors = matplotlib.colormaps["tab10"]
     fig = Figure(figsize=(12, 0.6 * len(present) + 1.5))
     ax = fig.subplots()
     for r in intervals:
-        y = present.index(r["stage"])
+        y = present.index(row(r))
         ax.barh(
             y, (r["end"] - r["start"]) / 1e3, left=r["start"] / 1e3, color=colors(r["mb"] % 10), edgecolor="k", lw=0.3
         )
@@ -1475,9 +1535,6 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:
         join_processes(args)
-        if args.trace_dir:
-            print("(--trace-dir is for single-process runs; skipped)")
-        args.compare, args.trace_dir = False, None  # the colocated comparison too
     attention_process = jax.process_index() == 0
     try:
         afd = AFDConfig(

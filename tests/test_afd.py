@@ -476,7 +476,10 @@ def _token_lines(text: str) -> list[str]:
 def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys):
     """``python -m infer.afd``: one process (2A1F on this process's devices, checked against the colocated engine),
     then the same arguments as two processes (``--coordinator`` / ``--process-id``: process 0 attention on 2
-    devices, process 1 FFN on 1): the same tokens; a half-given multi-process request is refused."""
+    devices, process 1 FFN on 1): the same tokens, also against the colocated engine (run by process 0), and
+    with ``--trace-dir`` one trace of both processes on one time line, in which (once the processes' clocks are
+    aligned) every micro-batch's FFN starts after its attention and ends before the next layer's attention needs
+    it; a half-given multi-process request is refused."""
     from infer.afd import main
 
     assert main([*CLI_ARGS]) == 0
@@ -501,12 +504,27 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
 
     port = _free_port()
     cli = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator", f"127.0.0.1:{port}"]
+    cli += ["--trace-dir", str(tmp_path / "trace")]
     (rc0, out0), (rc1, out1) = _run_processes(
         lambda i: [*cli, "--process-id", str(i), "--peer-timeout", "60"], 240, "two-process CLI run"
     )
     assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
     assert _token_lines(out0) == want
+    assert "colocated engine: 3/3 sequences with identical greedy tokens" in out0, out0[-3000:]
     assert "process 1 (FFN side): served 3 sequences" in out1 and not _token_lines(out1)
+
+    events = json.loads((tmp_path / "trace" / "afd_trace.json").read_text())["traceEvents"]
+    stages = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    spans = {(e["pid"], stages[e["tid"]], e["args"]["layer"], e["args"]["micro_batch"]): (e["ts"], e["ts"] + e["dur"])
+             for e in events if e["ph"] == "X"}  # fmt: skip
+    assert (tmp_path / "trace" / "afd_gantt.png").stat().st_size > 0
+    layers, slack = 3, 300.0  # the test preset's layers; microseconds of clock alignment error allowed
+    for layer in range(layers):
+        for mb in range(2):
+            attention, ffn = spans[(0, "attention", layer, mb)], spans[(1, "ffn", layer, mb)]
+            after = spans[(0, "attention" if layer + 1 < layers else "logits", layer + 1, mb)]
+            assert attention[1] - slack <= ffn[0] and ffn[1] - slack <= after[0], (layer, mb, attention, ffn, after)
+    assert {p for p, *_ in spans} == {0, 1}
 
 
 def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
