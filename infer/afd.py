@@ -839,7 +839,13 @@ class AFDRunner:
         return layers, table
 
     def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None):
-        """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits)."""
+        """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits).
+
+        Under several processes the transfers are collective programs that hold the devices they run on until
+        the other side takes part, so their order matters: the F->A of a micro-batch is dispatched one step later,
+        after the next micro-batch's attention and A->F (the same order on every process), so that the attention
+        devices run micro-batch j+1's attention while the FFN devices run micro-batch j's FFN instead of waiting
+        in j's F->A. (In one process the transfers are asynchronous copies and run in plain order.)"""
         cfg = self.config
         t = None
         for j, mb in enumerate(mbs):
@@ -847,6 +853,18 @@ class AFDRunner:
                 self._log("jit_afd_embed", -1, j)
                 mb.h, mb.f = self._embed_fn(self._top_params, ids[j])
             t = positions[j].shape[1]
+        back = {mb.padded: jax.ShapeDtypeStruct((mb.padded, t, cfg.hidden_size), return_dtype(cfg, self.afd.transfer))
+                for mb in mbs}  # fmt: skip
+        lag = self.multiprocess and len(mbs) > 1  # (with one micro-batch its next attention needs the F->A first)
+        pending = None  # (layer, micro-batch index, FFN output) whose F->A is still to be dispatched
+
+        def return_to_attention(i, j, out):
+            mb = mbs[j]
+            if self.multiprocess:
+                self._log("jit_afd_f2a", i, j)
+            struct = back[mb.padded]
+            mb.f = self.transport.to_attention(out, struct, self._act_sharding(self.attn_mesh, struct.shape))
+
         for i in range(cfg.num_hidden_layers):
             kind = self.layer_kind[i]
             for j, mb in enumerate(mbs):
@@ -860,14 +878,19 @@ class AFDRunner:
                 if self.multiprocess:
                     self._log("jit_afd_a2f", i, j)
                 parts = self.transport.to_ffn(payload, struct)
+                if pending is not None:
+                    return_to_attention(*pending)
+                    pending = None
                 out = None
                 if self.has_ffn:
                     self._log("jit_afd_ffn_moe" if kind else "jit_afd_ffn_dense", i, j)
                     out = self._ffn_fn[kind](self._ffn_layer[i], parts)
-                back = jax.ShapeDtypeStruct((mb.padded, t, cfg.hidden_size), return_dtype(cfg, self.afd.transfer))
-                if self.multiprocess:
-                    self._log("jit_afd_f2a", i, j)
-                mb.f = self.transport.to_attention(out, back, self._act_sharding(self.attn_mesh, back.shape))
+                if lag:
+                    pending = (i, j, out)
+                else:
+                    return_to_attention(i, j, out)
+        if pending is not None:
+            return_to_attention(*pending)
         if not self.has_attention:
             return None
         results = []

@@ -479,7 +479,8 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
     devices, process 1 FFN on 1): the same tokens, also against the colocated engine (run by process 0), and
     with ``--trace-dir`` one trace of both processes on one time line, in which (once the processes' clocks are
     aligned) every micro-batch's FFN starts after its attention and ends before the next layer's attention needs
-    it; a half-given multi-process request is refused."""
+    it, and micro-batch 1's attention runs before the attention devices wait for micro-batch 0's F->A; a
+    half-given multi-process request is refused."""
     from infer.afd import main
 
     assert main([*CLI_ARGS]) == 0
@@ -525,6 +526,10 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
             after = spans[(0, "attention" if layer + 1 < layers else "logits", layer + 1, mb)]
             assert attention[1] - slack <= ffn[0] and ffn[1] - slack <= after[0], (layer, mb, attention, ffn, after)
     assert {p for p, *_ in spans} == {0, 1}
+    # the attention devices run micro-batch 1's attention before waiting in micro-batch 0's F->A (its collective
+    # holds them until the FFN side has finished micro-batch 0), so the two sides work at once
+    for layer in range(layers):
+        assert spans[(0, "attention", layer, 1)][0] < spans[(0, "f2a", layer, 0)][0], layer
 
 
 def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
