@@ -805,38 +805,11 @@ class AFDRunner:
         max_pages = -(-max_len // ps)
         m = self.afd.attention_devices
         local_rows = padded // m
-        num_pages = padded * max_pages
-        dtype = jnp.dtype(self.afd.kv_dtype or self.config.dtype)
-        fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
-        g, kd = self.config.num_kv_heads, self.config.head_dim
-        pages, scales = (num_pages, ps, g, kd), (num_pages, ps, g)
-
-        def make(shape, axes, fill, dt):  # jnp.full with a sharding: created in place, one compile per shape
-            return jnp.full(shape, fill, dt, device=self.rules.sharding(self.attn_mesh, axes, shape))
-
-        pool = {
-            "k": [make(pages, kvc.PAGE_AXES, 0, dtype) for _ in range(self.config.num_hidden_layers)],
-            "v": [make(pages, kvc.PAGE_AXES, 0, dtype) for _ in range(self.config.num_hidden_layers)],
-            "k_scale": [make(scales, kvc.PAGE_SCALE_AXES, 1, jnp.float32) for _ in range(self.config.num_hidden_layers)]
-            if fp8
-            else None,
-            "v_scale": [make(scales, kvc.PAGE_SCALE_AXES, 1, jnp.float32) for _ in range(self.config.num_hidden_layers)]
-            if fp8
-            else None,
-        }
+        pool = self._make_pool(padded * max_pages, ps, self.afd.kv_dtype)
         local = np.arange(local_rows * max_pages, dtype=np.int32).reshape(local_rows, max_pages)
         table = np.concatenate([local] * m, axis=0)
         table = jax.device_put(table, self._act_sharding(self.attn_mesh, table.shape))
-        layers = [  # per layer (k, v, k_scale, v_scale) page pools; the block table is shared
-            (
-                pool["k"][i],
-                pool["v"][i],
-                None if pool["k_scale"] is None else pool["k_scale"][i],
-                None if pool["v_scale"] is None else pool["v_scale"][i],
-            )
-            for i in range(self.config.num_hidden_layers)
-        ]
-        return layers, table
+        return _pool_layers(pool), table  # the block table is shared by every layer
 
     def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None):
         """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits).
@@ -964,10 +937,7 @@ class AFDRunner:
         m = self.afd.attention_devices
         r, q = n // m, n // m // mb_count
         fp8 = pool["k_scale"] is not None
-        kv = [  # one list for every micro-batch: each one's attention writes the pool the next one reads
-            (pool["k"][i], pool["v"][i], pool["k_scale"][i] if fp8 else None, pool["v_scale"][i] if fp8 else None)
-            for i in range(self.config.num_hidden_layers)
-        ]
+        kv = _pool_layers(pool)  # one list for every micro-batch: each one's attention writes the pool the next reads
         put = lambda a: jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape))  # noqa: E731
         order = [
             np.concatenate([np.arange(g * r + j * q, g * r + (j + 1) * q) for g in range(m)]) for j in range(mb_count)
@@ -1300,6 +1270,16 @@ def _announce(message):
 
 # what the driver of step-by-step serving announces (a 6-int header: the op, then its arguments)
 _OP_RELEASE, _OP_STEP, _OP_POOL = 0, 1, 2
+
+
+def _pool_layers(pool: dict) -> list[tuple]:
+    """A page pool (``kv_cache.create_page_pool``) as per-layer ``(k, v, k_scale, v_scale)`` (scales None unless
+    FP8)."""
+    fp8 = pool["k_scale"] is not None
+    return [
+        (k, v, pool["k_scale"][i] if fp8 else None, pool["v_scale"][i] if fp8 else None)
+        for i, (k, v) in enumerate(zip(pool["k"], pool["v"], strict=True))
+    ]
 
 
 def _step_inputs(ids, block_table, start, last, rows) -> tuple:
