@@ -112,7 +112,8 @@ class EngineConfig:
 @dataclasses.dataclass
 class RequestOutput:
     """The result of one request. ``finish_reason``: "stop" (a stop token, included in ``token_ids``), "length"
-    (``max_new_tokens`` or the context limit), or "error" (rejected; ``error`` says why, nothing was generated)."""
+    (``max_new_tokens`` or the context limit), "abort" (:meth:`Engine.abort`: the tokens generated until then), or
+    "error" (rejected; ``error`` says why, nothing was generated)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -298,6 +299,7 @@ class Engine:
             "preemptions": 0,
             "finished": 0,
             "rejected": 0,
+            "aborted": 0,
             "generated_tokens": 0,
             "peak_pages_in_use": 0,
         }
@@ -434,6 +436,21 @@ class Engine:
         except ValueError as e:
             self._reject(rid, prompt, str(e))
             return rid
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a waiting or running request now (e.g. its client went away): its slot and KV pages are freed at
+        once, the other requests are unaffected, and its stream ends with a finished event whose output has
+        ``finish_reason="abort"`` and the tokens generated so far. Returns that output. Raises ValueError for an
+        id that is not waiting or running (unknown, or already finished)."""
+        req = self._requests.get(str(request_id))
+        if req is None:
+            raise ValueError(f"no waiting or running request {request_id!r} (unknown, or already finished)")
+        if req.state == _WAITING:
+            self._queue = [(a, r) for a, r in self._queue if r is not req]
+            heapq.heapify(self._queue)
+        out = self._finish(req, "abort", self.clock())
+        self._pending_events.append(StreamEvent(req.id, None, "", True, out))
+        return out
 
     # ------------------------------------------------------------------ scheduling
 
@@ -611,10 +628,11 @@ class Engine:
         return delta
 
     def _finish(self, req: _Request, reason: str, now: float) -> RequestOutput:
-        self.allocators[req.group].free(req.id)
-        self._slots[req.slot] = None
+        if req.state != _WAITING:  # (an aborted request may be queued: no slot, no pages)
+            self.allocators[req.group].free(req.id)
+            self._slots[req.slot] = None
         del self._requests[req.id]
-        self.stats["finished"] += 1
+        self.stats["finished" if reason != "abort" else "aborted"] += 1
         text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
         return RequestOutput(
             req.id,

@@ -124,6 +124,42 @@ def test_preemption_requeues_and_results_are_unchanged(engine):
     assert engine.pages_in_use() == 0
 
 
+def test_abort_frees_a_running_and_a_waiting_request_and_the_others_are_unchanged(engine):
+    """``Engine.abort``: a decoding request (its slot and pages freed at once, its output the tokens streamed so
+    far) and a queued one (never runs) end with one finished "abort" event each; the other requests produce
+    exactly their results alone; a second abort, or an unknown id, is refused with the reason."""
+    rng = random.Random(7)
+    reqs = [(random_prompt(rng, n), SamplingParams(max_new_tokens=12)) for n in (9, 5, 7, 3, 6)]
+    ids = [engine.submit(p, sp) for p, sp in reqs]
+    events = []
+    for _ in range(4):
+        events += engine.step()
+    running, waiting = ids[0], ids[4]  # 4 slots: the fifth request is still queued
+    assert engine.num_running == 4 and engine.num_waiting == 1
+    streamed = [ev.token_id for ev in events if ev.request_id == running and ev.token_id is not None]
+    assert streamed, "the request to abort should be decoding"
+    pages = engine.pages_in_use()
+    out = engine.abort(running)
+    assert out.finish_reason == "abort" and out.token_ids == streamed and out.ok
+    assert engine.pages_in_use() < pages and engine.num_running == 3
+    assert engine.abort(waiting).token_ids == [] and engine.num_waiting == 0
+    for rid in (running, "no-such-request"):
+        with pytest.raises(ValueError, match="no waiting or running request .* already finished"):
+            engine.abort(rid)
+    done = {}
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.finished:
+                done.setdefault(ev.request_id, []).append(ev)
+        for a in engine.allocators:
+            a.check()
+    assert {rid: len(evs) for rid, evs in done.items()} == dict.fromkeys(ids, 1)
+    assert [done[rid][0].output.finish_reason for rid in ids] == ["abort", "length", "length", "length", "abort"]
+    for rid, (prompt, params) in zip(ids[1:4], reqs[1:4], strict=True):
+        assert done[rid][0].output.token_ids == alone(engine, prompt, params)
+    assert engine.pages_in_use() == 0 and engine.stats["aborted"] >= 2
+
+
 def test_500_requests_under_load_all_complete_once_with_bounded_memory(model):
     """500 requests with random prompt / output lengths, arriving in waves, through a pool that holds less than a
     third of what the running batch would need: none lost or duplicated, preemption happens, the page pool never
