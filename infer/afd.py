@@ -57,7 +57,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infer.sampling import SamplingParams, param_rows, request_keys, sample
+from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
 from step3_jax.checkpoint import CheckpointReport, inspect_checkpoint, load_tensors
 from step3_jax.config import Step3Config
@@ -773,16 +773,18 @@ class AFDRunner:
                 return x, jnp.zeros_like(x)  # (residual, "FFN output") so every layer runs the same program
 
             def afd_logits(params, h, f, last, rows=None):
-                """Next tokens and logits; ``rows`` = per-row (seeds, counters, temperature, top_k, top_p) samples
-                as the engine does (``request_keys``: a row's n-th token depends on its seed and n only), None is
-                greedy (its own program, without the vocabulary sort)."""
+                """Next tokens, logits and the tokens' log-probabilities; ``rows`` = per-row (seeds, counters,
+                temperature, top_k, top_p) samples as the engine does (``request_keys``: a row's n-th token
+                depends on its seed and n only), None is greedy (its own program, without the vocabulary sort)."""
                 x = h + f.astype(h.dtype)
                 x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, D]
                 logits = nnx.merge(top_gd, top_abs, params).logits(x)[:, 0]
                 if rows is None:
-                    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
-                seeds, counters, temperature, top_k, top_p = rows
-                return sample(logits, request_keys(seeds, counters), temperature, top_k, top_p), logits
+                    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                else:
+                    seeds, counters, temperature, top_k, top_p = rows
+                    tokens = sample(logits, request_keys(seeds, counters), temperature, top_k, top_p)
+                return tokens, logits, token_logprobs(logits, tokens)
 
             self._embed_fn = jax.jit(_named(afd_embed, "afd_embed", self.trace_counts))
             # an attention mesh over several processes: every attention process gets all tokens (and logits)
@@ -790,7 +792,7 @@ class AFDRunner:
             spans = self._attention_spans
             self._logits_fn = jax.jit(
                 _named(afd_logits, "afd_logits", self.trace_counts),
-                out_shardings=(everywhere, everywhere) if spans else None,
+                out_shardings=(everywhere,) * 3 if spans else None,
             )
 
     # ------------------------------------------------------------------ generation
@@ -901,7 +903,8 @@ class AFDRunner:
         start + T - 1``, ``last [n]`` picks each row's logits, ``rows`` = (seeds, counters, temperature, top_k,
         top_p) sample as the engine does (None: greedy). Micro-batch ``j`` of ``micro_batches`` (default
         ``AFDConfig.micro_batches``; it must divide ``r``) takes the ``j``-th ``r / micro_batches`` rows of every
-        device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], pool)``.
+        device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], logprobs [n],
+        pool)``, ``logprobs`` the model's log-probability of each token (float32, before any sampling filter).
 
         Under several processes the driver is process 0 (an attention process); every other process runs
         :meth:`serve`, which follows each step (its shapes, and for the other attention processes its inputs, are
@@ -949,14 +952,14 @@ class AFDRunner:
             mbs, [put(ids[sel]) for sel in order], positions, [put(start[sel]) for sel in order],
             [put(last[sel]) for sel in order], per_mb_rows,
         )  # fmt: skip
-        tokens = np.empty((n,), np.int32)
-        for sel, (tok, _) in zip(order, res, strict=True):
-            tokens[sel] = _host(tok)
+        tokens, logprobs = np.empty((n,), np.int32), np.empty((n,), np.float32)
+        for sel, (tok, _, logp) in zip(order, res, strict=True):
+            tokens[sel], logprobs[sel] = _host(tok), _host(logp)
         new_pool = {
             name: tuple(layer[c] for layer in kv) if (c < 2 or fp8) else None
             for c, name in enumerate(("k", "v", "k_scale", "v_scale"))
         }
-        return tokens, new_pool
+        return tokens, logprobs, new_pool
 
     def _check_step(self, n: int, mb_count: int) -> None:
         m = self.afd.attention_devices
@@ -1006,7 +1009,7 @@ class AFDRunner:
         if self._attention_spans:
             inputs = _announce(inputs)
         if self.has_attention:
-            return self._step(pool, *inputs, mb_count)[1]
+            return self._step(pool, *inputs, mb_count)[2]
         q = n // mb_count
         mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
         shapes = [np.zeros((q, width), np.int32)] * mb_count
@@ -1118,15 +1121,17 @@ class AFDRunner:
             """Append this step's tokens to the sequences still running; returns the device tokens (next input)."""
             if res is None:
                 return None
-            toks = np.concatenate([_host(tok)[: mb.rows] for (tok, _), mb in zip(res, mbs, strict=True)])
+            toks = np.concatenate([_host(tok)[: mb.rows] for (tok, *_), mb in zip(res, mbs, strict=True)])
             for i, t in enumerate(toks):
                 if not ended[i]:
                     tokens[i].append(int(t))
                     p = per_row[i]
                     ended[i] = int(t) in p.stop_token_ids or len(tokens[i]) >= p.max_new_tokens
             if return_logits:
-                step_logits.append(np.concatenate([_host(lg)[: mb.rows] for (_, lg), mb in zip(res, mbs, strict=True)]))
-            return [tok for tok, _ in res]
+                step_logits.append(
+                    np.concatenate([_host(lg)[: mb.rows] for (_, lg, _), mb in zip(res, mbs, strict=True)])
+                )
+            return [tok for tok, *_ in res]
 
         def all_ended() -> bool:  # under several processes attention process 0 decides for all
             done = bool(ended.all()) if self.has_attention else False

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.sampling import SamplingParams, param_rows, request_keys, sample
+from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
 from step3_jax.model import Step3ForCausalLM
 
@@ -113,7 +113,8 @@ class EngineConfig:
 class RequestOutput:
     """The result of one request. ``finish_reason``: "stop" (a stop token, included in ``token_ids``), "length"
     (``max_new_tokens`` or the context limit), "abort" (:meth:`Engine.abort`: the tokens generated until then), or
-    "error" (rejected; ``error`` says why, nothing was generated)."""
+    "error" (rejected; ``error`` says why, nothing was generated). ``logprobs``: the model's log-probability of
+    each generated token (``log_softmax`` of its logits, before temperature, top-k or top-p)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -121,6 +122,7 @@ class RequestOutput:
     text: str | None
     finish_reason: str
     error: str | None = None
+    logprobs: list[float] = dataclasses.field(default_factory=list)
     num_preemptions: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -154,13 +156,15 @@ class RequestOutput:
 class StreamEvent:
     """One streamed step of a request: a new token (``token_id``, with the ``text`` it completes, possibly "" for
     an unfinished UTF-8 sequence), and/or the end of the request (``finished``, with its ``output``). A rejected
-    request gets one event with ``token_id=None``, ``finished=True`` and an output carrying the error."""
+    request gets one event with ``token_id=None``, ``finished=True`` and an output carrying the error.
+    ``logprob``: the model's log-probability of ``token_id`` (None without a token)."""
 
     request_id: str
     token_id: int | None
     text: str
     finished: bool
     output: RequestOutput | None = None
+    logprob: float | None = None
 
 
 # request states
@@ -175,6 +179,7 @@ class _Request:
     arrival: int  # submission order: queue priority, also after a preemption
     arrival_time: float
     output: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # the model's log-probability of each output
     state: str = _WAITING
     group: int = -1
     slot: int = -1
@@ -325,7 +330,8 @@ class Engine:
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(tokens[:, None], cache=self._cache(pool, block_table, start))
         keys = request_keys(seeds, counters)
-        return sample(logits[:, -1], keys, temperature, top_k, top_p), self._pool_of(cache)
+        tokens = sample(logits[:, -1], keys, temperature, top_k, top_p)
+        return (tokens, token_logprobs(logits[:, -1], tokens)), self._pool_of(cache)
 
     def _prefill_impl(self, state, pool, ids, block_table, start, last, seeds, counters, temperature, top_k, top_p):
         self.trace_counts["prefill"] += 1
@@ -333,7 +339,8 @@ class Engine:
         logits, cache = model(ids, cache=self._cache(pool, block_table, start))
         logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         keys = request_keys(seeds, counters)
-        return sample(logits, keys, temperature, top_k, top_p), self._pool_of(cache)
+        tokens = sample(logits, keys, temperature, top_k, top_p)
+        return (tokens, token_logprobs(logits, tokens)), self._pool_of(cache)
 
     def _afd_steps(self, runner):
         """Decode and prefill steps through an AFD runner's pipeline, with the jitted steps' signatures. Decoding
@@ -350,10 +357,12 @@ class Engine:
 
         def decode(state, pool, tokens, table, start, *rows):
             zeros = np.zeros_like(start)
-            return runner.step(pool, tokens[:, None], table, start, zeros, rows, micro_batches=n_mb)
+            out, logprobs, pool = runner.step(pool, tokens[:, None], table, start, zeros, rows, micro_batches=n_mb)
+            return (out, logprobs), pool
 
         def prefill(state, pool, ids, table, start, last, *rows):
-            return runner.step(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
+            out, logprobs, pool = runner.step(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
+            return (out, logprobs), pool
 
         return decode, prefill
 
@@ -559,8 +568,8 @@ class Engine:
             last[i] = lens[i] - 1
         counters = [0 if r is None else len(r.output) for r in rows]
         args = (ids, table, start, last, *self._row_arrays(rows, counters))
-        tokens, self._pool = self._prefill_fn(self._state, self._pool, *args)
-        tokens = np.asarray(tokens)
+        (tokens, logprobs), self._pool = self._prefill_fn(self._state, self._pool, *args)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         self.stats["prefill_calls"] += 1
         events = []
         for i, r in enumerate(rows):
@@ -571,7 +580,7 @@ class Engine:
                 continue
             r.state = _DECODE
             if not r.output:  # a fresh request: its first token comes from the prompt's last logits
-                events += self._append(r, int(tokens[i]))
+                events += self._append(r, int(tokens[i]), float(logprobs[i]))
         return events
 
     def _decode(self) -> list[StreamEvent]:
@@ -591,21 +600,22 @@ class Engine:
         table = np.stack([self._table_row(r) for r in rows])
         counters = [0 if r is None else len(r.output) for r in rows]
         args = (tokens, table, start, *self._row_arrays(rows, counters))
-        out, self._pool = self._decode_fn(self._state, self._pool, *args)
-        out = np.asarray(out)
+        (out, logprobs), self._pool = self._decode_fn(self._state, self._pool, *args)
+        out, logprobs = np.asarray(out), np.asarray(logprobs)
         self.stats["decode_steps"] += 1
         events = []
         for i, r in enumerate(rows):
             if r is not None:
                 r.cached += 1
-                events += self._append(r, int(out[i]))
+                events += self._append(r, int(out[i]), float(logprobs[i]))
         return events
 
-    def _append(self, req: _Request, token: int) -> list[StreamEvent]:
+    def _append(self, req: _Request, token: int, logprob: float) -> list[StreamEvent]:
         now = self.clock()
         if req.first_token_time is None:
             req.first_token_time = now
         req.output.append(token)
+        req.logprobs.append(logprob)
         self.stats["generated_tokens"] += 1
         reason = None
         if token in req.params.stop_token_ids:
@@ -614,8 +624,8 @@ class Engine:
             reason = "length"
         text = self._text_delta(req, final=reason is not None)
         if reason is None:
-            return [StreamEvent(req.id, token, text, False)]
-        return [StreamEvent(req.id, token, text, True, self._finish(req, reason, now))]
+            return [StreamEvent(req.id, token, text, False, logprob=logprob)]
+        return [StreamEvent(req.id, token, text, True, self._finish(req, reason, now), logprob=logprob)]
 
     def _text_delta(self, req: _Request, final: bool) -> str:
         if self.tokenizer is None:
@@ -640,6 +650,7 @@ class Engine:
             list(req.output),
             text,
             reason,
+            logprobs=list(req.logprobs),
             num_preemptions=req.preemptions,
             arrival_time=req.arrival_time,
             first_token_time=req.first_token_time,

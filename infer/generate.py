@@ -372,6 +372,7 @@ def _serve(args, engine, prompts, params, what: str) -> int:
                     "error": o.error,
                     "prompt": p,
                     "token_ids": o.token_ids,
+                    "logprobs": [float(x) for x in o.logprobs],
                     "text": o.text,
                     "finish_reason": o.finish_reason,
                     "tokens_per_second": o.tokens_per_second,

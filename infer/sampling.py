@@ -108,3 +108,10 @@ def param_rows(params: Sequence[SamplingParams | None]) -> tuple[np.ndarray, np.
         if p is not None:
             seeds[i], temperature[i], top_k[i], top_p[i] = p.seed % (1 << 32), p.temperature, p.top_k, p.top_p
     return seeds, temperature, top_k, top_p
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The model's log-probability of each row's token: ``log_softmax(logits [B, V])[b, tokens[b]]`` in float32
+    (the raw distribution, before temperature, top-k or top-p)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]

@@ -228,7 +228,8 @@ def test_engine_drives_afd_with_continuous_batching(config):
     """``Engine(AFDRunner)``: the continuous-batching scheduler over the disaggregated pipeline (2 attention + 2 FFN
     devices, decode steps in 2 micro-batches). Requests arriving at different times, greedy and sampled, prompts
     of 1 to 16 tokens, a page pool too small for all of them at once (preemption and recompute): every request
-    gets exactly the tokens the colocated engine gives it; a second wave of requests compiles nothing new. A batch
+    gets exactly the tokens (and log-probabilities) the colocated engine gives it; a second wave of requests
+    compiles nothing new. A batch
     the micro-batches cannot split is refused."""
     from infer.engine import Engine, EngineConfig
 
@@ -252,6 +253,7 @@ def test_engine_drives_afd_with_continuous_batching(config):
     done |= engine.run()
     got = [done[i] for i in first + later]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    np.testing.assert_allclose(sum((o.logprobs for o in got), []), sum((o.logprobs for o in want), []), atol=1e-4)
     assert all(o.ok for o in got) and engine.stats["preemptions"] > 0
     assert engine.pages_in_use() == 0
     # steady state: a second wave of different requests compiles nothing new (one decode program per kind,

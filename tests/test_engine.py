@@ -160,6 +160,26 @@ def test_abort_frees_a_running_and_a_waiting_request_and_the_others_are_unchange
     assert engine.pages_in_use() == 0 and engine.stats["aborted"] >= 2
 
 
+def test_logprobs_are_the_models_log_probabilities_of_the_emitted_tokens(model, engine):
+    """``RequestOutput.logprobs`` / ``StreamEvent.logprob``: for greedy and sampled requests (sampling at
+    temperature 0.8 with top-k; logprobs are of the raw distribution), each generated token's log-probability under
+    a full forward pass over prompt + the tokens before it; the stream carries the same values in order."""
+    rng = random.Random(3)
+    prompts = [random_prompt(rng, n) for n in (4, 11, 20)]
+    params = [SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=0.8, top_k=20, seed=4),
+              SamplingParams(max_new_tokens=6, temperature=1.0, seed=9)]  # fmt: skip
+    events = []
+    outs = engine.generate_outputs(prompts, params, on_event=events.append)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert len(out.logprobs) == len(out.token_ids) == 6
+        seq = jnp.asarray([prompt + out.token_ids[:-1]], jnp.int32)
+        logp = np.asarray(jax.nn.log_softmax(model(seq)[0].astype(jnp.float32), axis=-1))
+        want = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(out.token_ids)]
+        np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
+        assert all(lp <= 0 for lp in out.logprobs)
+        assert [ev.logprob for ev in events if ev.request_id == out.request_id] == out.logprobs
+
+
 def test_500_requests_under_load_all_complete_once_with_bounded_memory(model):
     """500 requests with random prompt / output lengths, arriving in waves, through a pool that holds less than a
     third of what the running batch would need: none lost or duplicated, preemption happens, the page pool never

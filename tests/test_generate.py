@@ -169,6 +169,9 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
     tokens = {n: [r["token_ids"] for r in json.loads((tmp_path / f"{n}.json").read_text())["requests"]]
               for n in ("one", "afd", "three")}  # fmt: skip
     assert tokens["afd"] == tokens["one"] and tokens["three"] == tokens["one"]
+    logprobs = {n: [r["logprobs"] for r in json.loads((tmp_path / f"{n}.json").read_text())["requests"]]
+                for n in ("one", "three")}  # fmt: skip
+    np.testing.assert_allclose(sum(logprobs["three"], []), sum(logprobs["one"], []), atol=1e-3)
     assert all(len(t) == 4 for t in tokens["one"])
 
     with pytest.raises(SystemExit):
