@@ -44,7 +44,15 @@ def test_config():
 # pytest-xdist hands tests to its workers in collection order, so long tests collected last (test_train.py comes late
 # in the alphabet) keep one worker busy after the other has run out of work. The files with the longest tests go
 # first; the order within a file, and of the other files, stays as collected.
-_LONG_FIRST = ("test_notebooks.py", "test_train.py", "test_demo.py", "test_afd.py", "test_sharding.py")
+_LONG_FIRST = (
+    "test_notebooks.py",
+    "test_train.py",
+    "test_demo.py",
+    "test_afd.py",
+    "test_generate.py",  # (its three-process CLI run is one of the longest tests)
+    "test_sharding.py",
+    "test_engine.py",
+)
 
 
 def pytest_collection_modifyitems(items):
