@@ -1370,11 +1370,16 @@ def stage_intervals(trace_dir: str | Path, dispatch_log: list[tuple[str, str, in
                 nxt = by.get(("attention", r["layer"] + 1, r["mb"])) or by.get(("logits", r["layer"] + 1, r["mb"]))
                 if nxt is not None:
                     out.append(gap("f2a", r, nxt))
-    t0 = min(r["start"] for r in out)
-    for r in out:
+    return _from_zero(out)
+
+
+def _from_zero(intervals: list[dict]) -> list[dict]:
+    """Intervals shifted so the earliest starts at 0, in time order (then by stage, then by process)."""
+    t0 = min(r["start"] for r in intervals)
+    for r in intervals:
         r["start"] -= t0
         r["end"] -= t0
-    return sorted(out, key=lambda r: (r["start"], r["stage"]))
+    return sorted(intervals, key=lambda r: (r["start"], r["stage"], r.get("process", 0)))
 
 
 def _gather_json(obj) -> list:
@@ -1409,11 +1414,7 @@ def merge_process_intervals(per_process: list[list[dict]]) -> list[dict]:
             raise ValueError(f"process {p}'s trace shares no A->F / F->A transfer with process 0's to align it on")
         shift = float(np.median([mine[k] - ref[k] for k in shared]))
         out += [dict(r, start=r["start"] - shift, end=r["end"] - shift, process=p) for r in intervals]
-    t0 = min(r["start"] for r in out)
-    for r in out:
-        r["start"] -= t0
-        r["end"] -= t0
-    return sorted(out, key=lambda r: (r["start"], r["stage"], r["process"]))
+    return _from_zero(out)
 
 
 def overlaps(intervals: list[dict]) -> list[tuple[dict, dict]]:

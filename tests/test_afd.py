@@ -229,8 +229,7 @@ def test_engine_drives_afd_with_continuous_batching(config):
     devices, decode steps in 2 micro-batches). Requests arriving at different times, greedy and sampled, prompts
     of 1 to 16 tokens, a page pool too small for all of them at once (preemption and recompute): every request
     gets exactly the tokens (and log-probabilities) the colocated engine gives it; a second wave of requests
-    compiles nothing new. A batch
-    the micro-batches cannot split is refused."""
+    compiles nothing new. A batch the micro-batches cannot split is refused."""
     from infer.engine import Engine, EngineConfig
 
     rng = np.random.default_rng(5)
