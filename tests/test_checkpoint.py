@@ -366,7 +366,8 @@ def test_load_onto_mesh_bf16_checkpoint(bf16_ckpt):
     assert_params_identical(sharded, single)
     ids = ids_for(single.config, batch=8)
     got = forward(sharded, jax.device_put(ids, DEFAULT_RULES.sharding(mesh, ("act_batch", None), ids.shape)))
-    np.testing.assert_allclose(got, forward(single, ids), rtol=2e-5, atol=2e-5)
+    # float32 summation order differs with the sharding: up to ~1e-5 of the largest logit (4.3) by the last position
+    np.testing.assert_allclose(got, forward(single, ids), rtol=2e-5, atol=1e-4)
 
 
 def test_load_onto_mesh_fp8_checkpoint(fp8_ckpt):
