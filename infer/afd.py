@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -931,7 +932,8 @@ class AFDRunner:
             self._watchdog = _Watchdog(self.afd.peer_timeout_s, armed=False)
         self._watchdog.arm()
         try:
-            yield
+            with _peer_guard(self._watchdog, stop=False):
+                yield
         finally:
             self._watchdog.disarm()
 
@@ -1111,82 +1113,81 @@ class AFDRunner:
         positions = [put(np.broadcast_to(np.arange(width, dtype=np.int32), (mb.padded, width)).copy()) for mb in mbs]
         zeros = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]
         watchdog = _Watchdog(self.afd.peer_timeout_s) if self.multiprocess else None
-        t0 = time.perf_counter()
-        res = self._forward(mbs, [put(x) for x in ids], positions, zeros, [put(x - 1) for x in lengths], rows_at(0))
-        tokens: list[list[int]] = [[] for _ in prompts]
-        ended = np.zeros((len(prompts),), bool)
-        step_logits: list[np.ndarray] = []
+        with _peer_guard(watchdog):
+            t0 = time.perf_counter()
+            res = self._forward(mbs, [put(x) for x in ids], positions, zeros, [put(x - 1) for x in lengths], rows_at(0))
+            tokens: list[list[int]] = [[] for _ in prompts]
+            ended = np.zeros((len(prompts),), bool)
+            step_logits: list[np.ndarray] = []
 
-        def collect(res):
-            """Append this step's tokens to the sequences still running; returns the device tokens (next input)."""
-            if res is None:
-                return None
-            toks = np.concatenate([_host(tok)[: mb.rows] for (tok, *_), mb in zip(res, mbs, strict=True)])
-            for i, t in enumerate(toks):
-                if not ended[i]:
-                    tokens[i].append(int(t))
-                    p = per_row[i]
-                    ended[i] = int(t) in p.stop_token_ids or len(tokens[i]) >= p.max_new_tokens
-            if return_logits:
-                step_logits.append(
-                    np.concatenate([_host(lg)[: mb.rows] for (_, lg, _), mb in zip(res, mbs, strict=True)])
+            def collect(res):
+                """Append this step's tokens to the sequences still running; returns the device tokens (next input)."""
+                if res is None:
+                    return None
+                toks = np.concatenate([_host(tok)[: mb.rows] for (tok, *_), mb in zip(res, mbs, strict=True)])
+                for i, t in enumerate(toks):
+                    if not ended[i]:
+                        tokens[i].append(int(t))
+                        p = per_row[i]
+                        ended[i] = int(t) in p.stop_token_ids or len(tokens[i]) >= p.max_new_tokens
+                if return_logits:
+                    step_logits.append(
+                        np.concatenate([_host(lg)[: mb.rows] for (_, lg, _), mb in zip(res, mbs, strict=True)])
+                    )
+                return [tok for tok, *_ in res]
+
+            def all_ended() -> bool:  # under several processes attention process 0 decides for all
+                done = bool(ended.all()) if self.has_attention else False
+                if watchdog:
+                    done = _agree(done)
+                    watchdog.tick()
+                return done
+
+            last_tok = collect(res)
+            finished = all_ended()
+            if not watchdog and res is not None:
+                jax.block_until_ready(res)
+            prefill_seconds = time.perf_counter() - t0
+            trace = None
+            timed_start, timed = None, 0
+            trace_step = steps_needed - 1 if trace_dir is not None and steps_needed > 1 else None
+            for step in range(1, steps_needed):
+                if finished and (trace_step is None or trace is not None):
+                    break
+                if step == 2:
+                    timed_start = time.perf_counter()
+                traced = trace_step is not None and trace is None and (step == trace_step or (finished and step >= 2))
+                profile_dir = trace_dir
+                if traced and self.multiprocess:  # each process profiles its own devices
+                    profile_dir = Path(trace_dir) / f"process-{jax.process_index()}"
+                ctx = (
+                    jax.profiler.trace(str(profile_dir), profiler_options=_profile_options())
+                    if traced
+                    else contextlib.nullcontext()
                 )
-            return [tok for tok, *_ in res]
-
-        def all_ended() -> bool:  # under several processes attention process 0 decides for all
-            done = bool(ended.all()) if self.has_attention else False
-            if watchdog:
-                done = _agree(done)
-                watchdog.tick()
-            return done
-
-        last_tok = collect(res)
-        finished = all_ended()
-        if not watchdog and res is not None:
-            jax.block_until_ready(res)
-        prefill_seconds = time.perf_counter() - t0
-        trace = None
-        timed_start, timed = None, 0
-        trace_step = steps_needed - 1 if trace_dir is not None and steps_needed > 1 else None
-        for step in range(1, steps_needed):
-            if finished and (trace_step is None or trace is not None):
-                break
-            if step == 2:
-                timed_start = time.perf_counter()
-            traced = trace_step is not None and trace is None and (step == trace_step or (finished and step >= 2))
-            profile_dir = trace_dir
-            if traced and self.multiprocess:  # each process profiles its own devices
-                profile_dir = Path(trace_dir) / f"process-{jax.process_index()}"
-            ctx = (
-                jax.profiler.trace(str(profile_dir), profiler_options=_profile_options())
-                if traced
-                else contextlib.nullcontext()
-            )
-            if traced:
-                self._dispatch_log = []
-            with ctx:
-                cur = [lengths[j] + (step - 1) for j in range(len(mbs))]
-                pos = [put(c[:, None]) for c in cur]
-                st = [put(c) for c in cur]
-                toks = [tok[:, None] for tok in last_tok] if self.has_attention else [None] * len(mbs)
-                if not self.has_attention:  # the FFN process only needs shapes
-                    toks = [np.zeros((mb.padded, 1), np.int32) for mb in mbs]
-                last = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]
-                res = self._forward(mbs, toks, pos, st, last, rows_at(step))
-                last_tok = collect(res)
-                finished = all_ended()
-                if not watchdog and res is not None:
-                    jax.block_until_ready(res)
-            if traced:
-                trace = stage_intervals(profile_dir, self._dispatch_log)
-                self._dispatch_log = None
-                if self.multiprocess:
-                    trace = merge_process_intervals(_gather_json(trace))
-            if step >= 2:
-                timed += 1
+                if traced:
+                    self._dispatch_log = []
+                with ctx:
+                    cur = [lengths[j] + (step - 1) for j in range(len(mbs))]
+                    pos = [put(c[:, None]) for c in cur]
+                    st = [put(c) for c in cur]
+                    toks = [tok[:, None] for tok in last_tok] if self.has_attention else [None] * len(mbs)
+                    if not self.has_attention:  # the FFN process only needs shapes
+                        toks = [np.zeros((mb.padded, 1), np.int32) for mb in mbs]
+                    last = [put(np.zeros((mb.padded,), np.int32)) for mb in mbs]
+                    res = self._forward(mbs, toks, pos, st, last, rows_at(step))
+                    last_tok = collect(res)
+                    finished = all_ended()
+                    if not watchdog and res is not None:
+                        jax.block_until_ready(res)
+                if traced:
+                    trace = stage_intervals(profile_dir, self._dispatch_log)
+                    self._dispatch_log = None
+                    if self.multiprocess:
+                        trace = merge_process_intervals(_gather_json(trace))
+                if step >= 2:
+                    timed += 1
         decode_seconds = time.perf_counter() - timed_start if timed_start is not None else 0.0
-        if watchdog:
-            watchdog.stop()
         return AFDResult(
             tokens=tokens if self.has_attention else [],
             logits=step_logits if return_logits else None,
@@ -1250,19 +1251,36 @@ class _Watchdog:
         self.done.set()
 
     def _run(self) -> None:
-        import os
-
         while not self.done.wait(min(1.0, self.timeout_s / 4)):
             idle = time.monotonic() - self.last
             if self.armed and idle > self.timeout_s:
-                log.critical(
-                    "AFD process %d: no step finished for %.0f s (peer_timeout_s); the peer process failed or "
-                    "hangs. Exiting.",
-                    jax.process_index(),
-                    idle,
-                )
-                logging.shutdown()
-                os._exit(75)
+                _peer_exit(f"no step finished for {idle:.0f} s (peer_timeout_s)")
+
+
+def _peer_exit(reason: str) -> NoReturn:
+    """End this process of a multi-process run whose peer failed or hangs: log why and exit (status 75) without
+    JAX's distributed shutdown, whose barrier would wait for the peer and then abort the process."""
+    import os
+
+    log.critical("AFD process %d: %s; the peer process failed or hangs. Exiting.", jax.process_index(), reason)
+    logging.shutdown()
+    os._exit(75)
+
+
+@contextlib.contextmanager
+def _peer_guard(watchdog: _Watchdog | None, *, stop: bool = True):
+    """Under several processes (``watchdog`` given): a runtime error in a step (a collective whose peer is gone:
+    the processes cannot go on together) ends the process through :func:`_peer_exit`; with ``stop`` the watchdog
+    stops at the end either way."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as exc:
+        if watchdog is None:
+            raise
+        _peer_exit(f"a step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:400]})")
+    finally:
+        if watchdog is not None and stop:
+            watchdog.stop()
 
 
 def _announce(message):

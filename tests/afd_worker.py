@@ -2,7 +2,8 @@
 ``jax.distributed`` on localhost.
 
     python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--processes 2] [--devices 4] [--splits 4x4,3x2,2x3]
-                               [--checkpoint DIR] [--exit-early] [--engine] [--hang-at STEP] [--peer-timeout S]
+                               [--checkpoint DIR] [--exit-early] [--engine] [--hang-at STEP] [--die-at STEP]
+                               [--peer-timeout S]
 
 ``--processes`` processes with ``--devices`` fake CPU devices each; the first half of the processes (rounded down)
 run the attention side, the others the FFN side. For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M
@@ -12,7 +13,8 @@ folder (``AFDRunner.from_checkpoint``) instead of initialising them on the subme
 process 1 exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of
 hanging. With ``--engine`` process 0 runs the continuous-batching engine over the runner of the first split (the
 others ``serve()`` its steps); ``--hang-at K`` makes process 1 hang (alive, heartbeats going) in the K-th step it
-serves, and the others must then exit with a clear error within ``--peer-timeout`` seconds (default 45)."""
+serves, and the others must then exit with a clear error within ``--peer-timeout`` seconds (default 45);
+``--die-at K`` makes process 1 exit as the K-th step it serves begins."""
 
 import os
 import sys
@@ -67,8 +69,9 @@ def main() -> int:
         afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=timeout)
         if "--engine" in sys.argv:
             tokens[split] = _engine(
-                config, dataclasses.replace(afd, micro_batches=2), prompts, int(_opt("--hang-at", "0"))
-            )
+                config, dataclasses.replace(afd, micro_batches=2), prompts, int(_opt("--hang-at", "0")),
+                int(_opt("--die-at", "0")),
+            )  # fmt: skip
             break
         if checkpoint:
             runner = AFDRunner.from_checkpoint(checkpoint, afd)
@@ -84,7 +87,7 @@ def main() -> int:
     return 0
 
 
-def _engine(config, afd, prompts, hang_at: int):
+def _engine(config, afd, prompts, hang_at: int, die_at: int):
     """The engine over a multi-process runner: process 0 schedules, the others serve; returns process 0's tokens."""
     import time
 
@@ -94,16 +97,18 @@ def _engine(config, afd, prompts, hang_at: int):
 
     runner = AFDRunner.create(config, afd, seed=3)
     if jax.process_index() != 0:
-        if hang_at and jax.process_index() == 1:  # a peer that hangs (alive, its heartbeats going) mid-step
+        if (hang_at or die_at) and jax.process_index() == 1:
             serve_step, served = runner._serve_step, [0]
 
-            def hanging(*args, **kwargs):
+            def failing(*args, **kwargs):
                 served[0] += 1
-                if served[0] == hang_at:
+                if served[0] == hang_at:  # a peer that hangs (alive, its heartbeats going) mid-step
                     time.sleep(3600)
+                if served[0] == die_at:  # a peer that dies as a step begins
+                    os._exit(3)
                 return serve_step(*args, **kwargs)
 
-            runner._serve_step = hanging
+            runner._serve_step = failing
         runner.serve()
         return None
     try:

@@ -8,9 +8,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from processes import free_port, run_processes
 
 from infer.afd import AFDConfig, AFDRunner, overlaps, plot_gantt, write_chrome_trace
 from infer.generate import generate_ids
@@ -297,44 +298,14 @@ def test_impossible_requests_fail_before_work(config, test_config, prompts):
 # ---------------------------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_processes(command, timeout: float, what: str, count: int = 2) -> list[tuple[int, str]]:
-    """Run ``command(process_id)`` for processes 0 .. count-1 at once from the repository root; returns
-    [(returncode, output)] (a hard timeout fails the test, killing them all)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    procs = [
-        subprocess.Popen(
-            command(i),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=Path(__file__).parents[1],
-        )
-        for i in range(count)
-    ]
-    try:
-        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-        return [(proc.returncode, text) for proc, text in zip(procs, outputs, strict=True)]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail(f"{what} did not finish within {timeout} s")
-
-
 def _run_workers(tmp_path, *extra, processes=2, timeout=150):
     """The processes of tests/afd_worker.py on localhost; returns [(returncode, output)] (tokens: tmp_path /
     tokens.json.<process id> of each attention process)."""
-    port, out = _free_port(), tmp_path / "tokens.json"
+    port, out = free_port(), tmp_path / "tokens.json"
     worker = Path(__file__).with_name("afd_worker.py")
     command = lambda i: [sys.executable, str(worker), str(i), str(port), str(out), "--processes", str(processes),  # noqa: E731
                          *extra]  # fmt: skip
-    return _run_processes(command, timeout, f"{processes}-process AFD run", processes)
+    return run_processes(command, timeout, f"{processes}-process AFD run", processes)
 
 
 def _tokens_of(tmp_path, process_id: int) -> dict:
@@ -452,17 +423,37 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert not (tmp_path / "tokens.json.0").exists()
 
 
+def _log_lines(output: str, n: int = 60) -> str:
+    """A process's output without native stack frames (the first ``n`` lines of it, then the last ``n``)."""
+    lines = [line for line in output.splitlines() if not line.lstrip().startswith("@ ")]
+    return "\n".join(lines if len(lines) <= 2 * n else [*lines[:n], "...", *lines[-n:]])
+
+
 def test_engine_driver_and_servers_exit_with_a_clear_error_when_a_peer_hangs(tmp_path):
     """The engine over a two-process runner (process 0 schedules, process 1 serves the FFN side) whose FFN process
     hangs in its third step, alive and sending heartbeats, so JAX's heartbeat cannot tell: the step watchdog
     (``peer_timeout_s``, 45 s here: longer than any step's compilation on a loaded machine) ends the driver with
     an error that says why, instead of a hang, and the hung process goes too (its own watchdog, or JAX once the
     driver, which hosts the coordination service, is gone), while the wait between steps stays unbounded (the
-    engine's idle time is not a failure)."""
+    engine's idle time is not a failure). (The hung process's watchdog may fire first: then the driver's step
+    fails on the closed connection, which ends it the same way.)"""
     args = ("--engine", "--devices", "2", "--splits", "2x2", "--hang-at", "3", "--peer-timeout", "45")
     (rc0, out0), (rc1, out1) = _run_workers(tmp_path, *args, timeout=180)
-    assert rc0 == 75 and "the peer process failed or hangs" in out0, out0[-3000:]  # the watchdog, not a crash
-    assert rc1 != 0 and ("the peer process failed or hangs" in out1 or "another task died" in out1), out1[-3000:]
+    assert rc0 == 75 and "the peer process failed or hangs" in out0, _log_lines(out0)  # the watchdog, not a crash
+    assert rc1 != 0 and ("the peer process failed or hangs" in out1 or "another task died" in out1), _log_lines(out1)
+    assert not (tmp_path / "tokens.json.0").exists()
+
+
+def test_engine_driver_exits_with_a_clear_error_when_a_peer_dies_in_a_step(tmp_path):
+    """The FFN process of an engine's two-process runner exits as its third step begins: the driver's collectives
+    fail (the connection is gone) and it ends with status 75 and the reason, at once (not after the watchdog's
+    timeout, and not in an abort from JAX's shutdown barrier, which would wait for the dead peer)."""
+    args = ("--engine", "--devices", "2", "--splits", "2x2", "--die-at", "3", "--peer-timeout", "300")
+    t0 = time.monotonic()
+    (rc0, out0), (rc1, _) = _run_workers(tmp_path, *args, timeout=240)
+    assert rc1 == 3, _log_lines(out0)
+    assert rc0 == 75 and "a step failed" in out0 and "the peer process failed or hangs" in out0, _log_lines(out0)
+    assert time.monotonic() - t0 < 200  # the watchdog (300 s) played no part
     assert not (tmp_path / "tokens.json.0").exists()
 
 
@@ -504,10 +495,10 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
         assert err.value.code == 2
         assert message in capsys.readouterr().err
 
-    port = _free_port()
+    port = free_port()
     cli = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator", f"127.0.0.1:{port}"]
     cli += ["--trace-dir", str(tmp_path / "trace")]
-    (rc0, out0), (rc1, out1) = _run_processes(
+    (rc0, out0), (rc1, out1) = run_processes(
         lambda i: [*cli, "--process-id", str(i), "--peer-timeout", "60"], 240, "two-process CLI run"
     )
     assert rc0 == 0 and rc1 == 0, out0[-3000:] + out1[-3000:]
@@ -537,7 +528,7 @@ def test_cli_peer_that_never_comes_ends_the_process_in_bounded_time(tmp_path):
     """The FFN process of a two-process CLI job whose attention process never starts exits (non-zero, naming the
     wait and JAX's deadline) after ``--peer-timeout`` instead of waiting forever."""
     cmd = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator",
-           f"127.0.0.1:{_free_port()}", "--process-id", "1", "--peer-timeout", "3"]  # fmt: skip
+           f"127.0.0.1:{free_port()}", "--process-id", "1", "--peer-timeout", "3"]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=90)

@@ -128,11 +128,9 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
     steps until it is done). A malformed split, a batch the micro-batches cannot split and several processes
     without --afd are refused with the reason."""
     import json
-    import os
-    import socket
-    import subprocess
     import sys
-    from pathlib import Path
+
+    from processes import free_port, run_processes
 
     base = ["--preset", "test", "--dtype", "float32", "--max-new-tokens", "4", "--max-batch", "4", "--no-warmup"]
     base += ["--prompt", "Step-3 decodes", "--prompt", "x", "--prompt", "attention and FFN apart"]
@@ -142,26 +140,12 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
     assert main([*base, "--afd", "2x1", *afd, "--json-out", str(tmp_path / "afd.json")]) == 0
     assert "disaggregated: 2 attention + 1 FFN devices" in capsys.readouterr().out
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cli = [sys.executable, "-m", "infer.generate", *base, "--afd", "2x2", *afd, "--cpu-devices", "2"]
-    cli += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "3", "--attention-processes", "2"]
+    cli += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "3", "--attention-processes", "2"]
     cli += ["--peer-timeout", "60", "--json-out", str(tmp_path / "three.json")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    root = Path(__file__).parents[1]
-    procs = [
-        subprocess.Popen([*cli, "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=env, cwd=root)
-        for i in (0, 1, 2)
-    ]  # fmt: skip
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the three-process --afd run did not finish within 240 s")
-    assert [p.returncode for p in procs] == [0, 0, 0], "".join(out[-2000:] for out in outs)
+    runs = run_processes(lambda i: [*cli, "--process-id", str(i)], 240, "the three-process --afd run", 3)
+    outs = [out for _, out in runs]
+    assert [rc for rc, _ in runs] == [0, 0, 0], "".join(out[-2000:] for out in outs)
     served = [re.search(r"process (\d) \((\w+) side\): served (\d+) steps", out) for out in outs[1:]]
     assert [(m[1], m[2]) for m in served] == [("1", "attention"), ("2", "FFN")], outs[1:]
     assert served[0][3] == served[1][3] != "0"  # both followed every step of process 0's engine
