@@ -24,6 +24,7 @@ from infer.afd import AFDConfig, AFDRunner, overlaps, plot_gantt, write_chrome_t
 from infer.generate import generate_ids
 from infer.sampling import SamplingParams
 from step3_jax.checkpoint import save_pretrained
+from step3_jax.checkpoint.safetensors_io import read_header
 from step3_jax.model import create_model
 
 SEED = 3
@@ -361,7 +362,7 @@ def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tok
     run between processes of one side. 4A4F (ppermute to a partner over the role axis of one global mesh; experts
     split 4 ways over two processes) and 4A2F (rounds of ppermute; expert parallel 2 across processes 2 and 3),
     the weights read from a checkpoint (``AFDRunner.from_checkpoint``): the single-process tokens on both attention
-    processes, and each process reads only its own side's tensors."""
+    processes, and each process reads only its own side's tensors, an FFN process only half of the experts."""
     splits = ("4x4", "4x2")
     runs = _run_workers(tmp_path, "--devices", "2", "--splits", ",".join(splits), "--checkpoint", str(checkpoint_dir),
                         processes=4, timeout=300)  # fmt: skip
@@ -372,11 +373,21 @@ def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tok
         for split in splits:
             assert tokens[split] == four_four[1].tokens, (p, split)
     assert not any((tmp_path / f"tokens.json.{p}").exists() for p in (2, 3))
-    read = [[int(n) for n in re.findall(r"loaded (\d+) tensors", out)] for _, out in runs]
-    total = len(json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())["weight_map"])
-    assert all(len(r) == len(splits) for r in read), read  # one checkpoint read per runner
-    attn, ffn = read[0][0], read[2][0]
-    assert read[1][0] == attn and read[3][0] == ffn and 0 < attn < total and attn + ffn == total, (read, total)
+    loads = [re.findall(r"loaded (\d+) tensors .* this process read (\d+) of their (\d+) bytes", out)
+             for _, out in runs]  # fmt: skip
+    assert all(len(r) == len(splits) for r in loads), loads  # one checkpoint read per runner
+    index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    header = {}
+    for name in set(index.values()):
+        header.update(read_header(checkpoint_dir / name)[0])
+    experts = sum(i.nbytes for k, i in header.items() if re.search(r"\.moe\.(gate|up|down)_proj\.", k))
+    for s in range(len(splits)):  # the attention processes read the attention tensors, the FFN processes the rest
+        (n_attn, read_attn, attn), (n_ffn, read_ffn, ffn) = ([int(v) for v in loads[p][s]] for p in (0, 2))
+        assert [loads[1][s], loads[3][s]] == [loads[0][s], loads[2][s]], loads
+        assert 0 < n_attn < len(index) and n_attn + n_ffn == len(index), loads
+        assert attn + ffn == sum(i.nbytes for i in header.values()), loads
+        # data-parallel attention: every attention process needs all of it; each FFN process half of the experts
+        assert read_attn == attn and read_ffn == ffn - experts // 2, (loads, experts)
 
 
 def test_process_splits_that_cannot_be_made_are_refused(config):

@@ -5,8 +5,11 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import shutil
 import struct
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -408,7 +411,7 @@ def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     reads = []
     real = hf_mod.read_tensor
-    monkeypatch.setattr(hf_mod, "read_tensor", lambda info: reads.append(info.key) or real(info))
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, rows=None: reads.append(info.key) or real(info, rows))
     got = hf_mod.load_tensors(report, {experts: by_expert, scales: by_expert, norm: replicated}, progress=False)
     assert sorted(reads) == sorted(
         ["model.layers.1.moe.gate_proj.weight", "model.layers.1.moe.gate_proj.weight_scale_inv",
@@ -423,6 +426,57 @@ def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
     with pytest.raises(ValueError, match="no checkpoint tensor loads into 1 of the named parameters"):
         hf_mod.load_tensors(report, {norm: replicated, ("layers", 0, "nope"): replicated}, progress=False)
     assert reads == []
+
+
+def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt):
+    """``read_tensor(info, rows=(lo, hi))``: the slice ``[lo:hi]`` of the tensor, byte for byte; rows outside the
+    first axis are refused with the tensor's name."""
+    folder, _, tensors = fp8_ckpt
+    header = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        header.update(read_header(file)[0])
+    key = "model.layers.1.moe.down_proj.weight"
+    info = header[key]
+    for rows in ((0, 4), (1, 3), (3, 4), (2, 2)):
+        got = read_tensor(info, rows)
+        assert got.shape == (rows[1] - rows[0], *info.shape[1:])
+        assert got.tobytes() == np.ascontiguousarray(tensors[key][rows[0] : rows[1]]).tobytes()
+    with pytest.raises(ValueError, match=rf"{key}: rows \[3, 5\) are outside its first axis of 4"):
+        read_tensor(info, (3, 5))
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory, test_config):
+    """fp8_config's model in float32 (4 experts), as a checkpoint."""
+    config = dataclasses.replace(fp8_config(test_config), quantization=None)
+    return write_checkpoint(tmp_path_factory.mktemp("float"), hf_tensors(random_model(config, seed=5)),
+                            config.to_hf_config())  # fmt: skip
+
+
+def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tmp_path):
+    """``load_pretrained`` on an expert-parallel mesh spanning two processes (one device each): each process reads
+    only the experts its device holds, half of every stacked expert tensor and its scales, and every other tensor
+    whole; the shards it holds equal a whole load's, for FP8 weights kept, FP8 dequantised, float, and float
+    block-quantised on the way."""
+    from processes import free_port, run_processes
+
+    cases = {"fp8": (fp8_ckpt[0], "auto"), "fp8-dequantised": (fp8_ckpt[0], "none"),
+             "float": (float_ckpt, "auto"), "float-quantised": (float_ckpt, "fp8")}  # fmt: skip
+    port, out = free_port(), tmp_path / "reads.json"
+    worker = [sys.executable, str(Path(__file__).with_name("load_worker.py"))]
+    args = [f"{name}={folder}:{q}" for name, (folder, q) in cases.items()]
+    runs = run_processes(lambda i: [*worker, str(i), str(port), str(out), *args], 240, "the two-process load")
+    assert [rc for rc, _ in runs] == [0, 0], "".join(text[-3000:] for _, text in runs)
+    for name, (folder, _) in cases.items():
+        header = {}
+        for file in folder.glob("*.safetensors"):
+            header.update(read_header(file)[0])
+        experts = sum(i.nbytes for k, i in header.items() if re.search(r"\.moe\.(gate|up|down)_proj\.", k))
+        assert experts > 0
+        for p in (0, 1):
+            got = json.loads(Path(f"{out}.{p}").read_text())[name]
+            assert got["mismatched"] == [], (name, p)
+            assert got["read"] == got["total"] - experts // 2, (name, p, got, experts)
 
 
 # ---------------------------------------------------------------------- bad input: clear errors, nothing loaded
@@ -565,7 +619,7 @@ def test_bad_checkpoint_clear_error_and_nothing_loaded(bf16_ckpt, tmp_path, monk
     folder = _copy(bf16_ckpt[0], tmp_path)
     mutate(folder)
     reads = []
-    monkeypatch.setattr(hf_mod, "read_tensor", lambda info: reads.append(info) or read_tensor(info))
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, rows=None: reads.append(info) or read_tensor(info, rows))
     with pytest.raises(error, match=message):
         load_pretrained(folder, progress=False)
     assert reads == []  # validation happens on the headers, before any tensor is read

@@ -2,9 +2,11 @@
 
 ``load_pretrained`` validates the whole checkpoint against the model its ``config.json`` describes (keys,
 shapes, dtypes, file integrity) from the safetensors headers alone, before any tensor is read. Then it streams
-the tensors one at a time: read into one host buffer, converted to the module layout (a view), and placed with
-``jax.make_array_from_callback`` so every device receives only its own slice of its sharding. Host memory
-stays near the size of the largest tensor, never the model.
+the tensors one at a time: read into one host buffer (only the rows of the first axis that this process's
+devices hold, where the parameter shares that axis: stacked experts split over processes are read once in all),
+converted to the module layout (a view), and placed with ``jax.make_array_from_callback`` so every device
+receives only its own slice of its sharding. Host memory stays near the size of the largest tensor, never the
+model.
 
 Block-FP8 checkpoints (``X.weight`` float8_e4m3fn + ``X.weight_scale_inv`` float32 per 128 x 128 block) load
 into an FP8 model (``quantization="fp8"``, the default for such a checkpoint) as they are: the attention
@@ -47,6 +49,7 @@ from step3_jax.checkpoint.hf_keys import (
     is_scale,
     is_vision_key,
     scale_key,
+    shares_first_axis,
     to_hf_layout,
 )
 from step3_jax.checkpoint.safetensors_io import (
@@ -424,37 +427,74 @@ def _host_blockwise(fn, *arrays: np.ndarray, **kwargs):
     return jax.tree.unflatten(treedef, outs)
 
 
-def _place(host: np.ndarray, dtype: np.dtype, sharding) -> jax.Array:
-    """Put a host array (any layout, any float dtype) into ``sharding``: each device receives only its slice,
-    converted to ``dtype`` slice by slice."""
+def _rows(shape: tuple[int, ...], sharding) -> tuple[int, int] | None:
+    """The rows ``[lo, hi)`` along the first axis of an array of ``shape`` in ``sharding`` that this process's
+    devices hold (a covering span); None for a scalar."""
+    if not shape:
+        return None
+    spans = [index[0].indices(shape[0])[:2] for index in sharding.addressable_devices_indices_map(shape).values()]
+    return _union(*spans) if spans else (0, 0)
+
+
+def _union(*spans: tuple[int, int]) -> tuple[int, int]:
+    return min(lo for lo, _ in spans), max(hi for _, hi in spans)
+
+
+def _place(host: np.ndarray, dtype: np.dtype, sharding, shape: tuple[int, ...], lo: int = 0) -> jax.Array:
+    """Put a host array (any layout, any float dtype) holding rows ``lo:`` of an array of ``shape`` into
+    ``sharding``: each device receives only its slice, converted to ``dtype`` slice by slice."""
 
     def shard(index):
+        if shape and lo:
+            start, stop = index[0].indices(shape[0])[:2]
+            index = (slice(start - lo, stop - lo), *index[1:])
         return np.asarray(host[index], dtype=dtype)
 
-    return jax.make_array_from_callback(host.shape, sharding, shard)
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
-def _load_one(load: _Load, shardings: dict) -> dict[tuple, jax.Array]:
-    data = read_tensor(load.source)
+def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int]:
+    """Read one checkpoint tensor (and its scales) into its parameter(s). Where the parameter's first axis is the
+    tensor's (stacked experts, FP8 and copied tensors), only the rows this process's devices hold are read.
+    Returns the arrays and the number of bytes read."""
+    sharding = shardings[load.path]
+    fp8_source, kept = load.source.dtype == FP8_SOURCE, load.scale_path is not None
     out = {}
-    if load.source.dtype == FP8_SOURCE:
-        scale = read_tensor(load.source_scale).astype(np.float32)
-        if load.scale_path is not None:  # an FP8 parameter: keep the checkpoint's bytes and scales
-            out[load.path] = _place(data, load.dtype, shardings[load.path])
-            out[load.scale_path] = _place(scale, np.dtype(np.float32), shardings[load.scale_path])
-            return out
+    if fp8_source and kept:  # an FP8 parameter: keep the checkpoint's bytes and scales, each read for its sharding
+        rows, scale_rows = _rows(load.shape, sharding), _rows(load.scale_shape, shardings[load.scale_path])
+        data, scale = read_tensor(load.source, rows), read_tensor(load.source_scale, scale_rows)
+        out[load.path] = _place(data, load.dtype, sharding, load.shape, rows[0])
+        out[load.scale_path] = _place(
+            scale.astype(np.float32), np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, scale_rows[0]
+        )
+        return out, data.nbytes + scale.nbytes
+    rows = None
+    if shares_first_axis(load.path, load.dtype) and load.shape:
+        rows = _rows(load.shape, sharding)
+        if kept:  # block-quantise: the weight and its scales come from the same rows
+            rows = _union(rows, _rows(load.scale_shape, shardings[load.scale_path]))
+        scales = load.scale_shape if kept else load.source_scale.shape if fp8_source else None
+        if scales is not None and scales[0] != load.source.shape[0]:
+            rows = None  # quantisation blocks span the first axis (a 2-D weight): read it whole
+    lo = rows[0] if rows else 0
+    shape = (rows[1] - rows[0], *load.shape[1:]) if rows else load.shape  # of the rows read, module layout
+    data = read_tensor(load.source, rows)
+    nread = data.nbytes
+    if fp8_source:
+        scale = read_tensor(load.source_scale, rows).astype(np.float32)
+        nread += scale.nbytes
         value = _host_blockwise(quant.dequantize_blockwise, data, scale, dtype=load.dtype)
         del data, scale
-        value = from_hf_layout(load.path, value, load.shape, load.dtype)
-    elif load.scale_path is not None:  # a float checkpoint weight for an FP8 parameter: block-quantise it
+        value = from_hf_layout(load.path, value, shape, load.dtype)
+    elif kept:  # a float checkpoint weight for an FP8 parameter: block-quantise it
         q, scale = _host_blockwise(quant.quantize_blockwise, data)
-        out[load.path] = _place(q, load.dtype, shardings[load.path])
-        out[load.scale_path] = _place(scale, np.dtype(np.float32), shardings[load.scale_path])
-        return out
+        out[load.path] = _place(q, load.dtype, sharding, load.shape, lo)
+        out[load.scale_path] = _place(scale, np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, lo)
+        return out, nread
     else:
-        value = from_hf_layout(load.path, data, load.shape, load.dtype)  # a view: no copy
-    out[load.path] = _place(value, load.dtype, shardings[load.path])
-    return out
+        value = from_hf_layout(load.path, data, shape, load.dtype)
+    out[load.path] = _place(value, load.dtype, sharding, load.shape, lo)
+    return out, nread
 
 
 def load_tensors(
@@ -462,8 +502,10 @@ def load_tensors(
 ) -> dict[tuple, jax.Array]:
     """Read the tensors of the parameters named in ``shardings`` (model paths as ``nnx.to_flat_state`` gives them,
     each with its target sharding) straight into those shardings, in file order; the checkpoint's other tensors
-    are not read. An FP8 weight and its scale parameter go together (name both, or neither). Each process of a
-    multi-process job reads only what its own devices hold of them. ``report`` is an ``ok``
+    are not read. An FP8 weight and its scale parameter go together (name both, or neither). A process reads of
+    each tensor only the rows (first axis) its own devices hold, where that axis is the parameter's too (stacked
+    experts, FP8 weights and scales, embeddings, norms), so experts split over processes are read once in all;
+    a float 2-D matrix (stored transposed) or one block-quantised on the way is read whole. ``report`` is an ``ok``
     :func:`inspect_checkpoint` result. Returns ``{path: array}``."""
     if not report.ok:
         raise ValueError(report.error_message())
@@ -475,18 +517,23 @@ def load_tensors(
     loads.sort(key=lambda ld: (str(ld.source.file), ld.source.offset))
     total = sum(ld.nbytes for ld in loads)
     values: dict[tuple, jax.Array] = {}
+    nread = 0
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
         for i, load in enumerate(loads):
-            values.update(_load_one(load, shardings))
+            arrays, n = _load_one(load, shardings)
+            values.update(arrays)
+            nread += n
             bar.update(load.nbytes)
             bar.set_postfix_str(f"{i + 1}/{len(loads)} tensors", refresh=False)
     log.info(
-        "loaded %d tensors (%.2f GB) from %s in %.1f s",
+        "loaded %d tensors (%.2f GB) from %s in %.1f s; this process read %d of their %d bytes",
         len(loads),
         total / 1e9,
         report.folder,
         time.perf_counter() - t0,
+        nread,
+        total,
     )
     return values
 

@@ -87,6 +87,12 @@ def _is_expert(path: Sequence) -> bool:
     return len(path) >= 2 and str(path[-2]) == "moe" and str(path[-1]) != "gate"
 
 
+def shares_first_axis(path: Sequence, dtype=None) -> bool:
+    """Whether the parameter's first axis is its HF tensor's first axis (stacked experts, tensors copied as they
+    are, FP8 weights), so a slice of one along it is the same slice of the other."""
+    return matrix_split(path) is None or _in_hf_layout(path, dtype) or _is_expert(path)
+
+
 def to_hf_layout(path: Sequence, array):
     """Module layout -> HF layout (works on numpy and jax arrays)."""
     split = matrix_split(path)

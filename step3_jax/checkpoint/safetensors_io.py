@@ -127,15 +127,23 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return tensors, metadata
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor into a fresh numpy array (nothing else of the file is read or mapped)."""
-    out = np.empty(info.shape, info.np_dtype)
+def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Read one tensor into a fresh numpy array (nothing else of the file is read or mapped); with ``rows=(lo,
+    hi)``, only its slice ``[lo:hi]`` along the first axis (one contiguous read)."""
+    shape, offset, nbytes = info.shape, info.offset, info.nbytes
+    if rows is not None and shape and shape[0]:
+        lo, hi = rows
+        if not 0 <= lo <= hi <= shape[0]:
+            raise ValueError(f"{info.key}: rows [{lo}, {hi}) are outside its first axis of {shape[0]}")
+        row = nbytes // shape[0]
+        shape, offset, nbytes = (hi - lo, *shape[1:]), offset + lo * row, (hi - lo) * row
+    out = np.empty(shape, info.np_dtype)
     buf = out.reshape(-1).view(np.uint8)
     with open(info.file, "rb") as f:
-        f.seek(info.offset)
+        f.seek(offset)
         got = f.readinto(buf)
-    if got != info.nbytes:
-        raise ValueError(f"{info.file}: truncated while reading {info.key!r} ({got} of {info.nbytes} bytes)")
+    if got != nbytes:
+        raise ValueError(f"{info.file}: truncated while reading {info.key!r} ({got} of {nbytes} bytes)")
     return out
 
 
