@@ -36,7 +36,7 @@ find_python() {
     return 1
 }
 
-stamp_of() { cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16; }
+stamp_of() { { cat pyproject.toml scripts/setup.sh constraints.txt; echo "${STEP3_UNPINNED:-}"; } | sha256sum | cut -c1-16; }
 stamp_file() { echo "$venv/.step3-stamp-${1:-base}"; }
 up_to_date() { [ -x "$venv/bin/python" ] && [ -f "$(stamp_file "$1")" ] && [ "$(cat "$(stamp_file "$1")")" = "$(stamp_of)" ]; }
 
@@ -60,7 +60,9 @@ if [ -x "$venv/bin/python" ] && ! is_ok_python "$venv/bin/python"; then rm -rf "
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 logf="$venv/setup.log"
-if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$spec"; } >"$logf" 2>&1; then
+pins=(-c constraints.txt)  # the versions the suite last passed with; STEP3_UNPINNED=1: the newest pyproject allows
+[ -n "${STEP3_UNPINNED:-}" ] && pins=()
+if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install "${pins[@]}" -e "$spec"; } >"$logf" 2>&1; then
     tail -n 30 "$logf" >&2
     echo "error: installing step3-jax into .venv failed (full log: $logf)" >&2
     exit 1
