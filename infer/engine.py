@@ -53,6 +53,7 @@ from flax import nnx
 from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
 from step3_jax.model import Step3ForCausalLM
+from step3_jax.tokenizer import ByteTokenizer, StreamDecoder
 
 if TYPE_CHECKING:
     from infer.afd import AFDRunner
@@ -188,11 +189,19 @@ class _Request:
     cached: int = 0  # tokens of the sequence already in the cache
     preemptions: int = 0
     first_token_time: float | None = None
-    text_emitted: str = ""
+    detok: StreamDecoder | None = None  # the output's text, piece by piece (with a tokenizer)
 
     @property
     def seq(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def length(self) -> int:  # len(seq), without building it
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last_token(self) -> int:  # seq[-1], without building it
+        return self.output[-1] if self.output else self.prompt[-1]
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -228,8 +237,6 @@ class Engine:
         self.model_config = mc
         self.clock = clock
         if tokenizer is None:
-            from step3_jax.tokenizer import ByteTokenizer
-
             tokenizer = ByteTokenizer() if mc.vocab_size >= ByteTokenizer.vocab_size else None
         self.tokenizer = tokenizer
         if self.afd is not None:
@@ -424,6 +431,8 @@ class Engine:
             raise ValueError(f"request {request_id!r} rejected: {e}") from None
         req = _Request(request_id, ids, params, next(self._arrivals), self.clock())
         req.target = list(ids)
+        if self.tokenizer is not None:
+            req.detok = StreamDecoder(self.tokenizer)
         self._requests[request_id] = req
         heapq.heappush(self._queue, (req.arrival, req))
         return request_id
@@ -595,7 +604,7 @@ class Engine:
         start = np.zeros((n,), np.int32)
         for i, r in enumerate(rows):
             if r is not None:
-                tokens[i] = r.seq[-1]
+                tokens[i] = r.last_token
                 start[i] = r.cached
         table = np.stack([self._table_row(r) for r in rows])
         counters = [0 if r is None else len(r.output) for r in rows]
@@ -620,7 +629,7 @@ class Engine:
         reason = None
         if token in req.params.stop_token_ids:
             reason = "stop"
-        elif len(req.output) >= req.params.max_new_tokens or len(req.seq) >= self.max_seq_len:
+        elif len(req.output) >= req.params.max_new_tokens or req.length >= self.max_seq_len:
             reason = "length"
         text = self._text_delta(req, final=reason is not None)
         if reason is None:
@@ -628,14 +637,11 @@ class Engine:
         return [StreamEvent(req.id, token, text, True, self._finish(req, reason, now), logprob=logprob)]
 
     def _text_delta(self, req: _Request, final: bool) -> str:
-        if self.tokenizer is None:
+        """The text the newest output token completes (the rest of the text, when it is the last)."""
+        if req.detok is None:
             return ""
-        full = self.tokenizer.decode(req.output)
-        if full.endswith("\ufffd") and not final:  # an unfinished UTF-8 sequence: wait for the rest
-            return ""
-        delta = full[len(req.text_emitted) :] if full.startswith(req.text_emitted) else full
-        req.text_emitted = full
-        return delta
+        piece = req.detok.push(req.output[-1])
+        return piece + req.detok.finish() if final else piece
 
     def _finish(self, req: _Request, reason: str, now: float) -> RequestOutput:
         if req.state != _WAITING:  # (an aborted request may be queued: no slot, no pages)

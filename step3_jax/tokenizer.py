@@ -64,6 +64,44 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+class StreamDecoder:
+    """Text of a growing token sequence, piece by piece, at a cost per token that does not grow with the sequence:
+    each :meth:`push` decodes only a short window (the tokens since the last emitted piece, after the ones before
+    them as context, so tokenizers whose text depends on the previous token, such as SentencePiece's leading
+    spaces, decode as they would in full) and holds text back while it ends in an unfinished UTF-8 character.
+    :meth:`finish` decodes the whole sequence once and returns what the pieces have not yet said, so the pieces
+    add up to ``tokenizer.decode(tokens)``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""  # everything emitted so far
+        self._prefix = 0  # context window start
+        self._read = 0  # tokens before this are emitted
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the new text it completes ("" while a character is unfinished)."""
+        self.tokens.append(int(token))
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix : self._read])
+        after = decode(self.tokens[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+            return ""
+        piece = after[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.text += piece
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text (the full decode past what was emitted); the pieces then equal the full decode,
+        unless the tokenizer's full decode disagrees with an emitted piece (then this is its text past the
+        longest common prefix)."""
+        full = self.tokenizer.decode(self.tokens)
+        n = len(self.text) if full.startswith(self.text) else len(os.path.commonprefix([full, self.text]))
+        piece, self.text = full[n:], full
+        return piece
+
+
 def _special_token_id(tok: HFTokenizer, value) -> int | None:
     """``"<s>"`` or ``{"content": "<s>", ...}`` (tokenizer_config.json) -> its id."""
     if isinstance(value, dict):
