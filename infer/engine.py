@@ -649,7 +649,10 @@ class Engine:
             self._slots[req.slot] = None
         del self._requests[req.id]
         self.stats["finished" if reason != "abort" else "aborted"] += 1
-        text = self.tokenizer.decode(req.output) if self.tokenizer is not None else None
+        text = None
+        if req.detok is not None:
+            req.detok.finish()  # (decodes nothing when the last piece already did)
+            text = req.detok.text
         return RequestOutput(
             req.id,
             list(req.prompt),

@@ -78,6 +78,7 @@ class StreamDecoder:
         self.text = ""  # everything emitted so far
         self._prefix = 0  # context window start
         self._read = 0  # tokens before this are emitted
+        self._finished = -1  # len(tokens) at the last finish()
 
     def push(self, token: int) -> str:
         """Add a token; returns the new text it completes ("" while a character is unfinished)."""
@@ -95,7 +96,10 @@ class StreamDecoder:
     def finish(self) -> str:
         """The rest of the text (the full decode past what was emitted); the pieces then equal the full decode,
         unless the tokenizer's full decode disagrees with an emitted piece (then this is its text past the
-        longest common prefix)."""
+        longest common prefix). Again with no token pushed since: "" (nothing decoded)."""
+        if self._finished == len(self.tokens):
+            return ""
+        self._finished = len(self.tokens)
         full = self.tokenizer.decode(self.tokens)
         n = len(self.text) if full.startswith(self.text) else len(os.path.commonprefix([full, self.text]))
         piece, self.text = full[n:], full

@@ -51,7 +51,11 @@ def _stream(tokenizer, ids):
     decoder = StreamDecoder(counting)
     pieces = [decoder.push(t) for t in ids[:-1]]
     last = decoder.push(ids[-1])
-    return pieces + [last + decoder.finish()], counting.sizes[:-1]  # (the finish call decodes everything once)
+    pieces.append(last + decoder.finish())
+    calls = len(counting.sizes)
+    assert decoder.finish() == "" and len(counting.sizes) == calls  # finishing again decodes nothing
+    assert decoder.text == tokenizer.decode(ids)
+    return pieces, counting.sizes[:-1]  # (the finish call decodes everything once)
 
 
 @pytest.mark.parametrize("kind", ["bytes", "byte-level", "metaspace"])
