@@ -67,12 +67,13 @@ def byte_tokenizer_for(config: Step3Config, preset: str) -> ByteTokenizer:
     return tokenizer
 
 
-def load_checkpoint(args: argparse.Namespace):
-    """``(model, tokenizer)`` from ``--checkpoint`` (with ``--dtype``)."""
+def load_checkpoint(args: argparse.Namespace, mesh=None):
+    """``(model, tokenizer)`` from ``--checkpoint`` (with ``--dtype``; every weight straight into its sharding on
+    ``mesh``, if given)."""
     from step3_jax import load_pretrained
     from step3_jax.tokenizer import load_tokenizer
 
-    model = load_pretrained(args.checkpoint, dtype=args.dtype, progress=False)
+    model = load_pretrained(args.checkpoint, dtype=args.dtype, mesh=mesh, progress=False)
     return model, load_tokenizer(args.checkpoint)
 
 

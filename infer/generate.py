@@ -41,6 +41,7 @@ from infer.cli import (
 from infer.sampling import SamplingParams, sample
 from step3_jax.kv_cache import KV_DTYPES, KVCache
 from step3_jax.model import Step3ForCausalLM, create_model
+from step3_jax.sharding import mesh_from_spec
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -167,15 +168,19 @@ def _load_model(args):
     the model (the engine drives either)."""
     if args.afd:
         return _load_afd(args)
+    mesh, on = None, ""
+    if args.mesh:
+        mesh = mesh_from_spec(args.mesh)
+        on = f", on a {' x '.join(f'{k}={v}' for k, v in mesh.shape.items() if v > 1) or 'one-device'} mesh"
     if args.checkpoint:
-        model, tokenizer = load_checkpoint(args)
-        return model, tokenizer, f"checkpoint {args.checkpoint}"
+        model, tokenizer = load_checkpoint(args, mesh=mesh)
+        return model, tokenizer, f"checkpoint {args.checkpoint}{on}"
     config = preset_config(args)
     tokenizer = byte_tokenizer_for(config, args.preset)
     return (
-        create_model(config, seed=args.seed),
+        create_model(config, seed=args.seed, mesh=mesh),
         tokenizer,
-        f"preset {args.preset!r} (random weights, so the text is noise)",
+        f"preset {args.preset!r} (random weights, so the text is noise){on}",
     )
 
 
@@ -240,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--max-seq-len", type=int, default=None, help="context limit (default: fits the prompts)")
     eng.add_argument("--prefill-chunk", type=int, default=64)
     eng.add_argument("--kv-dtype", default=None, choices=KV_DTYPES)
+    eng.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="serve sharded on a mesh of the first devices, e.g. "
+        "data=2,tensor=4 (data: data-parallel attention and page pools; tensor / expert: the weights; "
+        "default one device)",
+    )
     dis = ap.add_argument_group("attention-FFN disaggregation (the same engine over infer.afd's pipeline)")
     dis.add_argument("--afd", type=_split, metavar="MxN", help="attention on M devices, FFN on N others (e.g. 2x2)")
     add_pipeline_args(dis, micro_batches=2, prefix="with --afd: ")
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     check_process_args(ap, args)
     if args.coordinator is not None and not args.afd:
         ap.error("--coordinator (several processes) needs --afd: the processes split into attention and FFN sides")
+    if args.mesh and args.afd:
+        ap.error("--mesh is for colocated serving; with --afd the MxN split places the devices")
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:

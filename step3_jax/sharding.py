@@ -119,6 +119,27 @@ def make_mesh(
     )
 
 
+def mesh_from_spec(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from a command-line spec like ``"data=2,expert=4"`` (axes of :func:`make_mesh`; the others 1) over
+    the first devices it needs of ``devices`` (default: all). ``ValueError`` naming the problem for a malformed
+    pair, an unknown or repeated axis, a size below 1, or more devices than there are."""
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, size = (s.strip() for s in part.partition("="))
+        if not name or not sep or not size.isdigit():
+            raise ValueError(f"mesh {spec!r}: expected name=size pairs like data=2,expert=4, got {part!r}")
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh {spec!r}: unknown axis {name!r} (the axes are {', '.join(MESH_AXES)})")
+        if name in sizes:
+            raise ValueError(f"mesh {spec!r}: axis {name!r} is given twice")
+        sizes[name] = int(size)
+    devices = list(jax.devices() if devices is None else devices)
+    need = math.prod(sizes.values())
+    if need > len(devices):
+        raise ValueError(f"mesh {spec!r} needs {need} devices, but there are {len(devices)}")
+    return make_mesh(**sizes, devices=devices[: max(need, 1)])
+
+
 def constrain(x: jax.Array, mesh: Mesh | None, rules: ShardingRules, logical_axes: Sequence[str | None]):
     """``with_sharding_constraint`` by logical axes; a no-op without a mesh."""
     if mesh is None:

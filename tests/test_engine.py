@@ -5,6 +5,7 @@ seeded sampling, streaming, no recompilation in steady state, data-parallel serv
 import json
 import math
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -423,6 +424,9 @@ def test_data_parallel_engine_on_a_mesh_equals_one_device(test_config, engine):
 
 
 def test_cli_reads_a_prompt_file_loads_a_checkpoint_and_reports_throughput(tmp_path, capsys, model):
+    """``python -m infer.generate``: prompts from a file (an over-long one fails alone), a checkpoint folder, the
+    figures and the JSON report; ``--mesh`` serves the same checkpoint sharded with the same tokens, and a mesh
+    spec that cannot be made is refused with the reason."""
     from step3_jax import save_pretrained
 
     save_pretrained(model, tmp_path / "ckpt")
@@ -443,3 +447,18 @@ def test_cli_reads_a_prompt_file_loads_a_checkpoint_and_reports_throughput(tmp_p
     assert main(["--preset", "test", "--dtype", "float32", "--max-new-tokens", "3", "--prompt", "hi", "--stream",
                  *shapes]) == 0  # fmt: skip
     assert "tokens/s" in capsys.readouterr().out
+
+    # --mesh: the same checkpoint served sharded (2 data-parallel groups x 2-way tensor parallel) gives the same tokens
+    rc = main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts-file", str(prompts), "--max-new-tokens", "4",
+               "--json-out", str(tmp_path / "mesh.json"), "--mesh", "data=2, tensor=2", *shapes, "--num-pages", "32"])  # fmt: skip
+    assert rc == 1 and "on a data=2 x tensor=2 mesh" in capsys.readouterr().out
+    sharded = json.loads((tmp_path / "mesh.json").read_text())["requests"]
+    assert [r["token_ids"] for r in sharded[:2]] == [r["token_ids"] for r in report["requests"][:2]]
+    for spec, message in [("data=2,foo=2", "unknown axis 'foo' \\(the axes are data, fsdp, tensor, expert\\)"),
+                          ("data=16", "needs 16 devices, but there are 8"), ("data:2", "expected name=size pairs"),
+                          ("data=2,data=2", "axis 'data' is given twice")]:  # fmt: skip
+        assert main(["--preset", "test", "--prompt", "hi", "--mesh", spec]) == 2
+        assert re.search(message, capsys.readouterr().err), spec
+    with pytest.raises(SystemExit):
+        main(["--preset", "test", "--prompt", "hi", "--mesh", "data=2", "--afd", "2x1"])
+    assert "--mesh is for colocated serving" in capsys.readouterr().err

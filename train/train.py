@@ -38,7 +38,7 @@ from step3_jax.config import PRESETS, Step3Config, get_preset
 from step3_jax.init_rng import init_key
 from step3_jax.model import SCALE_SUFFIX, Step3ForCausalLM, count_params, create_model
 from step3_jax.quant import FP8_DTYPE
-from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
+from step3_jax.sharding import DEFAULT_RULES, ShardingRules, mesh_from_spec
 from train import lora as lora_lib
 from train.data import BatchIterator, PackedDataset, embedded_corpus, pack_documents, read_documents
 from train.lora import LoraConfig
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = ByteTokenizer()
         docs = read_documents(args.data) if args.data else embedded_corpus()
         data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
-        mesh = make_mesh(**_parse_mesh(args.mesh)) if args.mesh else None
+        mesh = mesh_from_spec(args.mesh) if args.mesh else None
         workdir = Path(args.workdir)
         if not args.resume and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
             raise ValueError(f"{workdir} already has checkpoints: pass --resume to continue, or another --workdir")
@@ -551,16 +551,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{trainer.skipped} steps skipped; checkpoints in {workdir / 'checkpoints'}; curve {workdir / 'loss.png'}"
         )
     return 0
-
-
-def _parse_mesh(spec: str) -> dict[str, int]:
-    out = {}
-    for part in spec.split(","):
-        name, _, size = part.partition("=")
-        if not size.isdigit():
-            raise ValueError(f"--mesh: expected name=size pairs like data=2,expert=4, got {spec!r}")
-        out[name.strip()] = int(size)
-    return out
 
 
 if __name__ == "__main__":
