@@ -233,6 +233,8 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
     assert main(args) == 2  # checkpoints exist and no --resume
     assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--workdir", str(tmp_path / "other"), "--mesh", "data=2,fdsp=4"]) == 2
+    assert "unknown axis 'fdsp' (the axes are data, fsdp, tensor, expert)" in capsys.readouterr().err
 
 
 def test_lora_on_an_fp8_model_dequantises_the_base_on_the_fly(test_config):
