@@ -18,6 +18,8 @@ Design (docs/engine.md has the long version):
   and pages last) and one more page whenever decoding crosses a page boundary.
 * **Steps.** ``step()`` = admit what fits, run one prefill chunk for the oldest admitted-but-not-prefilled
   requests, run one decode step for every decoding slot, then retire finished requests and free their pages.
+  Colocated, a decode step is dispatched before the previous one's tokens are read (they feed it on the device),
+  so the host's bookkeeping for step k overlaps the device's step k + 1.
 * **Preemption.** When a decoding request needs a page and its group has none free, the most recently admitted
   request of that group is preempted: its pages are freed and it goes back to the queue (in arrival order) with
   its prompt + generated tokens as the new prompt (recompute), its remaining budget and sampling state.
@@ -297,6 +299,13 @@ class Engine:
                 mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
             )
         self._slots: list[_Request | None] = [None] * cfg.max_batch
+        self._inflight: tuple | None = None  # (rows, tokens, logprobs) of a dispatched decode step not yet read
+        if self.afd is None:  # the last decode step's tokens, on the device (the next step's input), replicated
+            replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._tokens_sharding = replicated
+            self._prev_tokens = jax.device_put(
+                np.zeros((cfg.max_batch,), np.int32), self._tokens_sharding or self._pool["k"][0].sharding
+            )
         self._queue: list[tuple[int, _Request]] = []  # heap by arrival
         self._requests: dict[str, _Request] = {}
         self._pending_events: list[StreamEvent] = []
@@ -332,12 +341,19 @@ class Engine:
     def _pool_of(cache: kvc.PagedKVCache) -> dict:
         return {"k": cache.k, "v": cache.v, "k_scale": cache.k_scale, "v_scale": cache.v_scale}
 
-    def _decode_impl(self, state, pool, tokens, block_table, start, seeds, counters, temperature, top_k, top_p):
+    def _decode_impl(
+        self, state, pool, tokens, on_device, prev, block_table, start, seeds, counters, temperature, top_k, top_p
+    ):
+        """One decode step; a row with ``on_device`` set takes its input token from ``prev`` (the previous step's
+        output, still on the device), the others from ``tokens``."""
         self.trace_counts["decode"] += 1  # runs only while tracing: counts compilations
         model = nnx.merge(self._graphdef, state)
+        tokens = jnp.where(on_device, prev, tokens)
         logits, cache = model(tokens[:, None], cache=self._cache(pool, block_table, start))
         keys = request_keys(seeds, counters)
         tokens = sample(logits[:, -1], keys, temperature, top_k, top_p)
+        if self._tokens_sharding is not None:  # as _prev_tokens starts, so the next step needs no other program
+            tokens = jax.lax.with_sharding_constraint(tokens, self._tokens_sharding)
         return (tokens, token_logprobs(logits[:, -1], tokens)), self._pool_of(cache)
 
     def _prefill_impl(self, state, pool, ids, block_table, start, last, seeds, counters, temperature, top_k, top_p):
@@ -481,7 +497,7 @@ class Engine:
         return len(self._queue)
 
     def has_work(self) -> bool:
-        return bool(self._queue) or self.num_running > 0 or bool(self._pending_events)
+        return bool(self._queue) or self.num_running > 0 or bool(self._pending_events) or self._inflight is not None
 
     def pages_in_use(self) -> int:
         return sum(a.num_pages - a.num_free for a in self.allocators)
@@ -593,29 +609,66 @@ class Engine:
         return events
 
     def _decode(self) -> list[StreamEvent]:
-        for r in sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted):
+        """One decode step for every decoding request. Colocated, the step is dispatched before the previous one's
+        tokens are read: a row whose token is still in flight takes it on the device (``_prev_tokens``), and the
+        host turns the previous step's tokens into events while the device runs this one. A request that a stop
+        token ended in the previous step has run one step too many then, and that token is dropped; one that its
+        length ends is left out. Over AFD (whose steps take host inputs) each step is read at once."""
+        inflight, self._inflight = self._inflight, None
+        pending = set() if inflight is None else {id(r) for r in inflight[0] if r is not None}
+        decoding = sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted)
+        for r in decoding:
+            if id(r) in pending and self._ends_with_next_token(r):
+                continue  # its token in flight is its last: no step for it
             if r.state == _DECODE:  # may have been preempted for an earlier one meanwhile
                 self._ensure_page(r)
-        rows = [r if r is not None and r.state == _DECODE else None for r in self._slots]
-        if all(r is None for r in rows):
-            return []
-        n = len(rows)
-        tokens = np.zeros((n,), np.int32)
-        start = np.zeros((n,), np.int32)
-        for i, r in enumerate(rows):
-            if r is not None:
-                tokens[i] = r.last_token
+        rows = [
+            r if r is not None and r.state == _DECODE and not (id(r) in pending and self._ends_with_next_token(r))
+            else None
+            for r in self._slots
+        ]  # fmt: skip
+        events = []
+        if any(r is not None for r in rows):
+            n = len(rows)
+            tokens, on_device = np.zeros((n,), np.int32), np.zeros((n,), bool)
+            start, counters = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+            for i, r in enumerate(rows):
+                if r is None:
+                    continue
+                on_device[i] = id(r) in pending
+                if not on_device[i]:
+                    tokens[i] = r.last_token
                 start[i] = r.cached
-        table = np.stack([self._table_row(r) for r in rows])
-        counters = [0 if r is None else len(r.output) for r in rows]
-        args = (tokens, table, start, *self._row_arrays(rows, counters))
-        (out, logprobs), self._pool = self._decode_fn(self._state, self._pool, *args)
+                counters[i] = len(r.output) + on_device[i]  # the index of the token this step samples
+            table = np.stack([self._table_row(r) for r in rows])
+            inputs = (tokens, table, start, *self._row_arrays(rows, counters))
+            if self.afd is None:
+                inputs = (tokens, on_device, self._prev_tokens, *inputs[1:])
+            (out, logprobs), self._pool = self._decode_fn(self._state, self._pool, *inputs)
+            self.stats["decode_steps"] += 1
+            for r in rows:
+                if r is not None:
+                    r.cached += 1
+            if self.afd is None:
+                self._prev_tokens, self._inflight = out, (rows, out, logprobs)
+            else:
+                events += self._collect((rows, out, logprobs))
+        if inflight is not None:
+            events = self._collect(inflight) + events
+        return events
+
+    def _ends_with_next_token(self, req: _Request) -> bool:
+        """Whether the length limits end ``req`` once its next token is appended (as :meth:`_append` decides)."""
+        return len(req.output) + 1 >= req.params.max_new_tokens or req.length + 1 >= self.max_seq_len
+
+    def _collect(self, step: tuple) -> list[StreamEvent]:
+        """A decode step's tokens -> events, for the rows whose request still decodes in that slot (not finished,
+        aborted or preempted since the step was dispatched)."""
+        rows, out, logprobs = step
         out, logprobs = np.asarray(out), np.asarray(logprobs)
-        self.stats["decode_steps"] += 1
         events = []
         for i, r in enumerate(rows):
-            if r is not None:
-                r.cached += 1
+            if r is not None and r.state == _DECODE and self._slots[r.slot] is r:
                 events += self._append(r, int(out[i]), float(logprobs[i]))
         return events
 

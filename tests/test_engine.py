@@ -63,6 +63,38 @@ def drive(engine, schedule):
 # ---------------------------------------------------------------------------------------------- correctness
 
 
+def test_decode_overlaps_the_host_and_stop_tokens_still_end_requests(engine):
+    """Each colocated decode step is dispatched before the previous step's tokens are read: rows that decoded in
+    the previous step take their input token on the device, and the host reads that step's tokens afterwards,
+    while this one runs. A request a stop token ends so runs one step too many, whose token is dropped: every
+    output ends at its first stop token and equals the request run alone."""
+    rng = random.Random(5)
+    prompts = [random_prompt(rng, n) for n in (3, 8, 5, 12)]
+    free = [alone(engine, p, SamplingParams(max_new_tokens=10)) for p in prompts]
+    params = [SamplingParams(max_new_tokens=10, stop_token_ids=(f[3],)) for f in free]  # each stops early
+    calls, real_decode, real_collect = [], engine._decode_fn, engine._collect
+
+    def decode(state, pool, tokens, on_device, prev, *rest):
+        calls.append(("dispatch", np.asarray(on_device).copy()))
+        return real_decode(state, pool, tokens, on_device, prev, *rest)
+
+    def collect(step):
+        calls.append(("collect", None))
+        return real_collect(step)
+
+    engine._decode_fn, engine._collect = decode, collect
+    try:
+        outs = engine.generate_outputs(prompts, params)
+    finally:
+        engine._decode_fn = real_decode
+        del engine._collect
+    for f, p, o in zip(free, params, outs, strict=True):
+        assert o.token_ids == f[: f.index(p.stop_token_ids[0]) + 1] and o.finish_reason == "stop"
+    assert [kind for kind, _ in calls[:3]] == ["dispatch", "dispatch", "collect"]
+    assert not calls[0][1].any() and calls[1][1].sum() == 1  # the first request's second step: its token on device
+    assert engine.pages_in_use() == 0 and not engine.has_work()
+
+
 def test_continuous_batching_greedy_equals_each_request_alone_and_contiguous_cache(model, engine):
     rng = random.Random(0)
     lengths = [1, 3, 9, 17, 33, 5, 12, 2, 26, 7]  # chunked prefill (chunk 16) for the long ones
@@ -450,7 +482,8 @@ def test_cli_reads_a_prompt_file_loads_a_checkpoint_and_reports_throughput(tmp_p
 
     # --mesh: the same checkpoint served sharded (2 data-parallel groups x 2-way tensor parallel) gives the same tokens
     rc = main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts-file", str(prompts), "--max-new-tokens", "4",
-               "--json-out", str(tmp_path / "mesh.json"), "--mesh", "data=2, tensor=2", *shapes, "--num-pages", "32"])  # fmt: skip
+               "--json-out", str(tmp_path / "mesh.json"), "--mesh", "data=2, tensor=2", *shapes,
+               "--num-pages", "32"])  # fmt: skip
     assert rc == 1 and "on a data=2 x tensor=2 mesh" in capsys.readouterr().out
     sharded = json.loads((tmp_path / "mesh.json").read_text())["requests"]
     assert [r["token_ids"] for r in sharded[:2]] == [r["token_ids"] for r in report["requests"][:2]]
