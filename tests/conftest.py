@@ -46,6 +46,7 @@ def test_config():
 # first; the order within a file, and of the other files, stays as collected.
 _LONG_FIRST = (
     "test_notebooks.py",
+    "test_benchmarks.py",  # (the whole GPU benchmark script at CPU sizes, in one test)
     "test_train.py",
     "test_demo.py",
     "test_afd.py",
