@@ -617,16 +617,11 @@ class Engine:
         inflight, self._inflight = self._inflight, None
         pending = set() if inflight is None else {id(r) for r in inflight[0] if r is not None}
         decoding = sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted)
+        ending = {id(r) for r in decoding if id(r) in pending and self._ends_with_next_token(r)}  # no step for these
         for r in decoding:
-            if id(r) in pending and self._ends_with_next_token(r):
-                continue  # its token in flight is its last: no step for it
-            if r.state == _DECODE:  # may have been preempted for an earlier one meanwhile
+            if id(r) not in ending and r.state == _DECODE:  # (may have been preempted for an earlier one meanwhile)
                 self._ensure_page(r)
-        rows = [
-            r if r is not None and r.state == _DECODE and not (id(r) in pending and self._ends_with_next_token(r))
-            else None
-            for r in self._slots
-        ]  # fmt: skip
+        rows = [r if r is not None and r.state == _DECODE and id(r) not in ending else None for r in self._slots]
         events = []
         if any(r is not None for r in rows):
             n = len(rows)

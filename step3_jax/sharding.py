@@ -137,7 +137,7 @@ def mesh_from_spec(spec: str, devices: Sequence[jax.Device] | None = None) -> Me
     need = math.prod(sizes.values())
     if need > len(devices):
         raise ValueError(f"mesh {spec!r} needs {need} devices, but there are {len(devices)}")
-    return make_mesh(**sizes, devices=devices[: max(need, 1)])
+    return make_mesh(**sizes, devices=devices[:need])
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, rules: ShardingRules, logical_axes: Sequence[str | None]):
