@@ -382,10 +382,11 @@ def create_page_pool(
     shape, scale_shape = (num_pages, page_size, g, kd), (num_pages, page_size, g)
 
     def make(shape, axes, fill, dt):
-        fn = lambda: jnp.full(shape, fill, dt)  # noqa: E731
-        if mesh is not None:  # num_pages divides evenly, so the pool splits over every group axis
-            fn = jax.jit(fn, out_shardings=rules.sharding(mesh, axes, shape))
-        return fn()
+        # committed to its sharding (one device without a mesh), as the steps' donated outputs are: a step then
+        # compiles once, not once for the fresh pool and again for the pool it returns
+        if mesh is None:
+            return jax.device_put(jnp.full(shape, fill, dt), jax.devices()[0])
+        return jax.jit(lambda: jnp.full(shape, fill, dt), out_shardings=rules.sharding(mesh, axes, shape))()
 
     return {
         "k": tuple(make(shape, PAGE_AXES, 0, dtype) for _ in range(n)),

@@ -427,6 +427,7 @@ def test_steady_state_decoding_never_recompiles(engine):
     counts = dict(engine.trace_counts)
     cache_sizes = engine._decode_fn._cache_size(), engine._prefill_fn._cache_size()
     assert counts["decode"] == 1 and counts["prefill"] == 1  # one decode program, one prefill bucket (16)
+    assert cache_sizes == (1, 1)  # and each compiled once (a fresh pool placed as the steps return it)
     prompts = [random_prompt(rng, rng.randint(1, 40)) for _ in range(12)]
     params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.randint(0, 5), seed=i,
                              max_new_tokens=rng.randint(1, 12)) for i in range(12)]  # fmt: skip
