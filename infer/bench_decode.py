@@ -4,6 +4,7 @@ one MFA attention layer (projections included) at batch 64 and 8K context agains
 
     python -m infer.bench_decode --out bench_decode.json                # accelerator: Step-3 widths
     python -m infer.bench_decode --small --out /tmp/bench_decode.json   # CPU: scaled-down widths, tiny sizes
+    python -m infer.bench_decode --engine ...   # also the engine's decode step against the bare step
 
 What one decode step runs is exactly the engine's: ``Step3ForCausalLM`` over a ``PagedKVCache`` (shuffled pages,
 every row at the same context), the MFA decode dispatcher (the Mosaic GPU kernel on a GPU) and the sampler.
@@ -151,6 +152,35 @@ def bench_attention_layer(model, batch: int, ctx: int, page_size: int, kv_dtype:
     return timeit(fn, carry, iters=iters)
 
 
+def bench_engine(model, batch: int, ctx: int, page_size: int, kv_dtype: str, new_tokens: int, iters: int) -> dict:
+    """The continuous-batching engine decoding ``batch`` requests of ``ctx``-token prompts together: seconds per
+    decode step (the median time per output token), against the bare jitted step at the same batch and context;
+    the difference is the engine's host work (scheduling, page tables, sampling rows, events) that its overlap of
+    host and device does not hide."""
+    from infer.engine import Engine, EngineConfig
+    from infer.sampling import SamplingParams
+
+    engine = Engine(
+        model,
+        EngineConfig(
+            max_batch=batch,
+            page_size=page_size,
+            max_seq_len=ctx + new_tokens,
+            prefill_chunk=min(512, 1 << (ctx - 1).bit_length()),
+            prefill_batch=batch,
+            kv_dtype=kv_dtype,
+        ),
+    )
+    engine.warmup([ctx])  # compiles the prefill chunk and the decode step
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(3, model.config.vocab_size, size=ctx)] for _ in range(batch)]
+    outputs = engine.generate_outputs(prompts, SamplingParams(max_new_tokens=new_tokens))
+    step = statistics.median(o.time_per_output_token for o in outputs)
+    bare = bench_decode_step(model, batch, ctx, page_size, kv_dtype, iters)
+    return {"kv_dtype": kv_dtype, "batch": batch, "context": ctx, "new_tokens": new_tokens,
+            "engine_step_seconds": step, "bare_step_seconds": bare, "host_overhead": step / bare - 1}  # fmt: skip
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -171,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-fp8", action="store_true", help="BF16 attention-projection and FFN weights instead of block FP8"
     )
     ap.add_argument("--iters", type=int, default=None, help="timed calls per repeat")
+    ap.add_argument("--engine", action="store_true",
+                    help="also time the continuous-batching engine's decode steps against the bare step")  # fmt: skip
     ap.add_argument("--out", default="bench_decode.json", help="JSON report path")
     args = ap.parse_args(argv)
 
@@ -229,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kv_dtype:>14} KV: {t * 1e6:10.1f} us{cmp}")
     if small:
         print("  (small widths on this device: not comparable with Table 9's 281 us at batch 64, 8K on H800)")
+    engine = None
+    if args.engine:
+        eb, ectx, new = (8, 128, 16) if small else (64, 1024, 32)
+        engine = bench_engine(model, eb, ectx, page_size, "bfloat16", new, iters)
+        step_ms, bare_ms = engine["engine_step_seconds"] * 1e3, engine["bare_step_seconds"] * 1e3
+        print(f"\nengine (continuous batching), batch {eb}, {ectx}-token prompts, {new} new tokens, bf16 KV: "
+              f"{step_ms:.2f} ms per decode step against {bare_ms:.2f} ms for the bare step "
+              f"(host overhead {engine['host_overhead']:+.0%})")  # fmt: skip
 
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -240,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "page_size": page_size,
         "decode": rows,
         "attention_layer": attention,
+        **({"engine": engine} if engine else {}),
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

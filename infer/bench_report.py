@@ -122,7 +122,15 @@ def render_decode(data: dict) -> list[str]:
         for r in data["attention_layer"]
     ]
     header = ["KV", "batch", "context", "one MFA layer us", "paper (H800) us", "target (H200) us"]
-    return lines + _table(header, rows)
+    lines += _table(header, rows)
+    if data.get("engine"):
+        e = data["engine"]
+        row = [e["kv_dtype"], str(e["batch"]), str(e["context"]), str(e["new_tokens"]),
+               f"{1e3 * e['engine_step_seconds']:.2f}", f"{1e3 * e['bare_step_seconds']:.2f}",
+               f"{100 * e['host_overhead']:+.0f}%"]  # fmt: skip
+        header = ["KV", "batch", "prompt", "new tokens", "engine step ms", "bare step ms", "host overhead"]
+        lines += [""] + _table(header, [row])
+    return lines
 
 
 def render_generic(data: dict) -> list[str]:

@@ -32,3 +32,18 @@ def test_gpu_benchmark_script_runs_end_to_end_at_cpu_sizes(tmp_path):
 
     report = (tmp_path / "report.md").read_text()
     assert all(f"<!-- from {tmp_path / n}.json -->" in report for n in names), report[:2000]
+
+
+def test_decode_benchmark_times_the_engine_against_the_bare_step(tmp_path):
+    """``infer.bench_decode --engine``: the continuous-batching engine's decode step next to the bare jitted step
+    at the same batch and context (the engine's host overhead), in the JSON and the report."""
+    from infer import bench_decode, bench_report
+
+    out = tmp_path / "decode.json"
+    assert bench_decode.main(["--small", "--engine", "--batches", "1", "--contexts", "128", "--out", str(out)]) == 0
+    engine = json.loads(out.read_text())["engine"]
+    assert engine["batch"] == 8 and engine["context"] == 128 and engine["new_tokens"] == 16
+    assert engine["engine_step_seconds"] > 0 and engine["bare_step_seconds"] > 0
+    assert engine["host_overhead"] == engine["engine_step_seconds"] / engine["bare_step_seconds"] - 1
+    name, report = bench_report.render(json.loads(out.read_text()))
+    assert name == "decode" and "| engine step ms | bare step ms | host overhead |" in report
