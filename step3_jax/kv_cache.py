@@ -12,6 +12,9 @@ MFA decode kernel of ``pallas_kernels.mfa_decode``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,10 +57,10 @@ class KVCache:
         shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
 
         def zeros():
-            return jnp.zeros(shape, dtype)
+            if mesh is None:
+                return jnp.zeros(shape, dtype)
+            return _filled(shape, 0, dtype, rules.sharding(mesh, CACHE_AXES, shape))()
 
-        if mesh is not None:
-            zeros = jax.jit(zeros, out_shardings=rules.sharding(mesh, CACHE_AXES, shape))
         n = config.num_hidden_layers
         return cls(
             k=tuple(zeros() for _ in range(n)),
@@ -363,6 +366,13 @@ def check_pool_size(num_pages: int, page_size: int, groups: int) -> None:
         )
 
 
+@functools.cache
+def _filled(shape: tuple[int, ...], fill, dtype, sharding) -> Callable[[], jax.Array]:
+    """The compiled program that makes a ``fill``-valued array directly in its shards (cached, so caches and pools
+    of one shape reuse it instead of compiling a fresh one each time)."""
+    return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
+
+
 def create_page_pool(
     config: Step3Config,
     num_pages: int,
@@ -386,7 +396,7 @@ def create_page_pool(
         # compiles once, not once for the fresh pool and again for the pool it returns
         if mesh is None:
             return jax.device_put(jnp.full(shape, fill, dt), jax.devices()[0])
-        return jax.jit(lambda: jnp.full(shape, fill, dt), out_shardings=rules.sharding(mesh, axes, shape))()
+        return _filled(shape, fill, dt, rules.sharding(mesh, axes, shape))()
 
     return {
         "k": tuple(make(shape, PAGE_AXES, 0, dtype) for _ in range(n)),

@@ -96,6 +96,16 @@ def four_four(config, prompts):
     return runner, runner.generate(prompts, NEW, return_logits=True)
 
 
+def test_a_second_generate_compiles_nothing(four_four, prompts):
+    """The runner's programs and its page-pool fills compile once: generating again compiles no program at all."""
+    from compiles import count_compiles
+
+    runner, first = four_four
+    with count_compiles() as compiled:
+        again = runner.generate(prompts, NEW, return_logits=True)
+    assert compiled == [] and again.tokens == first.tokens
+
+
 @pytest.mark.parametrize(
     "attn, ffn, ep, micro", [(4, 4, None, 3), (2, 6, 2, 2)], ids=["4A4F-ep4-mb3", "2A6F-ep2tp3-mb2"]
 )

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import count_compiles
 from flax import nnx
 
 from infer.engine import Engine, EngineConfig, StreamEvent
@@ -431,8 +432,9 @@ def test_steady_state_decoding_never_recompiles(engine):
     prompts = [random_prompt(rng, rng.randint(1, 40)) for _ in range(12)]
     params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.randint(0, 5), seed=i,
                              max_new_tokens=rng.randint(1, 12)) for i in range(12)]  # fmt: skip
-    engine.generate_outputs(prompts, params)
-    assert engine.trace_counts == counts
+    with count_compiles() as compiled:
+        engine.generate_outputs(prompts, params)
+    assert engine.trace_counts == counts and compiled == []  # (no program at all: sampling rows included)
     assert (engine._decode_fn._cache_size(), engine._prefill_fn._cache_size()) == cache_sizes
 
 
