@@ -24,7 +24,7 @@ from infer.afd import AFDConfig, AFDRunner, overlaps, plot_gantt, write_chrome_t
 from infer.generate import generate_ids
 from infer.sampling import SamplingParams
 from step3_jax.checkpoint import save_pretrained
-from step3_jax.checkpoint.safetensors_io import read_header
+from step3_jax.checkpoint.hf import open_checkpoint
 from step3_jax.model import create_model
 
 SEED = 3
@@ -386,15 +386,12 @@ def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tok
     loads = [re.findall(r"loaded (\d+) tensors .* this process read (\d+) of their (\d+) bytes", out)
              for _, out in runs]  # fmt: skip
     assert all(len(r) == len(splits) for r in loads), loads  # one checkpoint read per runner
-    index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    header = {}
-    for name in set(index.values()):
-        header.update(read_header(checkpoint_dir / name)[0])
+    header = open_checkpoint(checkpoint_dir).tensors
     experts = sum(i.nbytes for k, i in header.items() if re.search(r"\.moe\.(gate|up|down)_proj\.", k))
     for s in range(len(splits)):  # the attention processes read the attention tensors, the FFN processes the rest
         (n_attn, read_attn, attn), (n_ffn, read_ffn, ffn) = ([int(v) for v in loads[p][s]] for p in (0, 2))
         assert [loads[1][s], loads[3][s]] == [loads[0][s], loads[2][s]], loads
-        assert 0 < n_attn < len(index) and n_attn + n_ffn == len(index), loads
+        assert 0 < n_attn < len(header) and n_attn + n_ffn == len(header), loads
         assert attn + ffn == sum(i.nbytes for i in header.values()), loads
         # data-parallel attention: every attention process needs all of it; each FFN process half of the experts
         assert read_attn == attn and read_ffn == ffn - experts // 2, (loads, experts)
