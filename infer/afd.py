@@ -70,6 +70,7 @@ from step3_jax.sharding import DEFAULT_RULES, ShardingRules, make_mesh
 log = logging.getLogger(__name__)
 
 TRANSFERS = ("fp8", "bf16", "model")
+INSTANCES = ("one", "per-process")
 STAGES = ("attention", "a2f", "ffn", "f2a")
 # jit program name (as profiler traces name it) -> pipeline stage; one compiled program per name in a decode step,
 # so a name's executions in run-id order are its dispatches in order
@@ -122,6 +123,10 @@ class AFDConfig:
     # several processes: processes 0 .. attention_processes - 1 run the attention side, the rest the FFN side
     # (None: half of them, rounded down); each side's devices are split evenly over its processes
     attention_processes: int | None = None
+    # several processes, step by step (the engine): "one" scheduler (process 0's) for every attention device, the
+    # other processes follow its steps (serve); "per-process": every attention process is an independent attention
+    # instance (the paper's) with its own engine, requests and pages, all of them sharing the FFN side
+    instances: str = "one"
 
     def __post_init__(self):
         if self.page_size is None and self.kv_dtype in (None, *kvc.KV_DTYPES):  # a bad kv_dtype: validate() says so
@@ -187,6 +192,8 @@ def validate(config: Step3Config, afd: AFDConfig, num_devices: int) -> tuple[int
         raise ValueError(f"AFD transfer must be one of {TRANSFERS}, got {afd.transfer!r}")
     if afd.attention_processes is not None:
         _positive_int("attention_processes", afd.attention_processes)
+    if afd.instances not in INSTANCES:
+        raise ValueError(f"AFD instances must be one of {INSTANCES}, got {afd.instances!r}")
     return ffn_layout(config, afd)
 
 
@@ -561,6 +568,72 @@ class CollectiveTransport:
 # ---------------------------------------------------------------------------------------------- the runner
 
 
+@dataclasses.dataclass(frozen=True)
+class InstanceShapes:
+    """What every per-process attention instance's engine must share with the others (they run each step
+    together, on one page pool array), per attention device: prefill rows and micro-batches, decode rows and
+    micro-batches, block-table width (pages per sequence), and the page pool (pages, tokens per page, KV dtype:
+    0 the model's, else 1 + its index in ``kv_cache.KV_DTYPES``)."""
+
+    prefill_rows: int
+    prefill_micro_batches: int
+    decode_rows: int
+    decode_micro_batches: int
+    table_width: int
+    pool_pages: int
+    page_size: int
+    kv_dtype: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStep:
+    """One step of a round of per-process attention instances: ``kind`` ("prefill" / "decode"), rows per
+    attention device, chunk width in tokens, micro-batches, block-table width."""
+
+    kind: str
+    rows: int
+    width: int
+    micro_batches: int
+    table_width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """What every process runs in one round of per-process attention instances (:meth:`AFDRunner.agree_round`)."""
+
+    done: bool  # every instance has closed: no steps, no more rounds
+    steps: tuple[RoundStep, ...] = ()
+
+
+def agreed_shapes(every: np.ndarray) -> InstanceShapes:
+    """The instances' common :class:`InstanceShapes` from every process's row (``[is attention, *shapes]``, in
+    process order; :meth:`AFDRunner.join_instances`). Raises ``ValueError`` naming each instance's when they
+    differ."""
+    attention = np.flatnonzero(every[:, 0] == 1)
+    shapes = {InstanceShapes(*(int(v) for v in every[p, 1:])) for p in attention}
+    if len(shapes) != 1:
+        each = "; ".join(f"process {p}: {InstanceShapes(*(int(v) for v in every[p, 1:]))}" for p in attention)
+        raise ValueError(
+            f"the attention instances' engines differ ({each}); every instance needs the same EngineConfig "
+            f"(max_batch, prefill_batch, max_seq_len, page_size, num_pages, kv_dtype)"
+        )
+    return shapes.pop()
+
+
+def round_plan(every: np.ndarray, shapes: InstanceShapes) -> RoundPlan:
+    """A round's plan from every process's header (``[is attention, done, prefill width, wants decode]``, in
+    process order; :meth:`AFDRunner.agree_round`), the same on every process."""
+    heads = every[every[:, 0] == 1]
+    if heads[:, 1].all():
+        return RoundPlan(True)
+    steps = []
+    if (width := int(heads[:, 2].max())) > 0:
+        steps.append(RoundStep("prefill", shapes.prefill_rows, width, shapes.prefill_micro_batches, shapes.table_width))
+    if heads[:, 3].any():
+        steps.append(RoundStep("decode", shapes.decode_rows, 1, shapes.decode_micro_batches, shapes.table_width))
+    return RoundPlan(False, tuple(steps))
+
+
 @dataclasses.dataclass
 class AFDResult:
     """What :meth:`AFDRunner.generate` returns: tokens per prompt, optional per-step logits, timings, trace."""
@@ -622,6 +695,15 @@ class AFDRunner:
         else:
             attn_devs, ffn_devs = devices[:m], devices[m : m + n]
             self.has_attention = self.has_ffn = True
+        self.instanced = self.multiprocess and afd.instances == "per-process"
+        # this process's attention devices (a process's are contiguous in the attention mesh): a per-process
+        # instance's engine schedules their rows only
+        mine = [i for i, d in enumerate(attn_devs) if d.process_index == jax.process_index()]
+        self.local_attention_devices, self._first_local = len(mine), (mine[0] if mine else 0)
+        self.attention_processes = k if self.multiprocess else 1
+        self._shapes: InstanceShapes | None = None  # per-process instances: their common shapes (join_instances)
+        self._round: list[RoundStep] = []  # per-process instances: the agreed steps of this round not yet run
+        self._closed = False  # per-process instances: every instance has closed (no more rounds)
         self.attn_mesh = make_mesh(data=m, devices=attn_devs)
         self._attention_spans = len({d.process_index for d in attn_devs}) > 1  # the attention side: several processes
         self.ffn_mesh = make_mesh(tensor=self.tp, expert=self.ep, devices=ffn_devs)
@@ -882,10 +964,11 @@ class AFDRunner:
         (its own devices' pages), which its :meth:`serve` then passes to each step."""
         kvc.check_kv_dtype(dtype if dtype is None else jnp.dtype(dtype).name, "the page pool's dtype")
         kvc.check_pool_size(num_pages, page_size, self.afd.attention_devices)
-        if self.multiprocess:
+        if self.instanced:  # every attention instance makes it (its own devices' pages), with the same arguments
             self.check_driver("AFDRunner.create_pool")
-            code = 0 if dtype is None else 1 + kvc.KV_DTYPES.index(jnp.dtype(dtype).name)
-            _announce(np.array([_OP_POOL, num_pages, page_size, code, 0, 0], np.int32))
+        elif self.multiprocess:
+            self.check_driver("AFDRunner.create_pool")
+            _announce(np.array([_OP_POOL, num_pages, page_size, kv_code(dtype), 0, 0], np.int32))
         return self._make_pool(num_pages, page_size, dtype)
 
     def _make_pool(self, num_pages: int, page_size: int, dtype) -> dict:
@@ -909,7 +992,10 @@ class AFDRunner:
 
         Under several processes the driver is process 0 (an attention process); every other process runs
         :meth:`serve`, which follows each step (its shapes, and for the other attention processes its inputs, are
-        announced to them), until the driver calls :meth:`release`. A step that does not finish within
+        announced to them), until the driver calls :meth:`release`. With per-process attention instances
+        (``AFDConfig.instances = "per-process"``) every attention process drives its own devices' rows (``n = L *
+        r`` for its ``L`` devices, block tables of their pages), and each step must be the next one of the round
+        the instances agreed (:meth:`agree_round`). A step that does not finish within
         ``AFDConfig.peer_timeout_s`` there (a peer died or hangs) ends the process with an error."""
         inputs = _step_inputs(ids, block_table, start, last, rows)
         n, width = inputs[0].shape
@@ -917,6 +1003,13 @@ class AFDRunner:
         self._check_step(n, mb_count)
         if not self.multiprocess:
             return self._step(pool, *inputs, mb_count)
+        if self.instanced:
+            self.check_driver("AFDRunner.step")
+            self._take_round_step(n // self.local_attention_devices, width, mb_count, inputs[1].shape[1])
+            if inputs[4] is None:  # (every instance runs the same logits program: the sampling one, greedy rows)
+                inputs = (*inputs[:4], _step_inputs(ids, block_table, start, last, param_rows([None] * n))[4])
+            with self._watched():
+                return self._step(pool, *inputs, mb_count)
         self.check_driver("AFDRunner.step")
         with self._watched():
             _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], rows is not None], np.int32))
@@ -939,15 +1032,16 @@ class AFDRunner:
 
     def _step(self, pool: dict, ids, block_table, start, last, rows, mb_count: int):
         n, width = ids.shape
-        m = self.afd.attention_devices
+        m = self.local_attention_devices if self.instanced else self.afd.attention_devices  # the devices of the rows
         r, q = n // m, n // m // mb_count
         fp8 = pool["k_scale"] is not None
         kv = _pool_layers(pool)  # one list for every micro-batch: each one's attention writes the pool the next reads
-        put = lambda a: jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape))  # noqa: E731
+        put = self._put_own if self.instanced else self._put_all
         order = [
             np.concatenate([np.arange(g * r + j * q, g * r + (j + 1) * q) for g in range(m)]) for j in range(mb_count)
         ]
-        mbs = [_MicroBatch(m * q, m * q, kv, put(block_table[sel])) for sel in order]
+        every = self.afd.attention_devices * q  # a micro-batch's rows on all attention devices
+        mbs = [_MicroBatch(every, every, kv, put(block_table[sel])) for sel in order]
         positions = [put(start[sel][:, None] + np.arange(width, dtype=np.int32)[None]) for sel in order]
         per_mb_rows = None if rows is None else [tuple(put(a[sel]) for a in rows) for sel in order]
         res = self._forward(
@@ -956,15 +1050,31 @@ class AFDRunner:
         )  # fmt: skip
         tokens, logprobs = np.empty((n,), np.int32), np.empty((n,), np.float32)
         for sel, (tok, _, logp) in zip(order, res, strict=True):
-            tokens[sel], logprobs[sel] = _host(tok), _host(logp)
+            tokens[sel], logprobs[sel] = self._own(_host(tok)), self._own(_host(logp))
         new_pool = {
             name: tuple(layer[c] for layer in kv) if (c < 2 or fp8) else None
             for c, name in enumerate(("k", "v", "k_scale", "v_scale"))
         }
         return tokens, logprobs, new_pool
 
+    def _put_all(self, a: np.ndarray) -> jax.Array:
+        """Host rows of every attention device -> an array on the attention mesh."""
+        return jax.device_put(a, self._act_sharding(self.attn_mesh, a.shape))
+
+    def _put_own(self, a: np.ndarray) -> jax.Array:
+        """Per-process instances: this process's devices' rows -> their part of an array of every device's rows."""
+        shape = (a.shape[0] // self.local_attention_devices * self.afd.attention_devices, *a.shape[1:])
+        return jax.make_array_from_process_local_data(self._act_sharding(self.attn_mesh, shape), a, shape)
+
+    def _own(self, rows: np.ndarray) -> np.ndarray:
+        """Per-process instances: this process's devices' rows of a micro-batch's (replicated) outputs."""
+        if not self.instanced:
+            return rows
+        per = rows.shape[0] // self.afd.attention_devices
+        return rows[self._first_local * per : (self._first_local + self.local_attention_devices) * per]
+
     def _check_step(self, n: int, mb_count: int) -> None:
-        m = self.afd.attention_devices
+        m = self.local_attention_devices if self.instanced else self.afd.attention_devices
         if n % m or (n // m) % mb_count:
             raise ValueError(
                 f"a step of {n} rows over {m} attention devices and {mb_count} micro-batches: each device's rows "
@@ -972,8 +1082,15 @@ class AFDRunner:
             )
 
     def check_driver(self, what: str) -> None:
-        """Under several processes, raise ``ValueError`` unless this is process 0 (the one process that drives
-        :meth:`step`; it always holds attention devices)."""
+        """Under several processes, raise ``ValueError`` unless this process drives :meth:`step`: process 0 (which
+        always holds attention devices), or with per-process instances every attention process."""
+        if self.instanced:
+            if not self.has_attention:
+                raise ValueError(
+                    f"{what} on an FFN process: with per-process attention instances every attention process "
+                    f"drives its own steps, and the FFN processes call serve()"
+                )
+            return
         if self.multiprocess and jax.process_index() != 0:
             raise ValueError(
                 f"{what} under several processes: process 0 drives the steps; every other process calls serve()"
@@ -986,6 +1103,8 @@ class AFDRunner:
         number of steps served. A driver that dies ends this process through JAX's heartbeat; a step that does not
         finish within ``AFDConfig.peer_timeout_s`` (a peer died or hangs) ends it with an error, as it ends the
         driver; waiting for the next step is not bounded (a scheduler may idle)."""
+        if self.instanced:
+            return self._serve_instances()
         if not self.multiprocess or jax.process_index() == 0:
             raise ValueError("AFDRunner.serve is for the processes other than 0 of a multi-process runner")
         served, pool = 0, None
@@ -1012,15 +1131,105 @@ class AFDRunner:
             inputs = _announce(inputs)
         if self.has_attention:
             return self._step(pool, *inputs, mb_count)[2]
+        self._ffn_step(n, width, mb_count)
+        return pool
+
+    def _ffn_step(self, n: int, width: int, mb_count: int) -> None:
+        """An FFN process's side of a step of ``n`` rows (all attention devices') of ``width`` tokens."""
         q = n // mb_count
         mbs = [_MicroBatch(q, q, [None] * self.config.num_hidden_layers, None) for _ in range(mb_count)]
         shapes = [np.zeros((q, width), np.int32)] * mb_count
         self._forward(mbs, shapes, shapes, None, None)
-        return pool
+
+    # ------------------------------------------------------------------ per-process attention instances
+
+    def join_instances(self, shapes: InstanceShapes | None = None) -> InstanceShapes:
+        """Per-process attention instances (``AFDConfig.instances = "per-process"`` under several processes): every
+        process calls this once, before any step: each attention instance (its engine, before it makes its page
+        pool) with its :class:`InstanceShapes`, each FFN process with none (:meth:`serve` does it). Returns the
+        instances' common shapes; raises ``ValueError`` on every process when they differ."""
+        self._check_instanced("join_instances")
+        if self._shapes is not None:
+            raise ValueError("join_instances: this process has joined already (one engine per attention process)")
+        if self.has_attention and shapes is None:
+            raise ValueError("an attention instance joins with its engine's InstanceShapes")
+        row = np.zeros((1 + len(dataclasses.fields(InstanceShapes)),), np.int32)
+        if self.has_attention:
+            row[:] = (1, *dataclasses.astuple(shapes))
+        self._shapes = agreed_shapes(_gather(row))
+        return self._shapes
+
+    def agree_round(self, *, prefill_width: int = 0, decode: bool = False, done: bool = False) -> RoundPlan:
+        """Per-process attention instances, after :meth:`join_instances`: every process calls this once per round
+        and then runs the round's steps (:attr:`RoundPlan.steps`, in order, with :meth:`step`), so that the
+        instances, each scheduling only its own devices' rows, step together over the shared FFN side.
+
+        An attention instance gives the prefill chunk width it wants (0: none) and whether it wants a decode step;
+        ``done`` says it has closed (it still runs the others' steps, on padding rows, until every instance has
+        closed). An FFN process gives nothing (:meth:`serve` does this). The plan is the same on every process: a
+        prefill at the widest chunk wanted (if any instance wants one), then a decode step (if any wants one); an
+        instance that wants neither runs them on padding rows. ``RoundPlan.done`` once every instance has closed:
+        no rounds follow."""
+        self._check_instanced("agree_round")
+        if self._shapes is None:
+            raise ValueError("agree_round before join_instances")
+        if self._closed:
+            raise ValueError("every attention instance of this runner has closed: no rounds follow")
+        if self._round:
+            raise ValueError(f"agree_round before the last round's {len(self._round)} remaining steps ran")
+        header = np.array([self.has_attention, done, prefill_width, decode], np.int32) * self.has_attention
+        plan = round_plan(_gather(header), self._shapes)
+        self._round = list(plan.steps)
+        if plan.done:
+            self._closed = True
+            self._stop_watchdog()
+        return plan
+
+    def _check_instanced(self, what: str) -> None:
+        if not self.instanced:
+            raise ValueError(
+                f"{what} is for per-process attention instances (AFDConfig.instances = 'per-process' under several "
+                f"processes)"
+            )
+
+    def _take_round_step(self, rows: int, width: int, mb_count: int, table_width: int) -> None:
+        """Per-process instances: check that a step is the next one of the agreed round (a different one would
+        leave the processes waiting for each other forever) and mark it run."""
+        want = self._round[0] if self._round else None
+        got = RoundStep(want.kind if want else "?", rows, width, mb_count, table_width)
+        if got != want:
+            raise ValueError(
+                f"a step of {rows} rows per attention device, {width} tokens, {mb_count} micro-batches, block tables "
+                f"{table_width} wide is not the next step the attention instances agreed on "
+                f"({'none: call agree_round first' if want is None else want})"
+            )
+        self._round.pop(0)
+
+    def _serve_instances(self) -> int:
+        """An FFN process under per-process attention instances: every round's steps, until all instances close."""
+        if self.has_attention:
+            raise ValueError(
+                "AFDRunner.serve on an attention process: with per-process attention instances every attention "
+                "process runs its own engine (Engine(runner)); serve() is for the FFN processes"
+            )
+        served = 0
+        self.join_instances()
+        while not (plan := self.agree_round()).done:
+            for st in plan.steps:
+                self._round.pop(0)
+                with self._watched():
+                    self._ffn_step(st.rows * self.afd.attention_devices, st.width, st.micro_batches)
+                served += 1
+        return served
 
     def release(self) -> None:
         """Driver (process 0) of a multi-process runner: tell every other process's :meth:`serve` that no step
         follows."""
+        if self.instanced:
+            raise ValueError(
+                "AFDRunner.release under per-process attention instances: each instance's Engine.close() ends its "
+                "part, and the FFN processes stop once every instance has closed"
+            )
         if self.multiprocess:
             self.check_driver("AFDRunner.release")
             _announce(np.zeros((6,), np.int32))
@@ -1400,15 +1609,26 @@ def _from_zero(intervals: list[dict]) -> list[dict]:
     return sorted(intervals, key=lambda r: (r["start"], r["stage"], r.get("process", 0)))
 
 
-def _gather_json(obj) -> list:
-    """Every process's ``obj`` (JSON-serialisable), in process order, on every process."""
+def kv_code(dtype) -> int:
+    """A page pool dtype as an int the processes exchange: 0 for None (the model's), else 1 + its index in
+    ``kv_cache.KV_DTYPES``."""
+    return 0 if dtype is None else 1 + kvc.KV_DTYPES.index(jnp.dtype(dtype).name)
+
+
+def _gather(row: np.ndarray) -> np.ndarray:
+    """Every process's ``row`` (the same shape and dtype everywhere), stacked in process order, on every process."""
     from jax.experimental import multihost_utils
 
+    return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), -1)
+
+
+def _gather_json(obj) -> list:
+    """Every process's ``obj`` (JSON-serialisable), in process order, on every process."""
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    sizes = _gather(np.array([data.size], np.int64)).reshape(-1)
     buf = np.zeros((int(sizes.max()),), np.uint8)
     buf[: data.size] = data
-    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    every = _gather(buf)
     return [json.loads(bytes(row[:n])) for row, n in zip(every, sizes, strict=True)]
 
 

@@ -33,7 +33,10 @@ Design (docs/engine.md has the long version):
   attention-FFN disaggregation: the groups are the attention devices, the pool lives on the attention submesh,
   and every prefill / decode step runs through the runner's micro-batch pipeline (``AFDRunner.step``). Under
   several processes the engine runs in process 0, and every other process (attention or FFN, either side may span
-  processes) follows its steps with ``AFDRunner.serve``.
+  processes) follows its steps with ``AFDRunner.serve``; or (``AFDConfig.instances = "per-process"``, the paper's
+  independent attention instances) every attention process runs its own engine over its own devices, requests
+  and pages, the instances stepping together round by round (``AFDRunner.agree_round``), and the FFN processes
+  serve them all.
 """
 
 from __future__ import annotations
@@ -246,7 +249,9 @@ class Engine:
         else:
             mesh, rules = model.ctx.mesh, model.ctx.rules
         self.mesh = mesh
-        groups = kvc.num_page_groups(mesh, rules)
+        # per-process AFD attention instances: this engine schedules its own process's attention devices only
+        self._instanced = self.afd is not None and self.afd.instanced
+        groups = self.afd.local_attention_devices if self._instanced else kvc.num_page_groups(mesh, rules)
         self.groups = groups
         max_seq_len = cfg.max_seq_len or mc.max_position_embedding
         if max_seq_len > mc.max_position_embedding:
@@ -292,8 +297,11 @@ class Engine:
             self._graphdef, self._state = nnx.split(model)
             self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
             self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        if self._instanced:  # (every instance must step with the same shapes, on one pool array: check first)
+            self.afd.join_instances(self._shapes)
         if self.afd is not None:  # (under several processes every attention process makes its own pages)
-            self._pool = self.afd.create_pool(groups * (pages_per_group + 1), cfg.page_size, cfg.kv_dtype)
+            devices = self.afd.afd.attention_devices  # (the pool holds every attention device's pages)
+            self._pool = self.afd.create_pool(devices * (pages_per_group + 1), cfg.page_size, cfg.kv_dtype)
         else:
             self._pool = kvc.create_page_pool(
                 mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
@@ -369,6 +377,8 @@ class Engine:
         """Decode and prefill steps through an AFD runner's pipeline, with the jitted steps' signatures. Decoding
         splits every group's slots into ``AFDConfig.micro_batches`` micro-batches (they must divide evenly);
         prefill too when its rows per group divide evenly, else it runs as one micro-batch."""
+        from infer.afd import InstanceShapes, kv_code
+
         n_mb = runner.afd.micro_batches
         if self.slots_per_group % n_mb:
             raise ValueError(
@@ -377,6 +387,10 @@ class Engine:
                 f"is a multiple of {self.groups * n_mb}"
             )
         prefill_mb = n_mb if self.prefill_rows_per_group % n_mb == 0 else 1
+        self._shapes = InstanceShapes(
+            self.prefill_rows_per_group, prefill_mb, self.slots_per_group, n_mb, self.max_pages_per_seq,
+            self.pages_per_group + 1, self.config.page_size, kv_code(self.config.kv_dtype),
+        )  # fmt: skip
 
         def decode(state, pool, tokens, table, start, *rows):
             zeros = np.zeros_like(start)
@@ -566,8 +580,9 @@ class Engine:
             row[: len(pages)] = pages
         return row
 
-    def _prefill(self) -> list[StreamEvent]:
-        """One chunk for up to ``prefill_rows_per_group`` admitted requests of each group, oldest admission first."""
+    def _prefill_rows(self) -> tuple[list[_Request | None], list[int], int]:
+        """The next prefill chunk: up to ``prefill_rows_per_group`` admitted requests of each group, oldest admission
+        first (None: a padding row), their chunk lengths, and the chunk's bucketed width (0: nothing to prefill)."""
         cfg = self.config
         rows: list[_Request | None] = []
         for g in range(self.groups):
@@ -576,10 +591,19 @@ class Engine:
                 key=lambda r: r.admitted,
             )[: self.prefill_rows_per_group]
             rows += todo + [None] * (self.prefill_rows_per_group - len(todo))
-        if all(r is None for r in rows):
-            return []
         lens = [0 if r is None else min(cfg.prefill_chunk, len(r.target) - r.cached) for r in rows]
-        width = min(_pow2_at_least(max(lens), cfg.min_bucket), cfg.prefill_chunk)
+        if all(r is None for r in rows):
+            return rows, lens, 0
+        return rows, lens, min(_pow2_at_least(max(lens), cfg.min_bucket), cfg.prefill_chunk)
+
+    def _prefill(self, width: int | None = None) -> list[StreamEvent]:
+        """Run the next prefill chunk (:meth:`_prefill_rows`), if there is one; with ``width`` (per-process AFD
+        instances: the round's agreed width, at least this engine's own) always, on padding rows if need be."""
+        rows, lens, own = self._prefill_rows()
+        if width is None:
+            if not own:
+                return []
+            width = own
         n = len(rows)
         ids = np.zeros((n, width), np.int32)
         table = np.stack([self._table_row(r) for r in rows])
@@ -608,12 +632,13 @@ class Engine:
                 events += self._append(r, int(tokens[i]), float(logprobs[i]))
         return events
 
-    def _decode(self) -> list[StreamEvent]:
+    def _decode(self, always: bool = False) -> list[StreamEvent]:
         """One decode step for every decoding request. Colocated, the step is dispatched before the previous one's
         tokens are read: a row whose token is still in flight takes it on the device (``_prev_tokens``), and the
         host turns the previous step's tokens into events while the device runs this one. A request that a stop
         token ended in the previous step has run one step too many then, and that token is dropped; one that its
-        length ends is left out. Over AFD (whose steps take host inputs) each step is read at once."""
+        length ends is left out. Over AFD (whose steps take host inputs) each step is read at once. With ``always``
+        (per-process AFD instances, in a round whose plan has a decode step) it runs even on padding rows only."""
         inflight, self._inflight = self._inflight, None
         pending = set() if inflight is None else {id(r) for r in inflight[0] if r is not None}
         decoding = sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted)
@@ -623,7 +648,7 @@ class Engine:
                 self._ensure_page(r)
         rows = [r if r is not None and r.state == _DECODE and id(r) not in ending else None for r in self._slots]
         events = []
-        if any(r is not None for r in rows):
+        if always or any(r is not None for r in rows):
             n = len(rows)
             tokens, on_device = np.zeros((n,), np.int32), np.zeros((n,), bool)
             start, counters = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
@@ -721,12 +746,47 @@ class Engine:
         events, self._pending_events = self._pending_events, []
         self._no_admit = set()
         self._admit()
-        events += self._prefill()
-        events += self._decode()
+        if self._instanced:
+            events += self._round(closing=False)[1]
+        else:
+            events += self._prefill()
+            events += self._decode()
         self._admit()  # slots freed by finished requests take new ones before the next step's prefill
         self.stats["steps"] += 1
         self.stats["peak_pages_in_use"] = max(self.stats["peak_pages_in_use"], self.pages_in_use())
         return events
+
+    def _round(self, closing: bool) -> tuple[bool, list[StreamEvent]]:
+        """Per-process AFD instances: agree this round's steps with the other instances (:meth:`AFDRunner.
+        agree_round`: a prefill if any instance has a chunk to prefill, at the widest chunk; a decode step if any
+        has a request to decode) and run them, on padding rows where this engine has none. Returns (every instance
+        has closed, events)."""
+        rows, lens, width = self._prefill_rows()
+        finishing = any(r is not None and r.cached + n >= len(r.target) for r, n in zip(rows, lens, strict=True))
+        decode = finishing or any(r is not None and r.state == _DECODE for r in self._slots)
+        plan = self.afd.agree_round(prefill_width=width, decode=decode, done=closing)
+        events = []
+        for st in plan.steps:
+            events += self._prefill(width=st.width) if st.kind == "prefill" else self._decode(always=True)
+        return plan.done, events
+
+    def close(self) -> None:
+        """End this engine's part in a multi-process AFD run (a no-op otherwise). With one scheduler, let every
+        other process's ``AFDRunner.serve`` return; with per-process attention instances, keep taking part (on
+        padding rows) in the other instances' steps until every instance has closed, and then every process is
+        done. Requests still queued or running are an error: run or abort them first."""
+        if self.afd is None or not self.afd.multiprocess:
+            return
+        if self.has_work():
+            raise RuntimeError(
+                f"Engine.close() with {self.num_running} requests running and {self.num_waiting} waiting: run() "
+                f"or abort them first"
+            )
+        if not self._instanced:
+            self.afd.release()
+            return
+        while not self._round(closing=True)[0]:
+            pass
 
     def events(self) -> Iterator[StreamEvent]:
         """Step until every submitted request has finished, yielding events as they come (submitting more from

@@ -196,6 +196,7 @@ def _load_afd(args):
         transfer=args.transfer,
         attention_processes=args.attention_processes,
         peer_timeout_s=args.peer_timeout,
+        instances=args.instances,
     )
     if args.checkpoint:
         runner = AFDRunner.from_checkpoint(args.checkpoint, afd, dtype=args.dtype)
@@ -227,6 +228,7 @@ def _fmt_ms(seconds) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m infer.generate``: stream generations from a checkpoint folder or a preset."""
+    from infer.afd import INSTANCES
     from infer.engine import Engine, EngineConfig
 
     ap = argparse.ArgumentParser(
@@ -255,15 +257,27 @@ def main(argv: list[str] | None = None) -> int:
     dis = ap.add_argument_group("attention-FFN disaggregation (the same engine over infer.afd's pipeline)")
     dis.add_argument("--afd", type=_split, metavar="MxN", help="attention on M devices, FFN on N others (e.g. 2x2)")
     add_pipeline_args(dis, micro_batches=2, prefix="with --afd: ")
+    dis.add_argument("--instances", choices=INSTANCES, default="one",
+                     help="with --afd over several processes: 'one' engine (process 0's) schedules every attention "
+                     "device; 'per-process': every attention process is an independent attention instance with its "
+                     "own engine and its share of the prompts (prompt i on attention process i mod K), all sharing "
+                     "the FFN side")  # fmt: skip
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="print text as it is generated (default: when there is one prompt)")  # fmt: skip
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile with a short throwaway request first so timings exclude compilation")  # fmt: skip
-    ap.add_argument("--json-out", help="write every request's tokens, text and timings as JSON")
+    ap.add_argument(
+        "--json-out",
+        help="write every request's tokens, text and timings as JSON (with --instances "
+        "per-process: each attention instance k to JSON_OUT.k)",
+    )
     add_process_args(ap, "with --afd, processes 0 .. K-1 hold the attention devices, the others the FFN devices; "
-                     "process 0 runs the engine and the others serve its steps", attention_processes=True)  # fmt: skip
+                     "process 0 runs the engine and the others serve its steps (--instances one), or each attention "
+                     "process runs its own (per-process)", attention_processes=True)  # fmt: skip
     args = ap.parse_args(argv)
     check_process_args(ap, args)
+    if args.instances != "one" and args.coordinator is None:
+        ap.error("--instances per-process is for multi-process --afd runs (with --coordinator)")
     if args.coordinator is not None and not args.afd:
         ap.error("--coordinator (several processes) needs --afd: the processes split into attention and FFN sides")
     if args.mesh and args.afd:
@@ -273,17 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.coordinator is not None:
         join_processes(args)
 
-    model = None
+    model = engine = None
     try:
         params = sampling_from_args(args)
         prompts = _read_prompts(args)
         t0 = time.perf_counter()
         model, tokenizer, what = _load_model(args)
         build_seconds = time.perf_counter() - t0
-        if jax.process_index() != 0:  # a multi-process --afd job: follow the steps of process 0's engine
+        instanced = getattr(model, "instanced", False)
+        if jax.process_index() != 0 and not (instanced and model.has_attention):
+            # a multi-process --afd job: follow the steps of process 0's engine, or of every instance's
             steps = model.serve()
             side = "attention" if model.has_attention else "FFN"
-            print(f"process {jax.process_index()} ({side} side): served {steps} steps; process 0 prints the results")
+            printing = "the attention processes print" if instanced else "process 0 prints"
+            print(f"process {jax.process_index()} ({side} side): served {steps} steps; {printing} the results")
             return 0
         config = model.config
         params = dataclasses.replace(params, stop_token_ids=stop_ids(tokenizer, config))
@@ -305,18 +322,32 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        _release(model)
+        _release(model, engine)
         return 2
     try:
         print(f"model: {what}, {config.param_dtype}, built in {build_seconds:.2f} s on {jax.devices()[0].platform}")
+        if instanced:  # this attention instance's share of the prompts
+            k, count = jax.process_index(), model.attention_processes
+            mine = list(range(k, len(prompts), count))
+            print(f"attention instance {k} of {count}: prompts {mine} of {len(prompts)}")
+            prompts = [prompts[i] for i in mine]
+            if args.json_out:
+                args.json_out = f"{args.json_out}.{k}"
         return _serve(args, engine, prompts, params, what)
     finally:
-        _release(model)
+        _release(model, engine)
 
 
-def _release(model) -> None:
-    """Let the FFN processes of a multi-process --afd job stop serving (nothing otherwise)."""
-    if model is not None and getattr(model, "multiprocess", False) and jax.process_index() == 0:
+def _release(model, engine) -> None:
+    """The end of a multi-process --afd job's scheduling process (nothing otherwise): process 0 of one engine lets
+    the other processes stop serving; a per-process instance takes part in the others' steps until every instance
+    has closed (one that stops with requests left just ends: the others' steps then fail on its absence)."""
+    if model is None or not getattr(model, "multiprocess", False):
+        return
+    if model.instanced:
+        if engine is not None and not engine.has_work():
+            engine.close()
+    elif jax.process_index() == 0:
         model.release()
 
 

@@ -3,7 +3,7 @@
 
     python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--processes 2] [--devices 4] [--splits 4x4,3x2,2x3]
                                [--checkpoint DIR] [--exit-early] [--engine] [--hang-at STEP] [--die-at STEP]
-                               [--peer-timeout S]
+                               [--peer-timeout S] [--attention-processes K] [--instances] [--mismatch]
 
 ``--processes`` processes with ``--devices`` fake CPU devices each; the first half of the processes (rounded down)
 run the attention side, the others the FFN side. For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M
@@ -14,12 +14,15 @@ process 1 exits right after joining (a failed peer), and process 0 must then exi
 hanging. With ``--engine`` process 0 runs the continuous-batching engine over the runner of the first split (the
 others ``serve()`` its steps); ``--hang-at K`` makes process 1 hang (alive, heartbeats going) in the K-th step it
 serves, and the others must then exit with a clear error within ``--peer-timeout`` seconds (default 45);
-``--die-at K`` makes process 1 exit as the K-th step it serves begins."""
+``--die-at K`` makes process 1 exit as the K-th step it serves begins. ``--attention-processes K`` gives the
+attention side K processes. With ``--instances`` every attention process is an independent attention instance
+(``AFDConfig.instances = "per-process"``) with its own engine, running the prompts ``i`` with ``i % K`` = its
+process index, each with :func:`instance_params` ``(i)``; it writes ``{"i": tokens}``. ``--mismatch`` gives process
+1's engine another max_batch (a clear error on every process, before any step)."""
 
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -27,10 +30,6 @@ import jax  # noqa: E402
 
 def _opt(name: str, default: str) -> str:
     return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
-
-
-jax.config.update("jax_num_cpu_devices", int(_opt("--devices", "4")))
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def main() -> int:
@@ -66,7 +65,13 @@ def main() -> int:
     timeout = float(_opt("--peer-timeout", "45"))
     for split in _opt("--splits", "4x4").split(","):
         m, n = (int(v) for v in split.split("x"))
-        afd = AFDConfig(attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=timeout)
+        afd = AFDConfig(
+            attention_devices=m, ffn_devices=n, micro_batches=3, transfer="model", peer_timeout_s=timeout,
+            attention_processes=int(_opt("--attention-processes", "0")) or None,
+        )  # fmt: skip
+        if "--instances" in sys.argv:
+            tokens = _instances(config, dataclasses.replace(afd, micro_batches=2, instances="per-process"), prompts)
+            break
         if "--engine" in sys.argv:
             tokens[split] = _engine(
                 config, dataclasses.replace(afd, micro_batches=2), prompts, int(_opt("--hang-at", "0")),
@@ -118,5 +123,37 @@ def _engine(config, afd, prompts, hang_at: int, die_at: int):
         runner.release()
 
 
-if __name__ == "__main__":
+def instance_params(i: int):
+    """The sampling of prompt ``i`` in the ``--instances`` run (tests/test_afd.py runs the same colocated): the
+    even prompts greedy and short, the odd ones sampled and longer, so one instance closes while the other runs."""
+    from infer.sampling import SamplingParams
+
+    if i % 2 == 0:
+        return SamplingParams(max_new_tokens=3)
+    return SamplingParams(temperature=0.8, top_k=20, seed=100 + i, max_new_tokens=9)
+
+
+def _instances(config, afd, prompts):
+    """Per-process attention instances: each attention process's own engine over its share of the prompts, then
+    ``close()``; the FFN processes serve every instance's steps. Returns this instance's tokens by prompt index."""
+    from infer.afd import AFDRunner
+    from infer.engine import Engine, EngineConfig
+
+    runner = AFDRunner.create(config, afd, seed=3)
+    if not runner.has_attention:
+        runner.serve()
+        return {}
+    k, count = jax.process_index(), runner.attention_processes
+    max_batch = 8 if "--mismatch" in sys.argv and k == 1 else 4
+    engine = Engine(runner, EngineConfig(max_batch=max_batch, max_seq_len=32, page_size=8, prefill_chunk=16))
+    mine = [i for i in range(len(prompts)) if i % count == k]
+    outs = engine.generate_outputs([prompts[i] for i in mine], [instance_params(i) for i in mine])
+    engine.close()
+    return {str(i): o.token_ids for i, o in zip(mine, outs, strict=True)}
+
+
+if __name__ == "__main__":  # (set up here, so that the tests can import instance_params)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_num_cpu_devices", int(_opt("--devices", "4")))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sys.exit(main())

@@ -299,7 +299,11 @@ def test_impossible_requests_fail_before_work(config, test_config, prompts):
         AFDRunner.create(config, AFDConfig(kv_dtype="int8"))
     with pytest.raises(ValueError, match="peer_timeout_s must be a positive number of seconds, got -1"):
         AFDRunner.create(config, AFDConfig(peer_timeout_s=-1))
+    with pytest.raises(ValueError, match=r"instances must be one of \('one', 'per-process'\), got 'each'"):
+        AFDRunner.create(config, AFDConfig(instances="each"))
     runner = AFDRunner.create(config, AFDConfig(attention_devices=4, ffn_devices=4, micro_batches=3))
+    with pytest.raises(ValueError, match="agree_round is for per-process attention instances"):
+        runner.agree_round()
     with pytest.raises(ValueError, match="a batch of 2 sequences cannot fill 3 micro-batches"):
         runner.generate(prompts[:2], 2)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
@@ -395,6 +399,52 @@ def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tok
         assert attn + ffn == sum(i.nbytes for i in header.values()), loads
         # data-parallel attention: every attention process needs all of it; each FFN process half of the experts
         assert read_attn == attn and read_ffn == ffn - experts // 2, (loads, experts)
+
+
+def test_per_process_attention_instances_share_the_ffn_side(config, prompts, tmp_path):
+    """Three processes of 2 devices: two independent attention instances (processes 0 and 1, each its own engine,
+    requests and pages on its 2 attention devices) sharing one FFN process (2 devices), stepping together round by
+    round. Instance 0 gets the even prompts (greedy, 3 tokens: it closes early and then runs the other's steps on
+    padding rows), instance 1 the odd ones (sampled, 9 tokens): every request gets exactly the tokens the
+    colocated engine gives it. An instance whose engine differs (another max_batch) is refused with a clear error
+    on every process before any step runs."""
+    from afd_worker import instance_params
+
+    from infer.engine import Engine, EngineConfig
+
+    args = ("--devices", "2", "--splits", "4x2", "--attention-processes", "2", "--instances")
+    runs = _run_workers(tmp_path, *args, processes=3, timeout=300)
+    assert all(rc == 0 for rc, _ in runs), "".join(_log_lines(out) for _, out in runs)
+    got = _tokens_of(tmp_path, 0) | _tokens_of(tmp_path, 1)
+    assert sorted(map(int, _tokens_of(tmp_path, 1))) == [1, 3, 5]
+    engine = Engine(create_model(config, seed=SEED), EngineConfig(max_batch=4, max_seq_len=32, page_size=8))
+    want = engine.generate_outputs(prompts, [instance_params(i) for i in range(len(prompts))])
+    assert {int(i): t for i, t in got.items()} == {i: o.token_ids for i, o in enumerate(want)}
+    assert not (tmp_path / "tokens.json.2").exists()
+
+    runs = _run_workers(tmp_path / "mismatch", *args, "--mismatch", processes=3, timeout=300)
+    for rc, out in runs:
+        assert rc != 0 and "the attention instances' engines differ" in out, _log_lines(out)
+
+
+def test_round_plans_of_attention_instances():
+    """The plan every process derives from the round's headers: a prefill at the widest chunk any instance wants,
+    a decode step if any wants one, nothing from the FFN processes' rows, done only once every instance has closed;
+    instances with different shapes are named in the error. Single-process runners refuse the round calls."""
+    from infer.afd import InstanceShapes, RoundStep, agreed_shapes, round_plan
+
+    shapes = InstanceShapes(1, 1, 4, 2, 4, 9, 8, 0)
+    rows = np.array([[1, *dataclasses.astuple(shapes)], [1, *dataclasses.astuple(shapes)], [0] * 9])
+    assert agreed_shapes(rows) == shapes
+    rows[1, 3] = 8
+    with pytest.raises(ValueError, match=r"engines differ \(process 0: .*decode_rows=4.*; process 1: .*decode_rows=8"):
+        agreed_shapes(rows)
+
+    plan = round_plan(np.array([[1, 0, 16, 0], [1, 1, 0, 1], [0, 0, 0, 0]]), shapes)
+    assert not plan.done
+    assert plan.steps == (RoundStep("prefill", 1, 16, 1, 4), RoundStep("decode", 4, 1, 2, 4))
+    assert round_plan(np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]), shapes).steps == ()
+    assert round_plan(np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]), shapes).done
 
 
 def test_process_splits_that_cannot_be_made_are_refused(config):

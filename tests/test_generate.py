@@ -125,8 +125,10 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
     transfer) and in
     three (``--coordinator``: the attention side spans processes 0 and 1, one device each, process 0 runs the
     engine and process 1 follows its steps on its own pages; process 2 holds the 2 FFN devices and serves the
-    steps until it is done). A malformed split, a batch the micro-batches cannot split and several processes
-    without --afd are refused with the reason."""
+    steps until it is done), and again in three with ``--instances per-process`` (processes 0 and 1 each an
+    independent attention instance with its own engine over its share of the prompts, sharing process 2's FFN
+    side). A malformed split, a batch the micro-batches cannot split and several processes without --afd are
+    refused with the reason."""
     import json
     import sys
 
@@ -157,6 +159,17 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
                 for n in ("one", "three")}  # fmt: skip
     np.testing.assert_allclose(sum(logprobs["three"], []), sum(logprobs["one"], []), atol=1e-3)
     assert all(len(t) == 4 for t in tokens["one"])
+
+    cli = [*cli[:-1], str(tmp_path / "instance.json"), "--coordinator", f"127.0.0.1:{free_port()}"]
+    runs = run_processes(lambda i: [*cli, "--instances", "per-process", "--process-id", str(i)], 240,
+                         "the three-process --afd run with per-process instances", 3)  # fmt: skip
+    outs = [out for _, out in runs]
+    assert [rc for rc, _ in runs] == [0, 0, 0], "".join(out[-2000:] for out in outs)
+    for k, mine in ((0, [0, 2]), (1, [1])):
+        assert f"attention instance {k} of 2: prompts {mine} of 3" in outs[k], outs[k][-3000:]
+        got = [r["token_ids"] for r in json.loads((tmp_path / f"instance.json.{k}").read_text())["requests"]]
+        assert got == [tokens["one"][i] for i in mine], k
+    assert re.search(r"process 2 \(FFN side\): served [1-9]\d* steps; the attention processes print", outs[2])
 
     with pytest.raises(SystemExit):
         main([*base, "--afd", "2by1"])
