@@ -1156,7 +1156,9 @@ class AFDRunner:
         row = np.zeros((1 + len(dataclasses.fields(InstanceShapes)),), np.int32)
         if self.has_attention:
             row[:] = (1, *dataclasses.astuple(shapes))
-        self._shapes = agreed_shapes(_gather(row))
+        with self._watched():
+            every = _gather(row)
+        self._shapes = agreed_shapes(every)
         return self._shapes
 
     def agree_round(self, *, prefill_width: int = 0, decode: bool = False, done: bool = False) -> RoundPlan:
@@ -1169,7 +1171,11 @@ class AFDRunner:
         closed). An FFN process gives nothing (:meth:`serve` does this). The plan is the same on every process: a
         prefill at the widest chunk wanted (if any instance wants one), then a decode step (if any wants one); an
         instance that wants neither runs them on padding rows. ``RoundPlan.done`` once every instance has closed:
-        no rounds follow."""
+        no rounds follow.
+
+        So every instance must keep stepping (``Engine.step()`` runs a round even with nothing to do) until it
+        closes: the others' rounds wait for it. A round that does not complete within ``AFDConfig.peer_timeout_s``
+        (an instance died, hangs or stopped stepping), or whose exchange fails, ends the process with an error."""
         self._check_instanced("agree_round")
         if self._shapes is None:
             raise ValueError("agree_round before join_instances")
@@ -1178,7 +1184,9 @@ class AFDRunner:
         if self._round:
             raise ValueError(f"agree_round before the last round's {len(self._round)} remaining steps ran")
         header = np.array([self.has_attention, done, prefill_width, decode], np.int32) * self.has_attention
-        plan = round_plan(_gather(header), self._shapes)
+        with self._watched():  # (every instance keeps stepping, so a round that never completes means a failure)
+            every = _gather(header)
+        plan = round_plan(every, self._shapes)
         self._round = list(plan.steps)
         if plan.done:
             self._closed = True

@@ -742,7 +742,10 @@ class Engine:
     # ------------------------------------------------------------------ driving
 
     def step(self) -> list[StreamEvent]:
-        """One engine iteration: admit, one prefill chunk, one decode step. Returns the events it produced."""
+        """One engine iteration: admit, one prefill chunk, one decode step. Returns the events it produced.
+
+        A per-process AFD instance's step is one round with the other instances (even with nothing to do): keep
+        stepping, or :meth:`close`, for as long as the others run (their rounds wait for this one's)."""
         events, self._pending_events = self._pending_events, []
         self._no_admit = set()
         self._admit()

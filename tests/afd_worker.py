@@ -18,7 +18,8 @@ serves, and the others must then exit with a clear error within ``--peer-timeout
 attention side K processes. With ``--instances`` every attention process is an independent attention instance
 (``AFDConfig.instances = "per-process"``) with its own engine, running the prompts ``i`` with ``i % K`` = its
 process index, each with :func:`instance_params` ``(i)``; it writes ``{"i": tokens}``. ``--mismatch`` gives process
-1's engine another max_batch (a clear error on every process, before any step)."""
+1's engine another max_batch (a clear error on every process, before any step); ``--die-at K`` with
+``--instances`` makes process 1 exit as its K-th round begins."""
 
 import os
 import sys
@@ -144,6 +145,17 @@ def _instances(config, afd, prompts):
         runner.serve()
         return {}
     k, count = jax.process_index(), runner.attention_processes
+    die_at = int(_opt("--die-at", "0"))
+    if die_at and k == 1:
+        agree, rounds = runner.agree_round, [0]
+
+        def dying(**kwargs):  # an instance that dies between two rounds
+            rounds[0] += 1
+            if rounds[0] == die_at:
+                os._exit(3)
+            return agree(**kwargs)
+
+        runner.agree_round = dying
     max_batch = 8 if "--mismatch" in sys.argv and k == 1 else 4
     engine = Engine(runner, EngineConfig(max_batch=max_batch, max_seq_len=32, page_size=8, prefill_chunk=16))
     mine = [i for i in range(len(prompts)) if i % count == k]

@@ -427,6 +427,16 @@ def test_per_process_attention_instances_share_the_ffn_side(config, prompts, tmp
         assert rc != 0 and "the attention instances' engines differ" in out, _log_lines(out)
 
 
+def test_a_dead_attention_instance_ends_the_others_with_a_clear_error(tmp_path):
+    """One of two attention instances exits between two rounds (its 4th): the other instance and the FFN process
+    end with status 75 and the reason (the round's exchange fails, or the watchdog fires), not a hang."""
+    args = ("--devices", "2", "--splits", "4x2", "--attention-processes", "2", "--instances", "--die-at", "4")
+    runs = _run_workers(tmp_path, *args, "--peer-timeout", "60", processes=3, timeout=240)
+    assert runs[1][0] == 3, _log_lines(runs[1][1])
+    for rc, out in (runs[0], runs[2]):
+        assert rc == 75 and "the peer process failed or hangs" in out, _log_lines(out)
+
+
 def test_round_plans_of_attention_instances():
     """The plan every process derives from the round's headers: a prefill at the widest chunk any instance wants,
     a decode step if any wants one, nothing from the FFN processes' rows, done only once every instance has closed;
