@@ -1,10 +1,11 @@
 """One process of the multi-process checkpoint test (tests/test_checkpoint.py): one fake CPU device per process,
 gloo collectives, ``jax.distributed`` on localhost.
 
-    python tests/load_worker.py PROCESS_ID PORT OUT_JSON NAME=FOLDER:QUANTIZATION ...
+    python tests/load_worker.py PROCESS_ID PORT OUT_JSON NAME=FOLDER:QUANTIZATION[:AXIS] ...
 
-Two processes load each checkpoint folder with ``load_pretrained`` on an ``expert=2`` mesh over both processes'
-devices (QUANTIZATION: ``auto``, ``fp8`` or ``none``), and again whole onto this process's own device. Writes
+Two processes load each checkpoint folder with ``load_pretrained`` on an ``AXIS=2`` mesh (``expert``, the default,
+or ``tensor``) over both processes' devices (QUANTIZATION: ``auto``, ``fp8`` or ``none``), and again whole onto
+this process's own device. Writes
 ``{NAME: {"read": bytes this process read, "total": bytes of the tensors loaded, "mismatched": [parameter paths
 whose shards here differ from the whole load]}}`` to ``OUT_JSON.<process id>``."""
 
@@ -49,9 +50,12 @@ def main() -> int:
     reads, results = _Reads(), {}
     for case in sys.argv[4:]:
         name, rest = case.split("=", 1)
+        axis = "expert"
+        if rest.endswith((":expert", ":tensor")):
+            rest, axis = rest.rsplit(":", 1)
         folder, quantization = rest.rsplit(":", 1)
         quantization = None if quantization == "none" else quantization
-        model = load_pretrained(folder, quantization=quantization, mesh=make_mesh(expert=2), progress=False)
+        model = load_pretrained(folder, quantization=quantization, mesh=make_mesh(**{axis: 2}), progress=False)
         read, total = (int(n) for n in re.search(r"read (\d+) of their (\d+) bytes", reads.lines[-1]).groups())
         whole = dict(nnx.to_flat_state(nnx.state(load_pretrained(folder, quantization=quantization, progress=False))))
         mismatched = []

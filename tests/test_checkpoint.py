@@ -454,11 +454,14 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tm
     """``load_pretrained`` on an expert-parallel mesh spanning two processes (one device each): each process reads
     only the experts its device holds, half of every stacked expert tensor and its scales, and every other tensor
     whole; the shards it holds equal a whole load's, for FP8 weights kept, FP8 dequantised, float, and float
-    block-quantised on the way."""
+    block-quantised on the way. On a tensor-parallel mesh a float checkpoint's matrices split along their output
+    columns (dense and shared-expert gate/up, the query heads ``wq``: stored transposed, so their HF rows) are read
+    by halves too."""
     from processes import free_port, run_processes
 
     cases = {"fp8": (fp8_ckpt[0], "auto"), "fp8-dequantised": (fp8_ckpt[0], "none"),
-             "float": (float_ckpt, "auto"), "float-quantised": (float_ckpt, "fp8")}  # fmt: skip
+             "float": (float_ckpt, "auto"), "float-quantised": (float_ckpt, "fp8"),
+             "float-tensor": (float_ckpt, "auto:tensor")}  # fmt: skip
     port, out = free_port(), tmp_path / "reads.json"
     worker = [sys.executable, str(Path(__file__).with_name("load_worker.py"))]
     args = [f"{name}={folder}:{q}" for name, (folder, q) in cases.items()]
@@ -466,12 +469,14 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tm
     assert [rc for rc, _ in runs] == [0, 0], "".join(text[-3000:] for _, text in runs)
     for name, (folder, _) in cases.items():
         header = hf_mod.open_checkpoint(folder).tensors
-        experts = sum(i.nbytes for k, i in header.items() if re.search(r"\.moe\.(gate|up|down)_proj\.", k))
-        assert experts > 0
+        pattern = r"(mlp|share_expert)\.(gate|up)_proj\.|self_attn\.wq\." if name == "float-tensor" else (
+            r"\.moe\.(gate|up|down)_proj\.")  # fmt: skip
+        halved = sum(i.nbytes for k, i in header.items() if re.search(pattern, k))
+        assert halved > 0
         for p in (0, 1):
             got = json.loads(Path(f"{out}.{p}").read_text())[name]
             assert got["mismatched"] == [], (name, p)
-            assert got["read"] == got["total"] - experts // 2, (name, p, got, experts)
+            assert got["read"] == got["total"] - halved // 2, (name, p, got, halved)
 
 
 # ---------------------------------------------------------------------- bad input: clear errors, nothing loaded

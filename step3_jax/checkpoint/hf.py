@@ -48,6 +48,7 @@ from step3_jax.checkpoint.hf_keys import (
     is_fp8,
     is_scale,
     is_vision_key,
+    matrix_split,
     scale_key,
     shares_first_axis,
     to_hf_layout,
@@ -440,14 +441,30 @@ def _union(*spans: tuple[int, int]) -> tuple[int, int]:
     return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
 
-def _place(host: np.ndarray, dtype: np.dtype, sharding, shape: tuple[int, ...], lo: int = 0) -> jax.Array:
-    """Put a host array (any layout, any float dtype) holding rows ``lo:`` of an array of ``shape`` into
+def _output_span(path, shape: tuple[int, ...], sharding) -> tuple[int, int] | None:
+    """A matrix stored transposed (its HF rows are the parameter's output axes, flattened): the span along the
+    parameter's first output axis that this process's devices hold (so HF rows ``lo * inner .. hi * inner``, for
+    ``inner`` the size of the later output axes), when no device here holds part of a later output axis; else
+    None."""
+    split = matrix_split(path)
+    spans = []
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        if any(index[a].indices(shape[a])[:2] != (0, shape[a]) for a in range(split + 1, len(shape))):
+            return None
+        spans.append(index[split].indices(shape[split])[:2])
+    return _union(*spans) if spans else (0, 0)
+
+
+def _place(
+    host: np.ndarray, dtype: np.dtype, sharding, shape: tuple[int, ...], lo: int = 0, axis: int = 0
+) -> jax.Array:
+    """Put a host array (any layout, any float dtype) holding ``lo:`` along ``axis`` of an array of ``shape`` into
     ``sharding``: each device receives only its slice, converted to ``dtype`` slice by slice."""
 
     def shard(index):
         if shape and lo:
-            start, stop = index[0].indices(shape[0])[:2]
-            index = (slice(start - lo, stop - lo), *index[1:])
+            start, stop = index[axis].indices(shape[axis])[:2]
+            index = (*index[:axis], slice(start - lo, stop - lo), *index[axis + 1 :])
         return np.asarray(host[index], dtype=dtype)
 
     return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
@@ -468,16 +485,25 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
             scale.astype(np.float32), np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, scale_rows[0]
         )
         return out, data.nbytes + scale.nbytes
-    rows = None
-    if shares_first_axis(load.path, load.dtype) and load.shape:
+    rows, axis = None, 0
+    if not shares_first_axis(load.path, load.dtype):  # a float matrix stored transposed: read the output span here
+        span, split = _output_span(load.path, load.shape, sharding), matrix_split(load.path)
+        if not (fp8_source or kept) and span is not None and span != (0, load.shape[split]):
+            inner = math.prod(load.shape[split + 1 :])
+            rows, axis = (span[0] * inner, span[1] * inner), split
+            shape = (*load.shape[:split], span[1] - span[0], *load.shape[split + 1 :])
+    elif load.shape:
         rows = _rows(load.shape, sharding)
         if kept:  # block-quantise: the weight and its scales come from the same rows
             rows = _union(rows, _rows(load.scale_shape, shardings[load.scale_path]))
         scales = load.scale_shape if kept else load.source_scale.shape if fp8_source else None
         if scales is not None and scales[0] != load.source.shape[0]:
             rows = None  # quantisation blocks span the first axis (a 2-D weight): read it whole
-    lo = rows[0] if rows else 0
-    shape = (rows[1] - rows[0], *load.shape[1:]) if rows else load.shape  # of the rows read, module layout
+    if axis:  # (the output span of a transposed matrix)
+        lo = span[0]
+    else:
+        lo = rows[0] if rows else 0
+        shape = (rows[1] - rows[0], *load.shape[1:]) if rows else load.shape  # of the rows read, module layout
     data = read_tensor(load.source, rows)
     nread = data.nbytes
     if fp8_source:
@@ -493,7 +519,7 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
         return out, nread
     else:
         value = from_hf_layout(load.path, data, shape, load.dtype)
-    out[load.path] = _place(value, load.dtype, sharding, load.shape, lo)
+    out[load.path] = _place(value, load.dtype, sharding, load.shape, lo, axis)
     return out, nread
 
 
@@ -504,8 +530,10 @@ def load_tensors(
     each with its target sharding) straight into those shardings, in file order; the checkpoint's other tensors
     are not read. An FP8 weight and its scale parameter go together (name both, or neither). A process reads of
     each tensor only the rows (first axis) its own devices hold, where that axis is the parameter's too (stacked
-    experts, FP8 weights and scales, embeddings, norms), so experts split over processes are read once in all;
-    a float 2-D matrix (stored transposed) or one block-quantised on the way is read whole. ``report`` is an ``ok``
+    experts, FP8 weights and scales, embeddings, norms), so experts split over processes are read once in all,
+    and of a float matrix stored transposed only the rows of the output columns its devices hold (tensor
+    parallel: gate/up, query heads); one split along its input axis (down, o_proj) or block-quantised on the way
+    is read whole. ``report`` is an ``ok``
     :func:`inspect_checkpoint` result. Returns ``{path: array}``."""
     if not report.ok:
         raise ValueError(report.error_message())
