@@ -1007,7 +1007,8 @@ class AFDRunner:
             self.check_driver("AFDRunner.step")
             self._take_round_step(n // self.local_attention_devices, width, mb_count, inputs[1].shape[1])
             if inputs[4] is None:  # (every instance runs the same logits program: the sampling one, greedy rows)
-                inputs = (*inputs[:4], _step_inputs(ids, block_table, start, last, param_rows([None] * n))[4])
+                seeds, temperature, top_k, top_p = param_rows([None] * n)
+                inputs = (*inputs[:4], (seeds, np.zeros((n,), np.int32), temperature, top_k, top_p))
             with self._watched():
                 return self._step(pool, *inputs, mb_count)
         self.check_driver("AFDRunner.step")
