@@ -1402,7 +1402,7 @@ class AFDRunner:
                     trace = stage_intervals(profile_dir, self._dispatch_log)
                     self._dispatch_log = None
                     if self.multiprocess:
-                        trace = merge_process_intervals(_gather_json(trace))
+                        trace = merge_process_intervals(gather_json(trace))
                 if step >= 2:
                     timed += 1
         decode_seconds = time.perf_counter() - timed_start if timed_start is not None else 0.0
@@ -1631,8 +1631,9 @@ def _gather(row: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), -1)
 
 
-def _gather_json(obj) -> list:
-    """Every process's ``obj`` (JSON-serialisable), in process order, on every process."""
+def gather_json(obj) -> list:
+    """Every process's ``obj`` (JSON-serialisable), in process order, on every process (every process must call
+    it)."""
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = _gather(np.array([data.size], np.int64)).reshape(-1)
     buf = np.zeros((int(sizes.max()),), np.uint8)

@@ -307,6 +307,7 @@ class Engine:
                 mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
             )
         self._slots: list[_Request | None] = [None] * cfg.max_batch
+        self._closed = False  # (close() done)
         self._inflight: tuple | None = None  # (rows, tokens, logprobs) of a dispatched decode step not yet read
         if self.afd is None:  # the last decode step's tokens, on the device (the next step's input), replicated
             replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -785,6 +786,9 @@ class Engine:
                 f"Engine.close() with {self.num_running} requests running and {self.num_waiting} waiting: run() "
                 f"or abort them first"
             )
+        if self._closed:
+            return
+        self._closed = True
         if not self._instanced:
             self.afd.release()
             return

@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             side = "attention" if model.has_attention else "FFN"
             printing = "the attention processes print" if instanced else "process 0 prints"
             print(f"process {jax.process_index()} ({side} side): served {steps} steps; {printing} the results")
+            if instanced:
+                _instances_total(None)
             return 0
         config = model.config
         params = dataclasses.replace(params, stop_token_ids=stop_ids(tokenizer, config))
@@ -333,9 +335,28 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [prompts[i] for i in mine]
             if args.json_out:
                 args.json_out = f"{args.json_out}.{k}"
-        return _serve(args, engine, prompts, params, what)
+        rc, agg = _serve(args, engine, prompts, params, what)
+        if instanced:
+            engine.close()
+            _instances_total(agg)
+        return rc
     finally:
         _release(model, engine)
+
+
+def _instances_total(agg: dict | None) -> None:
+    """Per-process instances, once every instance has closed: every process sends its aggregate (None from the FFN
+    processes) and process 0 prints the job's."""
+    from infer.afd import gather_json
+
+    every = [a for a in gather_json(agg) if a is not None]
+    if jax.process_index() == 0:
+        tokens, wall = sum(a["output_tokens"] for a in every), max(a["wall_seconds"] for a in every)
+        print(
+            f"all {len(every)} attention instances: {sum(a['requests'] for a in every)} requests "
+            f"({sum(a['failed'] for a in every)} failed), {tokens} tokens in {wall:.2f} s (the longest instance's "
+            f"time): {tokens / wall if wall > 0 else 0.0:.1f} tokens/s"
+        )
 
 
 def _release(model, engine) -> None:
@@ -351,8 +372,9 @@ def _release(model, engine) -> None:
         model.release()
 
 
-def _serve(args, engine, prompts, params, what: str) -> int:
-    """Run the prompts through the engine with progress / streaming; print per-request and aggregate figures."""
+def _serve(args, engine, prompts, params, what: str) -> tuple[int, dict]:
+    """Run the prompts through the engine with progress / streaming; print per-request and aggregate figures.
+    Returns (exit status, aggregate)."""
     from infer.engine import summarize
 
     tokenizer = engine.tokenizer
@@ -429,7 +451,7 @@ def _serve(args, engine, prompts, params, what: str) -> int:
             ],
         }
         Path(args.json_out).write_text(json.dumps(report, indent=2))
-    return 1 if failed else 0
+    return 1 if failed else 0, agg
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):
         got = [r["token_ids"] for r in json.loads((tmp_path / f"instance.json.{k}").read_text())["requests"]]
         assert got == [tokens["one"][i] for i in mine], k
     assert re.search(r"process 2 \(FFN side\): served [1-9]\d* steps; the attention processes print", outs[2])
+    assert "all 2 attention instances: 3 requests (0 failed), 12 tokens in" in outs[0], outs[0][-2000:]
 
     with pytest.raises(SystemExit):
         main([*base, "--afd", "2by1"])
