@@ -411,7 +411,7 @@ def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     reads = []
     real = hf_mod.read_tensor
-    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, rows=None: reads.append(info.key) or real(info, rows))
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, *span: reads.append(info.key) or real(info, *span))
     got = hf_mod.load_tensors(report, {experts: by_expert, scales: by_expert, norm: replicated}, progress=False)
     assert sorted(reads) == sorted(
         ["model.layers.1.moe.gate_proj.weight", "model.layers.1.moe.gate_proj.weight_scale_inv",
@@ -429,8 +429,8 @@ def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
 
 
 def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt):
-    """``read_tensor(info, rows=(lo, hi))``: the slice ``[lo:hi]`` of the tensor, byte for byte; rows outside the
-    first axis are refused with the tensor's name."""
+    """``read_tensor(info, rows=(lo, hi))``: the slice ``[lo:hi]`` of the tensor, byte for byte, and with
+    ``cols`` the slice of its second axis too; spans outside the tensor are refused with the tensor's name."""
     folder, _, tensors = fp8_ckpt
     key = "model.layers.1.moe.down_proj.weight"
     info = hf_mod.open_checkpoint(folder).tensors[key]
@@ -438,8 +438,14 @@ def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt):
         got = read_tensor(info, rows)
         assert got.shape == (rows[1] - rows[0], *info.shape[1:])
         assert got.tobytes() == np.ascontiguousarray(tensors[key][rows[0] : rows[1]]).tobytes()
+        for cols in ((0, info.shape[1]), (5, 77), (0, 1), (9, 9)):
+            got = read_tensor(info, rows, cols)
+            want = tensors[key][rows[0] : rows[1], cols[0] : cols[1]]
+            assert got.shape == want.shape and got.tobytes() == np.ascontiguousarray(want).tobytes(), (rows, cols)
     with pytest.raises(ValueError, match=rf"{key}: rows \[3, 5\) are outside its first axis of 4"):
         read_tensor(info, (3, 5))
+    with pytest.raises(ValueError, match=rf"{key}: columns \[0, 161\) are outside its second axis of 160"):
+        read_tensor(info, (0, 4), (0, 161))
 
 
 @pytest.fixture(scope="module")
@@ -455,8 +461,8 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tm
     only the experts its device holds, half of every stacked expert tensor and its scales, and every other tensor
     whole; the shards it holds equal a whole load's, for FP8 weights kept, FP8 dequantised, float, and float
     block-quantised on the way. On a tensor-parallel mesh a float checkpoint's matrices split along their output
-    columns (dense and shared-expert gate/up, the query heads ``wq``: stored transposed, so their HF rows) are read
-    by halves too."""
+    columns (dense, shared-expert and expert gate/up, the query heads ``wq``: stored transposed, so their HF rows,
+    after the expert axis for stacked experts) are read by halves too."""
     from processes import free_port, run_processes
 
     cases = {"fp8": (fp8_ckpt[0], "auto"), "fp8-dequantised": (fp8_ckpt[0], "none"),
@@ -469,7 +475,7 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tm
     assert [rc for rc, _ in runs] == [0, 0], "".join(text[-3000:] for _, text in runs)
     for name, (folder, _) in cases.items():
         header = hf_mod.open_checkpoint(folder).tensors
-        pattern = r"(mlp|share_expert)\.(gate|up)_proj\.|self_attn\.wq\." if name == "float-tensor" else (
+        pattern = r"(mlp|share_expert|moe)\.(gate|up)_proj\.|self_attn\.wq\." if name == "float-tensor" else (
             r"\.moe\.(gate|up|down)_proj\.")  # fmt: skip
         halved = sum(i.nbytes for k, i in header.items() if re.search(pattern, k))
         assert halved > 0

@@ -27,7 +27,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -456,16 +456,18 @@ def _output_span(path, shape: tuple[int, ...], sharding) -> tuple[int, int] | No
 
 
 def _place(
-    host: np.ndarray, dtype: np.dtype, sharding, shape: tuple[int, ...], lo: int = 0, axis: int = 0
+    host: np.ndarray, dtype: np.dtype, sharding, shape: tuple[int, ...], offsets: Sequence[tuple[int, int]] = ()
 ) -> jax.Array:
-    """Put a host array (any layout, any float dtype) holding ``lo:`` along ``axis`` of an array of ``shape`` into
-    ``sharding``: each device receives only its slice, converted to ``dtype`` slice by slice."""
+    """Put a host array (any layout, any float dtype) holding part of an array of ``shape`` into ``sharding``:
+    along each ``(axis, lo)`` of ``offsets`` it starts at ``lo`` (elsewhere it is whole). Each device receives only
+    its slice, converted to ``dtype`` slice by slice."""
 
     def shard(index):
-        if shape and lo:
+        index = list(index)
+        for axis, lo in offsets:
             start, stop = index[axis].indices(shape[axis])[:2]
-            index = (*index[:axis], slice(start - lo, stop - lo), *index[axis + 1 :])
-        return np.asarray(host[index], dtype=dtype)
+            index[axis] = slice(start - lo, stop - lo)
+        return np.asarray(host[tuple(index)], dtype=dtype)
 
     return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
@@ -480,31 +482,38 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
     if fp8_source and kept:  # an FP8 parameter: keep the checkpoint's bytes and scales, each read for its sharding
         rows, scale_rows = _rows(load.shape, sharding), _rows(load.scale_shape, shardings[load.scale_path])
         data, scale = read_tensor(load.source, rows), read_tensor(load.source_scale, scale_rows)
-        out[load.path] = _place(data, load.dtype, sharding, load.shape, rows[0])
+        out[load.path] = _place(data, load.dtype, sharding, load.shape, ((0, rows[0]),))
         out[load.scale_path] = _place(
-            scale.astype(np.float32), np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, scale_rows[0]
-        )
+            scale.astype(np.float32), np.dtype(np.float32), shardings[load.scale_path], load.scale_shape,
+            ((0, scale_rows[0]),),
+        )  # fmt: skip
         return out, data.nbytes + scale.nbytes
-    rows, axis = None, 0
-    if not shares_first_axis(load.path, load.dtype):  # a float matrix stored transposed: read the output span here
-        span, split = _output_span(load.path, load.shape, sharding), matrix_split(load.path)
-        if not (fp8_source or kept) and span is not None and span != (0, load.shape[split]):
-            inner = math.prod(load.shape[split + 1 :])
-            rows, axis = (span[0] * inner, span[1] * inner), split
-            shape = (*load.shape[:split], span[1] - span[0], *load.shape[split + 1 :])
-    elif load.shape:
+    rows = cols = None  # the spans read of the HF tensor's first and second axes (None: whole)
+    offsets, shape = [], list(load.shape)  # where the part read starts, and its shape, in the module's layout
+    first = shares_first_axis(load.path, load.dtype)
+    if first and load.shape:
         rows = _rows(load.shape, sharding)
         if kept:  # block-quantise: the weight and its scales come from the same rows
             rows = _union(rows, _rows(load.scale_shape, shardings[load.scale_path]))
         scales = load.scale_shape if kept else load.source_scale.shape if fp8_source else None
         if scales is not None and scales[0] != load.source.shape[0]:
             rows = None  # quantisation blocks span the first axis (a 2-D weight): read it whole
-    if axis:  # (the output span of a transposed matrix)
-        lo = span[0]
-    else:
-        lo = rows[0] if rows else 0
-        shape = (rows[1] - rows[0], *load.shape[1:]) if rows else load.shape  # of the rows read, module layout
-    data = read_tensor(load.source, rows)
+        if rows is not None:
+            offsets.append((0, rows[0]))
+            shape[0] = rows[1] - rows[0]
+    split = matrix_split(load.path)
+    if split is not None and not (fp8_source or kept) and (not first or split == 2 and len(load.shape) == 3):
+        # a float matrix stored transposed (stacked experts: after the expert axis): its HF rows are the output
+        # columns, so read only the span of those this process's devices hold
+        span = _output_span(load.path, load.shape, sharding)
+        if span is not None and span != (0, load.shape[split]):
+            inner = math.prod(load.shape[split + 1 :])
+            hf_span = (span[0] * inner, span[1] * inner)
+            rows, cols = (hf_span, None) if not first else (rows, hf_span)
+            offsets.append((split, span[0]))
+            shape[split] = span[1] - span[0]
+    shape, lo = tuple(shape), rows[0] if rows else 0
+    data = read_tensor(load.source, rows, cols)
     nread = data.nbytes
     if fp8_source:
         scale = read_tensor(load.source_scale, rows).astype(np.float32)
@@ -514,12 +523,14 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
         value = from_hf_layout(load.path, value, shape, load.dtype)
     elif kept:  # a float checkpoint weight for an FP8 parameter: block-quantise it
         q, scale = _host_blockwise(quant.quantize_blockwise, data)
-        out[load.path] = _place(q, load.dtype, sharding, load.shape, lo)
-        out[load.scale_path] = _place(scale, np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, lo)
+        out[load.path] = _place(q, load.dtype, sharding, load.shape, ((0, lo),))
+        out[load.scale_path] = _place(
+            scale, np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, ((0, lo),)
+        )
         return out, nread
     else:
         value = from_hf_layout(load.path, data, shape, load.dtype)
-    out[load.path] = _place(value, load.dtype, sharding, load.shape, lo, axis)
+    out[load.path] = _place(value, load.dtype, sharding, load.shape, offsets)
     return out, nread
 
 
@@ -532,8 +543,9 @@ def load_tensors(
     each tensor only the rows (first axis) its own devices hold, where that axis is the parameter's too (stacked
     experts, FP8 weights and scales, embeddings, norms), so experts split over processes are read once in all,
     and of a float matrix stored transposed only the rows of the output columns its devices hold (tensor
-    parallel: gate/up, query heads); one split along its input axis (down, o_proj) or block-quantised on the way
-    is read whole. ``report`` is an ``ok``
+    parallel: gate/up of dense layers, shared and routed experts, query heads); one split along its input axis
+    (down, o_proj), an FP8 expert tensor split along its second axis, or one block-quantised on the way is read
+    whole. ``report`` is an ``ok``
     :func:`inspect_checkpoint` result. Returns ``{path: array}``."""
     if not report.ok:
         raise ValueError(report.error_message())

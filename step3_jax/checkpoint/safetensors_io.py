@@ -127,9 +127,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return tensors, metadata
 
 
-def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+def read_tensor(
+    info: TensorInfo, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+) -> np.ndarray:
     """Read one tensor into a fresh numpy array (nothing else of the file is read or mapped); with ``rows=(lo,
-    hi)``, only its slice ``[lo:hi]`` along the first axis (one contiguous read)."""
+    hi)``, only its slice ``[lo:hi]`` along the first axis (one contiguous read), and with ``cols`` also only
+    ``[lo:hi]`` along the second (one contiguous read per row)."""
     shape, offset, nbytes = info.shape, info.offset, info.nbytes
     if rows is not None and shape and shape[0]:
         lo, hi = rows
@@ -137,11 +140,24 @@ def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> np.nda
             raise ValueError(f"{info.key}: rows [{lo}, {hi}) are outside its first axis of {shape[0]}")
         row = nbytes // shape[0]
         shape, offset, nbytes = (hi - lo, *shape[1:]), offset + lo * row, (hi - lo) * row
+    chunks = [(offset, nbytes)]  # (file offset, bytes) read one after the other into the array
+    if cols is not None and len(shape) >= 2:
+        lo, hi = cols
+        if not 0 <= lo <= hi <= shape[1]:
+            raise ValueError(f"{info.key}: columns [{lo}, {hi}) are outside its second axis of {shape[1]}")
+        col = np.dtype(info.np_dtype).itemsize * math.prod(shape[2:])  # bytes of one index of the second axis
+        chunks = [(offset + (r * shape[1] + lo) * col, (hi - lo) * col) for r in range(shape[0])]
+        shape, nbytes = (shape[0], hi - lo, *shape[2:]), shape[0] * (hi - lo) * col
     out = np.empty(shape, info.np_dtype)
     buf = out.reshape(-1).view(np.uint8)
+    got, at = 0, 0
     with open(info.file, "rb") as f:
-        f.seek(offset)
-        got = f.readinto(buf)
+        for start, size in chunks:
+            f.seek(start)
+            n = f.readinto(buf[at : at + size])
+            got, at = got + n, at + size
+            if n != size:
+                break
     if got != nbytes:
         raise ValueError(f"{info.file}: truncated while reading {info.key!r} ({got} of {nbytes} bytes)")
     return out
