@@ -456,18 +456,29 @@ def float_ckpt(tmp_path_factory, test_config):
                             config.to_hf_config())  # fmt: skip
 
 
-def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def fp8_tp_ckpt(tmp_path_factory, test_config):
+    """An FP8 checkpoint whose FFN widths (256) split over tensor=2 into whole 128-blocks."""
+    config = dataclasses.replace(
+        fp8_config(test_config), intermediate_size=256, moe_intermediate_size=256, share_expert_dim=256
+    )
+    return write_checkpoint(tmp_path_factory.mktemp("fp8tp"), hf_tensors(random_model(config, seed=7)),
+                            config.to_hf_config())  # fmt: skip
+
+
+def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, fp8_tp_ckpt, tmp_path):
     """``load_pretrained`` on an expert-parallel mesh spanning two processes (one device each): each process reads
     only the experts its device holds, half of every stacked expert tensor and its scales, and every other tensor
     whole; the shards it holds equal a whole load's, for FP8 weights kept, FP8 dequantised, float, and float
     block-quantised on the way. On a tensor-parallel mesh a float checkpoint's matrices split along their output
     columns (dense, shared-expert and expert gate/up, the query heads ``wq``: stored transposed, so their HF rows,
-    after the expert axis for stacked experts) are read by halves too."""
+    after the expert axis for stacked experts) are read by halves too, and of an FP8 checkpoint (kept in the HF
+    layout) every weight and scale split along its first or second axis (all but the experts' down)."""
     from processes import free_port, run_processes
 
     cases = {"fp8": (fp8_ckpt[0], "auto"), "fp8-dequantised": (fp8_ckpt[0], "none"),
              "float": (float_ckpt, "auto"), "float-quantised": (float_ckpt, "fp8"),
-             "float-tensor": (float_ckpt, "auto:tensor")}  # fmt: skip
+             "float-tensor": (float_ckpt, "auto:tensor"), "fp8-tensor": (fp8_tp_ckpt, "auto:tensor")}  # fmt: skip
     port, out = free_port(), tmp_path / "reads.json"
     worker = [sys.executable, str(Path(__file__).with_name("load_worker.py"))]
     args = [f"{name}={folder}:{q}" for name, (folder, q) in cases.items()]
@@ -475,8 +486,10 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, tm
     assert [rc for rc, _ in runs] == [0, 0], "".join(text[-3000:] for _, text in runs)
     for name, (folder, _) in cases.items():
         header = hf_mod.open_checkpoint(folder).tensors
-        pattern = r"(mlp|share_expert|moe)\.(gate|up)_proj\.|self_attn\.wq\." if name == "float-tensor" else (
-            r"\.moe\.(gate|up|down)_proj\.")  # fmt: skip
+        pattern = {
+            "float-tensor": r"(mlp|share_expert|moe)\.(gate|up)_proj\.|self_attn\.wq\.",
+            "fp8-tensor": r"(mlp|share_expert)\.(gate|up|down)_proj\.|moe\.(gate|up)_proj\.|self_attn\.(wq|o_proj)\.",
+        }.get(name, r"\.moe\.(gate|up|down)_proj\.")
         halved = sum(i.nbytes for k, i in header.items() if re.search(pattern, k))
         assert halved > 0
         for p in (0, 1):

@@ -441,18 +441,22 @@ def _union(*spans: tuple[int, int]) -> tuple[int, int]:
     return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
 
-def _output_span(path, shape: tuple[int, ...], sharding) -> tuple[int, int] | None:
-    """A matrix stored transposed (its HF rows are the parameter's output axes, flattened): the span along the
-    parameter's first output axis that this process's devices hold (so HF rows ``lo * inner .. hi * inner``, for
-    ``inner`` the size of the later output axes), when no device here holds part of a later output axis; else
+def _axis_span(shape: tuple[int, ...], sharding, axis: int) -> tuple[int, int] | None:
+    """The span along ``axis`` of an array of ``shape`` in ``sharding`` that this process's devices hold, when no
+    device here holds part of a later axis (so that per index of the earlier axes it is one run of bytes); else
     None."""
-    split = matrix_split(path)
     spans = []
     for index in sharding.addressable_devices_indices_map(shape).values():
-        if any(index[a].indices(shape[a])[:2] != (0, shape[a]) for a in range(split + 1, len(shape))):
+        if any(index[a].indices(shape[a])[:2] != (0, shape[a]) for a in range(axis + 1, len(shape))):
             return None
-        spans.append(index[split].indices(shape[split])[:2])
+        spans.append(index[axis].indices(shape[axis])[:2])
     return _union(*spans) if spans else (0, 0)
+
+
+def _second_span(shape: tuple[int, ...], sharding) -> tuple[int, int] | None:
+    """:func:`_axis_span` along the second axis, when it is not all of it (None otherwise)."""
+    span = _axis_span(shape, sharding, 1) if len(shape) >= 2 else None
+    return None if span == (0, shape[1]) else span
 
 
 def _place(
@@ -480,14 +484,16 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
     fp8_source, kept = load.source.dtype == FP8_SOURCE, load.scale_path is not None
     out = {}
     if fp8_source and kept:  # an FP8 parameter: keep the checkpoint's bytes and scales, each read for its sharding
-        rows, scale_rows = _rows(load.shape, sharding), _rows(load.scale_shape, shardings[load.scale_path])
-        data, scale = read_tensor(load.source, rows), read_tensor(load.source_scale, scale_rows)
-        out[load.path] = _place(data, load.dtype, sharding, load.shape, ((0, rows[0]),))
-        out[load.scale_path] = _place(
-            scale.astype(np.float32), np.dtype(np.float32), shardings[load.scale_path], load.scale_shape,
-            ((0, scale_rows[0]),),
-        )  # fmt: skip
-        return out, data.nbytes + scale.nbytes
+        nread = 0
+        parts = ((load.path, load.source, load.shape, load.dtype),
+                 (load.scale_path, load.source_scale, load.scale_shape, np.float32))  # fmt: skip
+        for path, info, shape, dtype in parts:
+            rows, cols = _rows(shape, shardings[path]), _second_span(shape, shardings[path])
+            data = read_tensor(info, rows, cols)
+            offsets = ((0, rows[0]),) if cols is None else ((0, rows[0]), (1, cols[0]))
+            out[path] = _place(data.astype(dtype, copy=False), np.dtype(dtype), shardings[path], shape, offsets)
+            nread += data.nbytes
+        return out, nread
     rows = cols = None  # the spans read of the HF tensor's first and second axes (None: whole)
     offsets, shape = [], list(load.shape)  # where the part read starts, and its shape, in the module's layout
     first = shares_first_axis(load.path, load.dtype)
@@ -505,7 +511,7 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
     if split is not None and not (fp8_source or kept) and (not first or split == 2 and len(load.shape) == 3):
         # a float matrix stored transposed (stacked experts: after the expert axis): its HF rows are the output
         # columns, so read only the span of those this process's devices hold
-        span = _output_span(load.path, load.shape, sharding)
+        span = _axis_span(load.shape, sharding, split)  # (along the first output axis)
         if span is not None and span != (0, load.shape[split]):
             inner = math.prod(load.shape[split + 1 :])
             hf_span = (span[0] * inner, span[1] * inner)
@@ -543,9 +549,9 @@ def load_tensors(
     each tensor only the rows (first axis) its own devices hold, where that axis is the parameter's too (stacked
     experts, FP8 weights and scales, embeddings, norms), so experts split over processes are read once in all,
     and of a float matrix stored transposed only the rows of the output columns its devices hold (tensor
-    parallel: gate/up of dense layers, shared and routed experts, query heads); one split along its input axis
-    (down, o_proj), an FP8 expert tensor split along its second axis, or one block-quantised on the way is read
-    whole. ``report`` is an ``ok``
+    parallel: gate/up of dense layers, shared and routed experts, query heads), and of an FP8 weight or scale
+    (HF layout) the span of its second axis too when that is what it splits; a float matrix split along its
+    input axis (down, o_proj) or one block-quantised on the way is read whole. ``report`` is an ``ok``
     :func:`inspect_checkpoint` result. Returns ``{path: array}``."""
     if not report.ok:
         raise ValueError(report.error_message())
