@@ -870,13 +870,16 @@ class AFDRunner:
                 return tokens, logits, token_logprobs(logits, tokens)
 
             self._embed_fn = jax.jit(_named(afd_embed, "afd_embed", self.trace_counts))
-            # an attention mesh over several processes: every attention process gets all tokens (and logits)
+            # an attention mesh over several processes: every attention process gets all tokens and log-probs; the
+            # logits (rows x vocabulary) stay with their rows' devices, and generate(return_logits=True) gathers them
             everywhere = NamedSharding(self.attn_mesh, PartitionSpec())
+            by_row = self.rules.sharding(self.attn_mesh, ("act_batch", None))
             spans = self._attention_spans
             self._logits_fn = jax.jit(
                 _named(afd_logits, "afd_logits", self.trace_counts),
-                out_shardings=(everywhere,) * 3 if spans else None,
+                out_shardings=(everywhere, by_row, everywhere) if spans else None,
             )
+            self._gather_rows = jax.jit(lambda x: x, out_shardings=everywhere) if spans else (lambda x: x)
 
     # ------------------------------------------------------------------ generation
 
@@ -1350,7 +1353,9 @@ class AFDRunner:
                         ended[i] = int(t) in p.stop_token_ids or len(tokens[i]) >= p.max_new_tokens
                 if return_logits:
                     step_logits.append(
-                        np.concatenate([_host(lg)[: mb.rows] for (_, lg, _), mb in zip(res, mbs, strict=True)])
+                        np.concatenate(
+                            [_host(self._gather_rows(lg))[: mb.rows] for (_, lg, _), mb in zip(res, mbs, strict=True)]
+                        )
                     )
                 return [tok for tok, *_ in res]
 

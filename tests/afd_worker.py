@@ -4,12 +4,14 @@
     python tests/afd_worker.py PROCESS_ID PORT OUT_JSON [--processes 2] [--devices 4] [--splits 4x4,3x2,2x3]
                                [--checkpoint DIR] [--exit-early] [--engine] [--hang-at STEP] [--die-at STEP]
                                [--peer-timeout S] [--attention-processes K] [--instances] [--mismatch]
+                               [--logits]
 
 ``--processes`` processes with ``--devices`` fake CPU devices each; the first half of the processes (rounded down)
 run the attention side, the others the FFN side. For each ``MxN`` of ``--splits`` (default 4x4) the runner takes M
 attention and N FFN devices, split evenly over each side's processes, and generates; every attention process
 writes ``{"MxN": tokens}`` to ``OUT_JSON.<process id>``. ``--checkpoint`` reads the weights from a checkpoint
-folder (``AFDRunner.from_checkpoint``) instead of initialising them on the submeshes. With ``--exit-early``
+folder (``AFDRunner.from_checkpoint``) instead of initialising them on the submeshes; ``--logits`` also saves
+each attention process's logits of every step to ``OUT_JSON.<process id>.<MxN>.npy``. With ``--exit-early``
 process 1 exits right after joining (a failed peer), and process 0 must then exit with a clear error instead of
 hanging. With ``--engine`` process 0 runs the continuous-batching engine over the runner of the first split (the
 others ``serve()`` its steps); ``--hang-at K`` makes process 1 hang (alive, heartbeats going) in the K-th step it
@@ -83,9 +85,11 @@ def main() -> int:
             runner = AFDRunner.from_checkpoint(checkpoint, afd)
         else:
             runner = AFDRunner.create(config, afd, seed=3)
-        result = runner.generate(prompts, 4)
+        result = runner.generate(prompts, 4, return_logits="--logits" in sys.argv)
         if runner.has_attention:
             tokens[split] = result.tokens
+            if result.logits is not None:
+                np.save(f"{out}.{process_id}.{split}.npy", np.stack(result.logits))
     tokens = {k: v for k, v in tokens.items() if v is not None}
     if tokens:
         with open(f"{out}.{process_id}", "w") as fh:

@@ -379,13 +379,16 @@ def test_four_processes_with_both_sides_spanning_two_give_the_single_process_tok
     processes, and each process reads only its own side's tensors, an FFN process only half of the experts."""
     splits = ("4x4", "4x2")
     runs = _run_workers(tmp_path, "--devices", "2", "--splits", ",".join(splits), "--checkpoint", str(checkpoint_dir),
-                        processes=4, timeout=300)  # fmt: skip
+                        "--logits", processes=4, timeout=300)  # fmt: skip
     assert all(rc == 0 for rc, _ in runs), "".join(out[-2000:] for _, out in runs)
     for p in (0, 1):
         tokens = _tokens_of(tmp_path, p)
         assert list(tokens) == list(splits)
         for split in splits:
             assert tokens[split] == four_four[1].tokens, (p, split)
+            # every row's logits (each attention process's rows gathered only on request) equal the single run's
+            logits = np.load(tmp_path / f"tokens.json.{p}.{split}.npy")
+            np.testing.assert_allclose(logits, np.stack(four_four[1].logits), rtol=1e-5, atol=1e-5)
     assert not any((tmp_path / f"tokens.json.{p}").exists() for p in (2, 3))
     loads = [re.findall(r"loaded (\d+) tensors .* this process read (\d+) of their (\d+) bytes", out)
              for _, out in runs]  # fmt: skip
