@@ -15,7 +15,8 @@ Design (docs/engine.md has the long version):
 * **Pages.** A :class:`~step3_jax.kv_cache.PageAllocator` per data-parallel attention group hands out pages of
   a fixed pool; each group's pool has one extra "null" page that padded rows and padding tokens write into and
   nothing reads. A request reserves the pages of its prompt at admission (admitted in arrival order while a slot
-  and pages last) and one more page whenever decoding crosses a page boundary.
+  and pages last) and one more page whenever decoding crosses a page boundary. Each slot's block-table row is kept
+  between steps and rewritten only when its pages change.
 * **Steps.** ``step()`` = admit what fits, run one prefill chunk for the oldest admitted-but-not-prefilled
   requests, run one decode step for every decoding slot, then retire finished requests and free their pages.
   Colocated, a decode step is dispatched before the previous one's tokens are read (they feed it on the device),
@@ -307,6 +308,9 @@ class Engine:
                 mc, groups * (pages_per_group + 1), cfg.page_size, dtype=cfg.kv_dtype, mesh=mesh, rules=rules
             )
         self._slots: list[_Request | None] = [None] * cfg.max_batch
+        # every slot's block-table row (local page ids, then the null page), updated as its pages change
+        self._tables = np.full((cfg.max_batch, self.max_pages_per_seq), self.null_page, np.int32)
+        self._null_row = self._tables[0].copy()
         self._closed = False  # (close() done)
         self._inflight: tuple | None = None  # (rows, tokens, logprobs) of a dispatched decode step not yet read
         if self.afd is None:  # the last decode step's tokens, on the device (the next step's input), replicated
@@ -542,12 +546,14 @@ class Engine:
             req.state, req.group, req.slot, req.cached = _PREFILL, best, slot, 0
             req.admitted = next(self._admissions)
             self._slots[slot] = req
+            self._sync_table(req)
 
     def _preempt(self, req: _Request) -> None:
         """Free ``req``'s pages and requeue it; its prompt + generated tokens are recomputed when it returns.
         Its group admits nothing more this step (re-admitting at once would only thrash)."""
         self._no_admit.add(req.group)
         self.allocators[req.group].free(req.id)
+        self._tables[req.slot] = self.null_page
         self._slots[req.slot] = None
         req.state, req.group, req.slot, req.cached = _WAITING, -1, -1, 0
         req.target = req.seq[:-1] if req.output else list(req.prompt)
@@ -561,25 +567,32 @@ class Engine:
         while none is free. Returns False if ``req`` itself was preempted."""
         alloc = self.allocators[req.group]
         need = -(-(req.cached + 1) // self.config.page_size)
-        while len(alloc.pages(req.id)) < need and alloc.num_free == 0:
+        if alloc.num_owned(req.id) >= need:  # (most steps: the page is there)
+            return True
+        while alloc.num_free == 0:
             holders = [r for r in self._slots if r is not None and r.group == req.group]
             victim = max(holders, key=lambda r: r.admitted)
             self._preempt(victim)
             if victim is req:
                 return False
         alloc.reserve(req.id, req.cached + 1)
+        self._sync_table(req)
         return True
 
     def _row_arrays(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
         seeds, temperature, top_k, top_p = param_rows([None if r is None else r.params for r in reqs])
         return seeds, np.asarray(counters, np.int32), temperature, top_k, top_p
 
+    def _sync_table(self, req: _Request) -> None:
+        """Refresh ``req``'s slot's row of the block tables (kept between steps) after its pages changed."""
+        pages = self.allocators[req.group].pages(req.id)
+        row = self._tables[req.slot]
+        row[: len(pages)] = pages
+        row[len(pages) :] = self.null_page
+
     def _table_row(self, req: _Request | None) -> np.ndarray:
-        row = np.full((self.max_pages_per_seq,), self.null_page, np.int32)
-        if req is not None:
-            pages = self.allocators[req.group].pages(req.id)
-            row[: len(pages)] = pages
-        return row
+        """``req``'s block-table row (its pages, then the null page), or a null row for a padding row."""
+        return self._tables[req.slot] if req is not None else self._null_row
 
     def _prefill_rows(self) -> tuple[list[_Request | None], list[int], int]:
         """The next prefill chunk: up to ``prefill_rows_per_group`` admitted requests of each group, oldest admission
@@ -661,7 +674,8 @@ class Engine:
                     tokens[i] = r.last_token
                 start[i] = r.cached
                 counters[i] = len(r.output) + on_device[i]  # the index of the token this step samples
-            table = np.stack([self._table_row(r) for r in rows])
+            active = np.fromiter((r is not None for r in rows), bool, len(rows))  # (slot order: the tables' rows)
+            table = np.where(active[:, None], self._tables, self.null_page)
             inputs = (tokens, table, start, *self._row_arrays(rows, counters))
             if self.afd is None:
                 inputs = (tokens, on_device, self._prev_tokens, *inputs[1:])
@@ -720,6 +734,7 @@ class Engine:
     def _finish(self, req: _Request, reason: str, now: float) -> RequestOutput:
         if req.state != _WAITING:  # (an aborted request may be queued: no slot, no pages)
             self.allocators[req.group].free(req.id)
+            self._tables[req.slot] = self.null_page
             self._slots[req.slot] = None
         del self._requests[req.id]
         self.stats["finished" if reason != "abort" else "aborted"] += 1

@@ -282,6 +282,10 @@ class PageAllocator:
     def pages(self, seq) -> list[int]:
         return list(self._pages.get(seq, []))
 
+    def num_owned(self, seq) -> int:
+        """How many pages ``seq`` owns."""
+        return len(self._pages.get(seq, ()))
+
     def reserve(self, seq, num_tokens: int) -> list[int]:
         """Own pages for ``num_tokens`` tokens of ``seq`` (allocating what is missing); returns its page ids."""
         need = -(-num_tokens // self.page_size)
