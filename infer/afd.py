@@ -1653,7 +1653,8 @@ def merge_process_intervals(per_process: list[list[dict]]) -> list[dict]:
     on the transfers: every process runs every A->F and F->A program (collectives), which end at about the same
     moment on all of them; a process is shifted by the median, over the transfers, of how much later they end
     there than on process 0 (one transfer alone is off by up to a millisecond on a CPU: a sender may finish
-    before the receiver has copied the block in)."""
+    before the receiver has copied the block in). Each interval also gets that alignment's ``clock_error``: twice
+    the median distance of a transfer's own offset from the shift (microseconds; 0 on process 0)."""
 
     def ends(intervals):
         return {(r["stage"], r["layer"], r["mb"]): r["end"] for r in intervals if r["stage"] in ("a2f", "f2a")}
@@ -1665,8 +1666,12 @@ def merge_process_intervals(per_process: list[list[dict]]) -> list[dict]:
         shared = sorted(set(ref) & set(mine))
         if not shared:
             raise ValueError(f"process {p}'s trace shares no A->F / F->A transfer with process 0's to align it on")
-        shift = float(np.median([mine[k] - ref[k] for k in shared]))
-        out += [dict(r, start=r["start"] - shift, end=r["end"] - shift, process=p) for r in intervals]
+        offsets = np.array([mine[k] - ref[k] for k in shared])
+        shift = float(np.median(offsets))
+        error = 2 * float(np.median(np.abs(offsets - shift)))  # (robust: a transfer alone may be off by ms)
+        out += [
+            dict(r, start=r["start"] - shift, end=r["end"] - shift, process=p, clock_error=error) for r in intervals
+        ]
     return _from_zero(out)
 
 
@@ -1699,7 +1704,8 @@ def write_chrome_trace(intervals: list[dict], path: str | Path) -> None:
                 "ts": r["start"],
                 "dur": max(r["end"] - r["start"], 0.001),
                 "name": f"{r['stage']} L{r['layer']} mb{r['mb']}",
-                "args": {"layer": r["layer"], "micro_batch": r["mb"], "devices": r["devices"]},
+                "args": {"layer": r["layer"], "micro_batch": r["mb"], "devices": r["devices"]}
+                | ({"clock_error_us": r["clock_error"]} if "clock_error" in r else {}),
             }
         )
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
