@@ -967,11 +967,10 @@ class AFDRunner:
         (its own devices' pages), which its :meth:`serve` then passes to each step."""
         kvc.check_kv_dtype(dtype if dtype is None else jnp.dtype(dtype).name, "the page pool's dtype")
         kvc.check_pool_size(num_pages, page_size, self.afd.attention_devices)
-        if self.instanced:  # every attention instance makes it (its own devices' pages), with the same arguments
+        if self.multiprocess:
             self.check_driver("AFDRunner.create_pool")
-        elif self.multiprocess:
-            self.check_driver("AFDRunner.create_pool")
-            _announce(np.array([_OP_POOL, num_pages, page_size, kv_code(dtype), 0, 0], np.int32))
+            if not self.instanced:  # (per-process instances each make it themselves, with the same arguments)
+                _announce(np.array([_OP_POOL, num_pages, page_size, kv_code(dtype), 0, 0], np.int32))
         return self._make_pool(num_pages, page_size, dtype)
 
     def _make_pool(self, num_pages: int, page_size: int, dtype) -> dict:
@@ -1006,19 +1005,17 @@ class AFDRunner:
         self._check_step(n, mb_count)
         if not self.multiprocess:
             return self._step(pool, *inputs, mb_count)
+        self.check_driver("AFDRunner.step")
         if self.instanced:
-            self.check_driver("AFDRunner.step")
             self._take_round_step(n // self.local_attention_devices, width, mb_count, inputs[1].shape[1])
             if inputs[4] is None:  # (every instance runs the same logits program: the sampling one, greedy rows)
                 seeds, temperature, top_k, top_p = param_rows([None] * n)
                 inputs = (*inputs[:4], (seeds, np.zeros((n,), np.int32), temperature, top_k, top_p))
-            with self._watched():
-                return self._step(pool, *inputs, mb_count)
-        self.check_driver("AFDRunner.step")
         with self._watched():
-            _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], rows is not None], np.int32))
-            if self._attention_spans:  # the other attention processes run this step too: they need its inputs
-                _announce(inputs)
+            if not self.instanced:  # (the instances agreed this step's shapes in their round)
+                _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], rows is not None], np.int32))
+                if self._attention_spans:  # the other attention processes run this step too: they need its inputs
+                    _announce(inputs)
             return self._step(pool, *inputs, mb_count)
 
     @contextlib.contextmanager
