@@ -610,10 +610,11 @@ class Engine:
             return rows, lens, 0
         return rows, lens, min(_pow2_at_least(max(lens), cfg.min_bucket), cfg.prefill_chunk)
 
-    def _prefill(self, width: int | None = None) -> list[StreamEvent]:
-        """Run the next prefill chunk (:meth:`_prefill_rows`), if there is one; with ``width`` (per-process AFD
-        instances: the round's agreed width, at least this engine's own) always, on padding rows if need be."""
-        rows, lens, own = self._prefill_rows()
+    def _prefill(self, width: int | None = None, chunk: tuple | None = None) -> list[StreamEvent]:
+        """Run the next prefill chunk (:meth:`_prefill_rows`, or ``chunk`` when the caller has it), if there is one;
+        with ``width`` (per-process AFD instances: the round's agreed width, at least this engine's own) always, on
+        padding rows if need be."""
+        rows, lens, own = chunk or self._prefill_rows()
         if width is None:
             if not own:
                 return []
@@ -780,13 +781,13 @@ class Engine:
         agree_round`: a prefill if any instance has a chunk to prefill, at the widest chunk; a decode step if any
         has a request to decode) and run them, on padding rows where this engine has none. Returns (every instance
         has closed, events)."""
-        rows, lens, width = self._prefill_rows()
+        chunk = rows, lens, width = self._prefill_rows()
         finishing = any(r is not None and r.cached + n >= len(r.target) for r, n in zip(rows, lens, strict=True))
         decode = finishing or any(r is not None and r.state == _DECODE for r in self._slots)
         plan = self.afd.agree_round(prefill_width=width, decode=decode, done=closing)
         events = []
-        for st in plan.steps:
-            events += self._prefill(width=st.width) if st.kind == "prefill" else self._decode(always=True)
+        for st in plan.steps:  # (the prefill comes first: nothing has changed the chunk since it was chosen)
+            events += self._prefill(st.width, chunk) if st.kind == "prefill" else self._decode(always=True)
         return plan.done, events
 
     def close(self) -> None:
