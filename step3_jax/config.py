@@ -165,6 +165,8 @@ class Step3Config:
         for name in ("bos_token_id", "eos_token_id"):
             if name not in kwargs and name in hf:
                 kwargs[name] = hf[name]
+        if "rope_parameters" in text:  # newer exports: {"rope_type": "default", "rope_theta": ...}
+            kwargs.update(_rope_from_parameters(text["rope_parameters"], text))
         if "moe_layers_enum" in text:
             kwargs["moe_layers_enum"] = parse_moe_layers_enum(text["moe_layers_enum"])
         else:
@@ -223,6 +225,27 @@ class Step3Config:
         active_experts = n_moe * self.moe_top_k * 3 * d * self.moe_intermediate_size
         counts["active"] = counts["total"] - counts["experts"] + active_experts
         return counts
+
+
+def _rope_from_parameters(rope: Any, text: dict[str, Any]) -> dict[str, Any]:
+    """The ``rope_theta`` of a ``rope_parameters`` entry (how newer ``transformers`` write rope settings). Step-3
+    uses plain rotary embeddings: any other ``rope_type`` is refused, as ``rope_scaling`` is, and a
+    ``rope_theta`` given both there and at the top level must agree."""
+    if rope is None:
+        return {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config rope_parameters must be an object, got {type(rope).__name__} {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"config rope_parameters: Step-3 uses no rope scaling, got rope_type {kind!r}")
+    if "rope_theta" not in rope:
+        return {}
+    theta = rope["rope_theta"]
+    if "rope_theta" in text and text["rope_theta"] != theta:
+        raise ValueError(
+            f"config gives rope_theta {text['rope_theta']!r} and rope_parameters.rope_theta {theta!r}; they must agree"
+        )
+    return {"rope_theta": theta}
 
 
 def parse_quantization_config(qc: Any) -> str | None:

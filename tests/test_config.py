@@ -77,6 +77,22 @@ def test_from_bare_text_config_and_default_moe_layers():
     assert not cfg.is_moe_layer(0)
 
 
+def test_rope_parameters_of_newer_exports():
+    """Newer ``transformers`` write ``rope_parameters`` instead of ``rope_theta``: its theta is read, and any rope
+    type other than the default (or a theta that contradicts the top-level one) is refused, naming the key."""
+    text = dict(VLM_CONFIG["text_config"])
+    del text["rope_theta"]
+    cfg = Step3Config.from_hf_config(dict(text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    assert cfg.rope_theta == 10000.0
+    assert Step3Config.from_hf_config(dict(text, rope_parameters={"rope_type": "default"})) == STEP3
+    with pytest.raises(ValueError, match="rope_parameters.*'yarn'"):
+        Step3Config.from_hf_config(dict(text, rope_parameters={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="rope_theta 500000 and rope_parameters.rope_theta 10000"):
+        Step3Config.from_hf_config(dict(text, rope_theta=500000, rope_parameters={"rope_theta": 10000}))
+    with pytest.raises(ValueError, match="rope_parameters must be an object"):
+        Step3Config.from_hf_config(dict(text, rope_parameters=[1]))
+
+
 def test_hf_round_trip_through_json():
     for cfg in PRESETS.values():
         hf = json.loads(json.dumps(cfg.to_hf_config()))
