@@ -661,6 +661,27 @@ class _MicroBatch:
     f: jax.Array | None = None  # FFN output of the last layer, back on the attention side
 
 
+class StepTokens:
+    """The tokens and log-probabilities of a step :meth:`AFDRunner.dispatch` dispatched, read from the devices by
+    :meth:`read` (under several processes within ``AFDConfig.peer_timeout_s``, as the step itself)."""
+
+    def __init__(self, runner: AFDRunner, order: list[np.ndarray], results: list[tuple]):
+        self._runner, self._order, self._results = runner, order, results
+        self._read: tuple[np.ndarray, np.ndarray] | None = None
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens [n] int32, logprobs [n] float32)`` in the step's row order (waits for the step)."""
+        if self._read is None:
+            runner = self._runner
+            n = sum(len(sel) for sel in self._order)
+            tokens, logprobs = np.empty((n,), np.int32), np.empty((n,), np.float32)
+            with runner._watched() if runner.multiprocess else contextlib.nullcontext():
+                for sel, (tok, _, logp) in zip(self._order, self._results, strict=True):
+                    tokens[sel], logprobs[sel] = runner._own(_host(tok)), runner._own(_host(logp))
+            self._read, self._results = (tokens, logprobs), None
+        return self._read
+
+
 class AFDRunner:
     """Batched generation (greedy or sampled) with attention and FFN on disjoint device groups (see the module
     docstring).
@@ -704,6 +725,8 @@ class AFDRunner:
         self._shapes: InstanceShapes | None = None  # per-process instances: their common shapes (join_instances)
         self._round: list[RoundStep] = []  # per-process instances: the agreed steps of this round not yet run
         self._closed = False  # per-process instances: every instance has closed (no more rounds)
+        # the last decode step's (rows, micro-batches) and per micro-batch tokens on the device (the next one's input)
+        self._decoded: tuple[tuple[int, int], list[jax.Array]] | None = None
         self.attn_mesh = make_mesh(data=m, devices=attn_devs)
         self._attention_spans = len({d.process_index for d in attn_devs}) > 1  # the attention side: several processes
         self.ffn_mesh = make_mesh(tensor=self.tp, expert=self.ep, devices=ffn_devs)
@@ -851,7 +874,10 @@ class AFDRunner:
         if self.has_attention:
             top_gd, top_abs = self._top
 
-            def afd_embed(params, ids):
+            def afd_embed(params, ids, prev=None):
+                """``prev`` (a decode step's): rows whose id is -1 take its token, still on the device."""
+                if prev is not None:
+                    ids = jnp.where(ids < 0, prev[:, None], ids)
                 x = nnx.merge(top_gd, top_abs, params).embed(ids)
                 return x, jnp.zeros_like(x)  # (residual, "FFN output") so every layer runs the same program
 
@@ -875,10 +901,13 @@ class AFDRunner:
             everywhere = NamedSharding(self.attn_mesh, PartitionSpec())
             by_row = self.rules.sharding(self.attn_mesh, ("act_batch", None))
             spans = self._attention_spans
+            # tokens replicated on the attention mesh in every case: a decode step's are the next one's input
+            # (``prev``), which must keep one sharding so that the embedding never compiles twice
             self._logits_fn = jax.jit(
                 _named(afd_logits, "afd_logits", self.trace_counts),
-                out_shardings=(everywhere, by_row, everywhere) if spans else None,
+                out_shardings=(everywhere, by_row, everywhere),
             )
+            self._tokens_sharding = everywhere
             self._gather_rows = jax.jit(lambda x: x, out_shardings=everywhere) if spans else (lambda x: x)
 
     # ------------------------------------------------------------------ generation
@@ -899,8 +928,9 @@ class AFDRunner:
         table = jax.device_put(table, self._act_sharding(self.attn_mesh, table.shape))
         return _pool_layers(pool), table  # the block table is shared by every layer
 
-    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None):
-        """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits).
+    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None, prev=None):
+        """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits,
+        logprobs). ``prev``: per micro-batch the tokens of the previous decode step, for the rows whose id is -1.
 
         Under several processes the transfers are collective programs that hold the devices they run on until
         the other side takes part, so their order matters: the F->A of a micro-batch is dispatched one step later,
@@ -912,7 +942,7 @@ class AFDRunner:
         for j, mb in enumerate(mbs):
             if self.has_attention:
                 self._log("jit_afd_embed", -1, j)
-                mb.h, mb.f = self._embed_fn(self._top_params, ids[j])
+                mb.h, mb.f = self._embed_fn(self._top_params, ids[j], *(() if prev is None else (prev[j],)))
             t = positions[j].shape[1]
         back = {mb.padded: jax.ShapeDtypeStruct((mb.padded, t, cfg.hidden_size), return_dtype(cfg, self.afd.transfer))
                 for mb in mbs}  # fmt: skip
@@ -979,8 +1009,26 @@ class AFDRunner:
         )
 
     def step(self, pool: dict, ids, block_table, start, last, rows=None, *, micro_batches: int | None = None):
-        """One pass of a batch through the pipeline on a shared page pool, for a scheduler such as the
-        continuous-batching :class:`~infer.engine.Engine` (which drives an ``AFDRunner`` through this).
+        """One pass of a batch through the pipeline on a shared page pool (:meth:`dispatch` with its tokens read at
+        once): returns ``(tokens [n], logprobs [n], pool)``."""
+        out, pool = self.dispatch(pool, ids, block_table, start, last, rows, micro_batches=micro_batches)
+        return (*out.read(), pool)
+
+    def dispatch(
+        self,
+        pool: dict,
+        ids,
+        block_table,
+        start,
+        last,
+        rows=None,
+        *,
+        micro_batches: int | None = None,
+        decode: bool = False,
+    ) -> tuple[StepTokens, dict]:
+        """Dispatch one pass of a batch through the pipeline on a shared page pool, for a scheduler such as the
+        continuous-batching :class:`~infer.engine.Engine` (which drives an ``AFDRunner`` through this), without
+        waiting for it: returns ``(StepTokens, pool)``, the tokens read when wanted (:meth:`StepTokens.read`).
 
         The batch is laid out as the engine lays out its slots: ``n = M * r`` rows, attention device ``g``'s rows
         ``g*r .. (g+1)*r - 1``, with ``block_table`` rows of that device's local page ids into ``pool`` (per layer
@@ -989,8 +1037,12 @@ class AFDRunner:
         start + T - 1``, ``last [n]`` picks each row's logits, ``rows`` = (seeds, counters, temperature, top_k,
         top_p) sample as the engine does (None: greedy). Micro-batch ``j`` of ``micro_batches`` (default
         ``AFDConfig.micro_batches``; it must divide ``r``) takes the ``j``-th ``r / micro_batches`` rows of every
-        device, so each keeps its own rows and pages. Host (numpy) inputs; returns ``(tokens [n], logprobs [n],
-        pool)``, ``logprobs`` the model's log-probability of each token (float32, before any sampling filter).
+        device, so each keeps its own rows and pages. Host (numpy) inputs; the tokens come with ``logprobs``, the
+        model's log-probability of each token (float32, before any sampling filter).
+
+        A ``decode`` step (``T = 1``) keeps its tokens on the device for the next decode step of the same shape:
+        there a row whose id is -1 takes the token its row got here, so a scheduler can dispatch the next step
+        before it reads this one's tokens (and turn them into text while the devices run).
 
         Under several processes the driver is process 0 (an attention process); every other process runs
         :meth:`serve`, which follows each step (its shapes, and for the other attention processes its inputs, are
@@ -1003,8 +1055,9 @@ class AFDRunner:
         n, width = inputs[0].shape
         mb_count = self.afd.micro_batches if micro_batches is None else micro_batches
         self._check_step(n, mb_count)
+        self._check_carried(inputs[0], n, mb_count, decode)
         if not self.multiprocess:
-            return self._step(pool, *inputs, mb_count)
+            return self._step(pool, *inputs, mb_count, decode)
         self.check_driver("AFDRunner.step")
         if self.instanced:
             self._take_round_step(n // self.local_attention_devices, width, mb_count, inputs[1].shape[1])
@@ -1013,10 +1066,23 @@ class AFDRunner:
                 inputs = (*inputs[:4], (seeds, np.zeros((n,), np.int32), temperature, top_k, top_p))
         with self._watched():
             if not self.instanced:  # (the instances agreed this step's shapes in their round)
-                _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], rows is not None], np.int32))
+                flags = (rows is not None) | decode << 1
+                _announce(np.array([_OP_STEP, n, width, mb_count, inputs[1].shape[1], flags], np.int32))
                 if self._attention_spans:  # the other attention processes run this step too: they need its inputs
                     _announce(inputs)
-            return self._step(pool, *inputs, mb_count)
+            return self._step(pool, *inputs, mb_count, decode)
+
+    def _check_carried(self, ids: np.ndarray, n: int, mb_count: int, decode: bool) -> None:
+        """Ids of -1 (a token still on the device) only in a decode step after one of the same shape."""
+        if not (ids < 0).any():
+            return
+        if not decode or ids.shape[1] != 1:
+            raise ValueError("token ids of -1 (the previous decode step's token) are for decode steps (one token)")
+        if self._decoded is None or self._decoded[0] != (n, mb_count):
+            raise ValueError(
+                f"token ids of -1 in a decode step of {n} rows and {mb_count} micro-batches, but no decode step of "
+                f"that shape ran before it"
+            )
 
     @contextlib.contextmanager
     def _watched(self):
@@ -1031,7 +1097,7 @@ class AFDRunner:
         finally:
             self._watchdog.disarm()
 
-    def _step(self, pool: dict, ids, block_table, start, last, rows, mb_count: int):
+    def _step(self, pool: dict, ids, block_table, start, last, rows, mb_count: int, decode: bool = False):
         n, width = ids.shape
         m = self.local_attention_devices if self.instanced else self.afd.attention_devices  # the devices of the rows
         r, q = n // m, n // m // mb_count
@@ -1045,18 +1111,24 @@ class AFDRunner:
         mbs = [_MicroBatch(every, every, kv, put(block_table[sel])) for sel in order]
         positions = [put(start[sel][:, None] + np.arange(width, dtype=np.int32)[None]) for sel in order]
         per_mb_rows = None if rows is None else [tuple(put(a[sel]) for a in rows) for sel in order]
+        prev = None
+        if decode:  # (every decode step takes the previous one's tokens, zeros at first: one program)
+            key = (n, mb_count)
+            prev = self._decoded[1] if self._decoded is not None and self._decoded[0] == key else None
+            if prev is None:
+                zeros = np.zeros((every,), np.int32)
+                prev = [jax.device_put(zeros, self._tokens_sharding)] * mb_count
         res = self._forward(
             mbs, [put(ids[sel]) for sel in order], positions, [put(start[sel]) for sel in order],
-            [put(last[sel]) for sel in order], per_mb_rows,
+            [put(last[sel]) for sel in order], per_mb_rows, prev,
         )  # fmt: skip
-        tokens, logprobs = np.empty((n,), np.int32), np.empty((n,), np.float32)
-        for sel, (tok, _, logp) in zip(order, res, strict=True):
-            tokens[sel], logprobs[sel] = self._own(_host(tok)), self._own(_host(logp))
+        if decode:
+            self._decoded = ((n, mb_count), [tok for tok, _, _ in res])
         new_pool = {
             name: tuple(layer[c] for layer in kv) if (c < 2 or fp8) else None
             for c, name in enumerate(("k", "v", "k_scale", "v_scale"))
         }
-        return tokens, logprobs, new_pool
+        return StepTokens(self, order, res), new_pool
 
     def _put_all(self, a: np.ndarray) -> jax.Array:
         """Host rows of every attention device -> an array on the attention mesh."""
@@ -1119,19 +1191,22 @@ class AFDRunner:
                     pool = self._make_pool(a, b, None if c == 0 else kvc.KV_DTYPES[c - 1])
                 continue
             with self._watched():
-                pool = self._serve_step(pool, n=a, width=b, mb_count=c, table_width=d, has_rows=bool(e))
+                pool = self._serve_step(pool, n=a, width=b, mb_count=c, table_width=d, flags=e)
             served += 1
 
-    def _serve_step(self, pool, *, n: int, width: int, mb_count: int, table_width: int, has_rows: bool):
-        """This process's side of one announced step (the FFN side needs only the shapes); returns the pool."""
+    def _serve_step(self, pool, *, n: int, width: int, mb_count: int, table_width: int, flags: int):
+        """This process's side of one announced step (the FFN side needs only the shapes); returns the pool. An
+        attention process waits for the step's tokens, so that a step that never ends is caught here too."""
         inputs = _step_inputs(
             np.zeros((n, width)), np.zeros((n, table_width)), np.zeros((n,)), np.zeros((n,)),
-            tuple(np.zeros((n,)) for _ in range(5)) if has_rows else None,
+            tuple(np.zeros((n,)) for _ in range(5)) if flags & 1 else None,
         )  # fmt: skip
         if self._attention_spans:
             inputs = _announce(inputs)
         if self.has_attention:
-            return self._step(pool, *inputs, mb_count)[2]
+            out, pool = self._step(pool, *inputs, mb_count, decode=bool(flags & 2))
+            out.read()
+            return pool
         self._ffn_step(n, width, mb_count)
         return pool
 

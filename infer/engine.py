@@ -312,7 +312,8 @@ class Engine:
         self._tables = np.full((cfg.max_batch, self.max_pages_per_seq), self.null_page, np.int32)
         self._null_row = self._tables[0].copy()
         self._closed = False  # (close() done)
-        self._inflight: tuple | None = None  # (rows, tokens, logprobs) of a dispatched decode step not yet read
+        # (rows, tokens, logprobs) of a dispatched decode step not yet read; over AFD (rows, StepTokens, None)
+        self._inflight: tuple | None = None
         if self.afd is None:  # the last decode step's tokens, on the device (the next step's input), replicated
             replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             self._tokens_sharding = replicated
@@ -397,10 +398,12 @@ class Engine:
             self.pages_per_group + 1, self.config.page_size, kv_code(self.config.kv_dtype),
         )  # fmt: skip
 
-        def decode(state, pool, tokens, table, start, *rows):
+        def decode(state, pool, tokens, table, start, *rows):  # (not read: StepTokens.read() when collected)
             zeros = np.zeros_like(start)
-            out, logprobs, pool = runner.step(pool, tokens[:, None], table, start, zeros, rows, micro_batches=n_mb)
-            return (out, logprobs), pool
+            out, pool = runner.dispatch(
+                pool, tokens[:, None], table, start, zeros, rows, micro_batches=n_mb, decode=True
+            )
+            return (out, None), pool
 
         def prefill(state, pool, ids, table, start, last, *rows):
             out, logprobs, pool = runner.step(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
@@ -648,12 +651,13 @@ class Engine:
         return events
 
     def _decode(self, always: bool = False) -> list[StreamEvent]:
-        """One decode step for every decoding request. Colocated, the step is dispatched before the previous one's
-        tokens are read: a row whose token is still in flight takes it on the device (``_prev_tokens``), and the
-        host turns the previous step's tokens into events while the device runs this one. A request that a stop
-        token ended in the previous step has run one step too many then, and that token is dropped; one that its
-        length ends is left out. Over AFD (whose steps take host inputs) each step is read at once. With ``always``
-        (per-process AFD instances, in a round whose plan has a decode step) it runs even on padding rows only."""
+        """One decode step for every decoding request. The step is dispatched before the previous one's tokens are
+        read: a row whose token is still in flight takes it on the device (colocated ``_prev_tokens``; over AFD an
+        id of -1, which the runner fills from its previous decode step), and the host turns the previous step's
+        tokens into events while the devices run this one. A request that a stop token ended in the previous step
+        has run one step too many then, and that token is dropped; one that its length ends is left out. With
+        ``always`` (per-process AFD instances, in a round whose plan has a decode step) it runs even on padding
+        rows only."""
         inflight, self._inflight = self._inflight, None
         pending = set() if inflight is None else {id(r) for r in inflight[0] if r is not None}
         decoding = sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted)
@@ -671,8 +675,7 @@ class Engine:
                 if r is None:
                     continue
                 on_device[i] = id(r) in pending
-                if not on_device[i]:
-                    tokens[i] = r.last_token
+                tokens[i] = -1 if on_device[i] else r.last_token  # (-1: over AFD, the runner's previous token)
                 start[i] = r.cached
                 counters[i] = len(r.output) + on_device[i]  # the index of the token this step samples
             active = np.fromiter((r is not None for r in rows), bool, len(rows))  # (slot order: the tables' rows)
@@ -686,9 +689,9 @@ class Engine:
                 if r is not None:
                     r.cached += 1
             if self.afd is None:
-                self._prev_tokens, self._inflight = out, (rows, out, logprobs)
-            else:
-                events += self._collect((rows, out, logprobs))
+                self._prev_tokens = out
+            if any(r is not None for r in rows):  # (a step on padding rows only has nothing to read)
+                self._inflight = (rows, out, logprobs)
         if inflight is not None:
             events = self._collect(inflight) + events
         return events
@@ -701,7 +704,7 @@ class Engine:
         """A decode step's tokens -> events, for the rows whose request still decodes in that slot (not finished,
         aborted or preempted since the step was dispatched)."""
         rows, out, logprobs = step
-        out, logprobs = np.asarray(out), np.asarray(logprobs)
+        out, logprobs = out.read() if logprobs is None else (np.asarray(out), np.asarray(logprobs))
         events = []
         for i, r in enumerate(rows):
             if r is not None and r.state == _DECODE and self._slots[r.slot] is r:
@@ -781,6 +784,12 @@ class Engine:
         agree_round`: a prefill if any instance has a chunk to prefill, at the widest chunk; a decode step if any
         has a request to decode) and run them, on padding rows where this engine has none. Returns (every instance
         has closed, events)."""
+        if self._inflight is not None:
+            # the last round's decode step must be over before this round's exchange (its events come after this
+            # round's decode is dispatched, as ever): a round is then a point where no step is in flight, so an
+            # instance that dies between rounds leaves no collective waiting for it (the others' exchange fails
+            # at once; a step still running would wait for it until JAX's heartbeat aborts them)
+            self._inflight[1].read()
         chunk = rows, lens, width = self._prefill_rows()
         finishing = any(r is not None and r.cached + n >= len(r.target) for r, n in zip(rows, lens, strict=True))
         decode = finishing or any(r is not None and r.state == _DECODE for r in self._slots)

@@ -4,6 +4,7 @@ from the profiler trace, clear errors for impossible requests, and two- and four
 jax.distributed."""
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -239,9 +240,12 @@ def test_pipeline_overlaps_attention_and_ffn(config, tmp_path):
 def test_engine_drives_afd_with_continuous_batching(config):
     """``Engine(AFDRunner)``: the continuous-batching scheduler over the disaggregated pipeline (2 attention + 2 FFN
     devices, decode steps in 2 micro-batches). Requests arriving at different times, greedy and sampled, prompts
-    of 1 to 16 tokens, a page pool too small for all of them at once (preemption and recompute): every request
-    gets exactly the tokens (and log-probabilities) the colocated engine gives it; a second wave of requests
-    compiles nothing new. A batch the micro-batches cannot split is refused."""
+    of 1 to 16 tokens, some ended by a stop token, a page pool too small for all of them at once (preemption and
+    recompute): every request gets exactly the tokens (and log-probabilities) the colocated engine gives it. Each
+    decode step is dispatched before the previous one's tokens are read (rows still decoding take their token on
+    the device). A second wave of requests compiles nothing new. A batch the micro-batches cannot split is
+    refused."""
+    from infer.afd import StepTokens
     from infer.engine import Engine, EngineConfig
 
     rng = np.random.default_rng(5)
@@ -251,21 +255,51 @@ def test_engine_drives_afd_with_continuous_batching(config):
         for i, k in enumerate(rng.integers(1, 14, size=12))
     ]
     sizes = dict(max_seq_len=32, page_size=8, prefill_chunk=16)
-    want = Engine(create_model(config, seed=SEED), EngineConfig(max_batch=4, **sizes)).generate_outputs(prompts, params)
+    colocated = Engine(create_model(config, seed=SEED), EngineConfig(max_batch=4, **sizes))
+    free = colocated.generate_outputs(prompts, params)
+    # every third request stops at its third token (a stop token ends it while its next step is in flight)
+    params = [
+        dataclasses.replace(p, stop_token_ids=(f.token_ids[2],)) if i % 3 == 0 and len(f.token_ids) > 3 else p
+        for i, (p, f) in enumerate(zip(params, free, strict=True))
+    ]
+    want = colocated.generate_outputs(prompts, params)
+    assert sum(o.finish_reason == "stop" for o in want) >= 2
 
     runner = AFDRunner.create(config, AFDConfig(attention_devices=2, ffn_devices=2, micro_batches=2, transfer="model"),
                               seed=SEED)  # fmt: skip
     engine = Engine(runner, EngineConfig(max_batch=8, num_pages=12, **sizes))
-    first = [engine.submit(p, sp) for p, sp in zip(prompts[:7], params[:7], strict=True)]
-    done = {}
-    for _ in range(3):
-        done |= {ev.request_id: ev.output for ev in engine.step() if ev.finished}
-    later = [engine.submit(p, sp) for p, sp in zip(prompts[7:], params[7:], strict=True)]
-    done |= engine.run()
+    calls, dispatch, read = [], runner.dispatch, StepTokens.read
+
+    def logged_dispatch(pool, ids, *args, decode=False, **kw):
+        out, pool = dispatch(pool, ids, *args, decode=decode, **kw)
+        calls.append(("decode" if decode else "prefill", int((np.asarray(ids) < 0).sum()), out))
+        return out, pool
+
+    def logged_read(self):
+        calls.append(("read", 0, self))  # (the objects themselves: no id is reused)
+        return read(self)
+
+    runner.dispatch, StepTokens.read = logged_dispatch, logged_read
+    try:
+        first = [engine.submit(p, sp) for p, sp in zip(prompts[:7], params[:7], strict=True)]
+        done = {}
+        for _ in range(3):
+            done |= {ev.request_id: ev.output for ev in engine.step() if ev.finished}
+        later = [engine.submit(p, sp) for p, sp in zip(prompts[7:], params[7:], strict=True)]
+        done |= engine.run()
+    finally:
+        del runner.dispatch
+        StepTokens.read = read
     got = [done[i] for i in first + later]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     np.testing.assert_allclose(sum((o.logprobs for o in got), []), sum((o.logprobs for o in want), []), atol=1e-4)
     assert all(o.ok for o in got) and engine.stats["preemptions"] > 0
+    # a decode step's tokens are read only after the next decode step is dispatched, which takes them on the device
+    decodes = [c for c in calls if c[0] == "decode"]
+    read_at = {id(step): i for i, (kind, _, step) in enumerate(calls) if kind == "read"}
+    for this, following in itertools.pairwise(decodes):
+        assert read_at[id(this[2])] > calls.index(following)
+    assert sum(carried > 0 for _, carried, _ in decodes) > len(decodes) // 2
     assert engine.pages_in_use() == 0
     # steady state: a second wave of different requests compiles nothing new (one decode program per kind,
     # prefill ones per chunk bucket, all traced by the first wave)
@@ -278,6 +312,12 @@ def test_engine_drives_afd_with_continuous_batching(config):
 
     with pytest.raises(ValueError, match="gives 3 decode slots per attention device, which the AFD runner's 2 "):
         Engine(runner, EngineConfig(max_batch=6, **sizes))
+    # a token "still on the device" (-1) only where a decode step of the same shape ran before
+    table, zeros = np.zeros((4, engine.max_pages_per_seq), np.int32), np.zeros((4,), np.int32)
+    with pytest.raises(ValueError, match="ids of -1 .* are for decode steps"):
+        runner.dispatch(engine._pool, np.full((4, 2), -1), table, zeros, zeros)
+    with pytest.raises(ValueError, match="decode step of 4 rows and 2 micro-batches, but no decode step of that"):
+        runner.dispatch(engine._pool, np.full((4, 1), -1), table, zeros, zeros, decode=True)
 
 
 def test_impossible_requests_fail_before_work(config, test_config, prompts):
