@@ -314,6 +314,7 @@ class Engine:
         self._closed = False  # (close() done)
         # (rows, tokens, logprobs) of a dispatched decode step not yet read; over AFD (rows, StepTokens, None)
         self._inflight: tuple | None = None
+        self._last_step: tuple | None = None  # (tokens, logprobs) of the last step dispatched, prefill or decode
         if self.afd is None:  # the last decode step's tokens, on the device (the next step's input), replicated
             replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             self._tokens_sharding = replicated
@@ -406,8 +407,8 @@ class Engine:
             return (out, None), pool
 
         def prefill(state, pool, ids, table, start, last, *rows):
-            out, logprobs, pool = runner.step(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
-            return (out, logprobs), pool
+            out, pool = runner.dispatch(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
+            return (out, None), pool
 
         return decode, prefill
 
@@ -635,10 +636,10 @@ class Engine:
             last[i] = lens[i] - 1
         counters = [0 if r is None else len(r.output) for r in rows]
         args = (ids, table, start, last, *self._row_arrays(rows, counters))
-        (tokens, logprobs), self._pool = self._prefill_fn(self._state, self._pool, *args)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        out = self._prefill_fn(self._state, self._pool, *args)
+        self._last_step, self._pool = out
         self.stats["prefill_calls"] += 1
-        events = []
+        first = []  # fresh requests whose prompt this chunk completes: their first token comes from its last logits
         for i, r in enumerate(rows):
             if r is None:
                 continue
@@ -646,9 +647,12 @@ class Engine:
             if r.cached < len(r.target):
                 continue
             r.state = _DECODE
-            if not r.output:  # a fresh request: its first token comes from the prompt's last logits
-                events += self._append(r, int(tokens[i]), float(logprobs[i]))
-        return events
+            if not r.output:
+                first.append(i)
+        if not first:  # (a chunk that ends no prompt, or a recompute after preemption: nothing to wait for)
+            return []
+        tokens, logprobs = self._read(*self._last_step)
+        return [ev for i in first for ev in self._append(rows[i], int(tokens[i]), float(logprobs[i]))]
 
     def _decode(self, always: bool = False) -> list[StreamEvent]:
         """One decode step for every decoding request. The step is dispatched before the previous one's tokens are
@@ -684,6 +688,7 @@ class Engine:
             if self.afd is None:
                 inputs = (tokens, on_device, self._prev_tokens, *inputs[1:])
             (out, logprobs), self._pool = self._decode_fn(self._state, self._pool, *inputs)
+            self._last_step = (out, logprobs)
             self.stats["decode_steps"] += 1
             for r in rows:
                 if r is not None:
@@ -696,6 +701,12 @@ class Engine:
             events = self._collect(inflight) + events
         return events
 
+    @staticmethod
+    def _read(out, logprobs) -> tuple[np.ndarray, np.ndarray]:
+        """A step's tokens and log-probabilities on the host: colocated its device arrays, over AFD (logprobs None)
+        the runner's ``StepTokens``."""
+        return out.read() if logprobs is None else (np.asarray(out), np.asarray(logprobs))
+
     def _ends_with_next_token(self, req: _Request) -> bool:
         """Whether the length limits end ``req`` once its next token is appended (as :meth:`_append` decides)."""
         return len(req.output) + 1 >= req.params.max_new_tokens or req.length + 1 >= self.max_seq_len
@@ -704,7 +715,7 @@ class Engine:
         """A decode step's tokens -> events, for the rows whose request still decodes in that slot (not finished,
         aborted or preempted since the step was dispatched)."""
         rows, out, logprobs = step
-        out, logprobs = out.read() if logprobs is None else (np.asarray(out), np.asarray(logprobs))
+        out, logprobs = self._read(out, logprobs)
         events = []
         for i, r in enumerate(rows):
             if r is not None and r.state == _DECODE and self._slots[r.slot] is r:
@@ -784,12 +795,12 @@ class Engine:
         agree_round`: a prefill if any instance has a chunk to prefill, at the widest chunk; a decode step if any
         has a request to decode) and run them, on padding rows where this engine has none. Returns (every instance
         has closed, events)."""
-        if self._inflight is not None:
-            # the last round's decode step must be over before this round's exchange (its events come after this
-            # round's decode is dispatched, as ever): a round is then a point where no step is in flight, so an
-            # instance that dies between rounds leaves no collective waiting for it (the others' exchange fails
-            # at once; a step still running would wait for it until JAX's heartbeat aborts them)
-            self._inflight[1].read()
+        if self._last_step is not None:
+            # the last round's steps must be over before this round's exchange (the events of its decode step come
+            # after this round's decode is dispatched, as ever): a round is then a point where no step is in
+            # flight, so an instance that dies between rounds leaves no collective waiting for it (the others'
+            # exchange fails at once; a step still running would wait for it until JAX's heartbeat aborts them)
+            self._read(*self._last_step)
         chunk = rows, lens, width = self._prefill_rows()
         finishing = any(r is not None and r.cached + n >= len(r.target) for r, n in zip(rows, lens, strict=True))
         decode = finishing or any(r is not None and r.state == _DECODE for r in self._slots)

@@ -96,6 +96,31 @@ def test_decode_overlaps_the_host_and_stop_tokens_still_end_requests(engine):
     assert engine.pages_in_use() == 0 and not engine.has_work()
 
 
+def test_only_a_prefill_chunk_that_ends_a_prompt_is_waited_for(engine):
+    """A 40-token prompt in chunks of 16: the host waits for no prefill chunk but the last (whose logits give the
+    first token), so the next step is dispatched at once; the output is the one-shot request's."""
+    prompt = random_prompt(random.Random(9), 40)
+    want = alone(engine, prompt, SamplingParams(max_new_tokens=3))
+    reads, real_prefill, real_read = [], engine._prefill_fn, engine._read
+
+    def prefill(state, pool, ids, *rest):
+        reads.append(("prefill", ids.shape[1]))
+        return real_prefill(state, pool, ids, *rest)
+
+    def read(out, logprobs):
+        reads.append(("read", None))
+        return real_read(out, logprobs)
+
+    engine._prefill_fn, engine._read = prefill, read
+    try:
+        got = alone(engine, prompt, SamplingParams(max_new_tokens=3))
+    finally:
+        engine._prefill_fn = real_prefill
+        del engine._read
+    assert got == want
+    assert reads[:4] == [("prefill", 16)] * 3 + [("read", None)]  # (the last chunk: 8 tokens in the 16 bucket)
+
+
 def test_continuous_batching_greedy_equals_each_request_alone_and_contiguous_cache(model, engine):
     rng = random.Random(0)
     lengths = [1, 3, 9, 17, 33, 5, 12, 2, 26, 7]  # chunked prefill (chunk 16) for the long ones
