@@ -1,7 +1,8 @@
 """The generation CLI (``python -m infer.generate``) on the continuous-batching engine, and ``generate_ids``.
 
 ``python -m infer.generate`` loads a checkpoint folder (``--checkpoint``) or builds a preset with random weights,
-reads prompts from ``--prompt`` (repeatable) or ``--prompts-file`` (one per line), runs them through
+reads prompts from ``--prompt`` (repeatable) or ``--prompts-file`` (one per line), with ``--chat`` as user turns
+in the checkpoint tokenizer's chat template (``--system`` adds a system message), runs them through
 :class:`infer.engine.Engine`, streams the text of a single prompt as it is generated (``--stream``), shows a
 progress bar for batches, and prints per-request and aggregate tokens/s and time per output token.
 
@@ -42,6 +43,7 @@ from infer.sampling import SamplingParams, sample
 from step3_jax.kv_cache import KV_DTYPES, KVCache
 from step3_jax.model import Step3ForCausalLM, create_model
 from step3_jax.sharding import mesh_from_spec
+from step3_jax.tokenizer import encode_chat
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -239,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(ap)
     ap.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     ap.add_argument("--prompts-file", help="file with one prompt per line (blank lines skipped)")
+    ap.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user turn in the checkpoint tokenizer's chat template (its "
+        "tokenizer_config.json chat_template, or chat_template.jinja), ending with the assistant's turn",
+    )
+    ap.add_argument("--system", help="with --chat: a system message before each user turn")
     add_sampling_args(ap)
     eng = ap.add_argument_group("engine")
     eng.add_argument("--max-batch", type=int, default=8, help="decode slots")
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                      "process runs its own (per-process)", attention_processes=True)  # fmt: skip
     args = ap.parse_args(argv)
     check_process_args(ap, args)
+    if args.system is not None and not args.chat:
+        ap.error("--system is for --chat")
     if args.instances != "one" and args.coordinator is None:
         ap.error("--instances per-process is for multi-process --afd runs (with --coordinator)")
     if args.coordinator is not None and not args.afd:
@@ -306,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = model.config
         params = dataclasses.replace(params, stop_token_ids=stop_ids(tokenizer, config))
+        inputs = prompts  # what the engine gets: the text, or with --chat the conversation's token ids
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            inputs = [encode_chat(tokenizer, [*system, {"role": "user", "content": p}]) for p in prompts]
         max_seq_len = args.max_seq_len
         if max_seq_len is None:  # enough for the prompts (capped at the context), so the CPU demo stays small
-            longest = max(len(tokenizer.encode(p)) for p in prompts)
+            longest = max(_prompt_length(tokenizer, p) for p in inputs)
             max_seq_len = min(bucket(longest + args.max_new_tokens, 64), config.max_position_embedding)
         engine = Engine(
             model,
@@ -332,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             k, count = jax.process_index(), model.attention_processes
             mine = list(range(k, len(prompts), count))
             print(f"attention instance {k} of {count}: prompts {mine} of {len(prompts)}")
-            prompts = [prompts[i] for i in mine]
+            prompts, inputs = [prompts[i] for i in mine], [inputs[i] for i in mine]
             if args.json_out:
                 args.json_out = f"{args.json_out}.{k}"
-        rc, agg = _serve(args, engine, prompts, params, what)
+        rc, agg = _serve(args, engine, prompts, params, what, inputs)
         if instanced:
             engine.close()
             _instances_total(agg)
@@ -372,15 +387,20 @@ def _release(model, engine) -> None:
         model.release()
 
 
-def _serve(args, engine, prompts, params, what: str) -> tuple[int, dict]:
-    """Run the prompts through the engine with progress / streaming; print per-request and aggregate figures.
-    Returns (exit status, aggregate)."""
+def _prompt_length(tokenizer, prompt) -> int:
+    return len(prompt) if isinstance(prompt, list) else len(tokenizer.encode(prompt))
+
+
+def _serve(args, engine, prompts, params, what: str, inputs=None) -> tuple[int, dict]:
+    """Run the prompts through the engine with progress / streaming (``inputs``, when given, is what the engine
+    gets for each prompt: token ids of its chat turn); print per-request and aggregate figures. Returns (exit
+    status, aggregate)."""
     from infer.engine import summarize
 
     tokenizer = engine.tokenizer
     if args.warmup:
         t0 = time.perf_counter()
-        engine.warmup([len(tokenizer.encode(p)) for p in prompts])
+        engine.warmup([_prompt_length(tokenizer, p) for p in inputs or prompts])
         print(f"warm-up (compilation): {time.perf_counter() - t0:.2f} s")
     stream = args.stream if args.stream is not None else len(prompts) == 1
     bar = None
@@ -399,7 +419,7 @@ def _serve(args, engine, prompts, params, what: str) -> tuple[int, dict]:
             bar.update(1)
 
     t0 = time.perf_counter()
-    outputs = engine.generate_outputs(prompts, params, on_event=on_event)
+    outputs = engine.generate_outputs(inputs or prompts, params, on_event=on_event)
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -438,6 +458,7 @@ def _serve(args, engine, prompts, params, what: str) -> tuple[int, dict]:
                     "ok": o.ok,
                     "error": o.error,
                     "prompt": p,
+                    "prompt_ids": o.prompt_ids,
                     "token_ids": o.token_ids,
                     "logprobs": [float(x) for x in o.logprobs],
                     "text": o.text,

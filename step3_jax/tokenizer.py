@@ -1,11 +1,14 @@
 """Tokenizers. ``ByteTokenizer`` is the built-in default: UTF-8 bytes offset by three special ids.
-``load_tokenizer(folder)`` reads a checkpoint's Hugging Face ``tokenizer.json`` when it has one."""
+``load_tokenizer(folder)`` reads a checkpoint's Hugging Face ``tokenizer.json`` when it has one, with its chat
+template (``encode_chat``)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class HFTokenizer:
             raise ValueError(f"{path}: not a valid Hugging Face tokenizer.json ({e})") from e
         self.path = path
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.chat_template: str | None = None  # Jinja source (tokenizer_config.json / chat_template.jinja)
 
     @property
     def vocab_size(self) -> int:
@@ -55,6 +59,9 @@ class HFTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int | None) -> str | None:
+        return None if i is None else self._tok.id_to_token(int(i))
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -106,6 +113,73 @@ class StreamDecoder:
         return piece
 
 
+def render_chat(template: str, messages: Sequence[Mapping], *, add_generation_prompt: bool = True, **context) -> str:
+    """Render a Hugging Face chat template (Jinja) as ``transformers`` does: in a sandbox, with ``trim_blocks`` and
+    ``lstrip_blocks``, ``raise_exception``, ``strftime_now`` and a ``tojson`` that does not escape HTML.
+    ``messages``: ``{"role": ..., "content": ...}`` dicts. A template error (or a template's own
+    ``raise_exception``) raises ``ValueError`` with its message."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if isinstance(messages, (str, Mapping)) or not all(
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ValueError('chat messages must be a list of {"role": str, "content": str} dicts')
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **context
+        )
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from e
+
+
+def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation in the tokenizer's chat template (:func:`render_chat`, with its ``bos_token`` /
+    ``eos_token`` strings), ending with the assistant's turn prompt. The template writes every special token
+    itself, so no BOS is added (as ``transformers``' ``apply_chat_template`` does). ``ValueError`` if the tokenizer
+    has no chat template (the byte-level one has none)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        where = getattr(tokenizer, "path", None)
+        raise ValueError(
+            f"the tokenizer ({'byte-level' if where is None else where.parent}) has no chat template "
+            f"(tokenizer_config.json 'chat_template', or chat_template.jinja, beside tokenizer.json)"
+        )
+    specials = {f"{name}_token": tokenizer.id_to_token(getattr(tokenizer, f"{name}_id")) for name in ("bos", "eos")}
+    text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
+    return tokenizer.encode(text, add_bos=False)
+
+
+def _chat_template(folder: Path, tc: dict) -> str | None:
+    """The chat template of a tokenizer folder: ``chat_template.jinja``, else tokenizer_config.json's
+    ``chat_template`` (a string, or a list of ``{"name", "template"}`` of which the "default" one)."""
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    value = tc.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise ValueError(
+            f"{folder / 'tokenizer_config.json'}: chat_template must be a string or a list of named templates with "
+            f"a 'default' one, got {type(value).__name__}"
+        )
+    return value
+
+
 def _special_token_id(tok: HFTokenizer, value) -> int | None:
     """``"<s>"`` or ``{"content": "<s>", ...}`` (tokenizer_config.json) -> its id."""
     if isinstance(value, dict):
@@ -128,10 +202,10 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteT
     tok = HFTokenizer(file)
     ids = {}
     tc_path = folder / "tokenizer_config.json"
-    if tc_path.is_file():
-        tc = json.loads(tc_path.read_text())
-        for name in ("bos", "eos", "pad"):
-            ids[name] = _special_token_id(tok, tc.get(f"{name}_token"))
+    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    for name in ("bos", "eos", "pad"):
+        ids[name] = _special_token_id(tok, tc.get(f"{name}_token"))
+    tok.chat_template = _chat_template(folder, tc)
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())

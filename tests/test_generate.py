@@ -1,3 +1,4 @@
+import json
 import re
 
 import jax
@@ -117,6 +118,41 @@ def test_demo_cli_prints_tokens_per_second(capsys):
     assert "tokens/s" in out and "prompt: 'hi'" in out
     assert main(["--preset", "test", "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_chat_prompts_go_through_the_checkpoint_chat_template(model, tmp_path, capsys):
+    """``--chat`` (``--system``): each prompt becomes a user turn in the checkpoint tokenizer's chat template, and
+    the engine gets exactly the template's token ids (special tokens as their ids, no BOS added); a tokenizer
+    without a template is a clear error (exit status 2), and ``--system`` without ``--chat`` is refused."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from step3_jax import save_pretrained
+    from step3_jax.tokenizer import encode_chat, load_tokenizer
+
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=263, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["hello world"] * 10, trainer)  # (within the test preset's 263-token vocabulary)
+    tok.save(str(folder / "tokenizer.json"))
+    template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    tc = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    args = ["--checkpoint", str(folder), "--max-new-tokens", "2", "--no-warmup", "--prompt", "hello"]
+    assert main([*args, "--chat", "--system", "be brief", "--json-out", str(tmp_path / "out.json")]) == 0
+    (request,) = json.loads((tmp_path / "out.json").read_text())["requests"]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    want = encode_chat(load_tokenizer(folder), chat)
+    assert request["prompt_ids"] == want and want[0] == tok.token_to_id("<s>") and want.count(want[0]) == 1
+    assert request["prompt"] == "hello" and len(request["token_ids"]) == 2
+    capsys.readouterr()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    assert main([*args, "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main([*args, "--system", "be brief"])
+    assert err.value.code == 2 and "--system is for --chat" in capsys.readouterr().err
 
 
 def test_cli_afd_serves_the_colocated_tokens(tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from step3_jax.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder
+from step3_jax.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, encode_chat, load_tokenizer, render_chat
 
 TEXTS = [
     "hello world, the quick brown fox",
@@ -75,3 +75,51 @@ def test_stream_decoder_pieces_add_up_to_the_full_text_at_a_bounded_cost(kind, t
     fox = tokenizer.encode("🦊", add_bos=False)
     pieces, _ = _stream(tokenizer, tokenizer.encode("a", add_bos=False) + fox)
     assert pieces[-1].endswith("🦊") and not any("🦊" in p or "\ufffd" in p for p in pieces[:-1]), pieces
+
+
+# a ChatML-like template: special tokens written by the template, a role check, the generation prompt
+CHAT_TEMPLATE = """{{ bos_token }}{% for m in messages %}
+{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}
+<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+
+def test_chat_template_renders_and_encodes(tmp_path):
+    """A checkpoint tokenizer's chat template (tokenizer_config.json, as a string or as named templates; or
+    chat_template.jinja, which comes first): rendered as transformers renders it (trim_blocks / lstrip_blocks, the
+    tokenizer's bos / eos strings, raise_exception), its special tokens encoded as their ids and no BOS added; a
+    template error, bad messages and a tokenizer without a template give clear errors."""
+    _hf(tmp_path, "byte-level")
+    tc = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    tok = load_tokenizer(tmp_path)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    text = "<s><|system|>be brief</s>\n<|user|>hello world</s>\n<|assistant|>"
+    assert render_chat(tok.chat_template, chat, bos_token="<s>", eos_token="</s>") == text
+    ids = encode_chat(tok, chat)
+    assert ids == tok.encode(text, add_bos=False) and ids[0] == tok.bos_id and ids.count(tok.eos_id) == 2
+    assert render_chat(tok.chat_template, chat[1:], add_generation_prompt=False, bos_token="", eos_token="|") == (
+        "<|user|>hello world|\n"
+    )
+    with pytest.raises(ValueError, match="chat template: unknown role tool"):
+        encode_chat(tok, [{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="chat messages must be a list of"):
+        encode_chat(tok, "hello")
+    with pytest.raises(ValueError, match="chat template: .*end of template"):
+        render_chat("{% if x %}", chat)
+    # named templates; a chat_template.jinja beside them wins
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=named)))
+    assert load_tokenizer(tmp_path).chat_template == "D"
+    (tmp_path / "chat_template.jinja").write_text("J{{ messages[0]['content'] }}")
+    assert tok.decode(encode_chat(load_tokenizer(tmp_path), chat)) == "Jbe brief"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=7)))
+    with pytest.raises(ValueError, match="tokenizer_config.json: chat_template must be a string"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    with pytest.raises(ValueError, match="has no chat template"):
+        encode_chat(load_tokenizer(tmp_path), chat)
+    with pytest.raises(ValueError, match=r"tokenizer \(byte-level\) has no chat template"):
+        encode_chat(ByteTokenizer(), chat)
