@@ -158,6 +158,7 @@ def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt
             f"(tokenizer_config.json 'chat_template', or chat_template.jinja, beside tokenizer.json)"
         )
     specials = {f"{name}_token": tokenizer.id_to_token(getattr(tokenizer, f"{name}_id")) for name in ("bos", "eos")}
+    specials = {k: v for k, v in specials.items() if v is not None}  # (unset: undefined, which renders as "")
     text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
     return tokenizer.encode(text, add_bos=False)
 

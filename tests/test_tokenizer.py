@@ -118,6 +118,8 @@ def test_chat_template_renders_and_encodes(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(tc, chat_template=7)))
     with pytest.raises(ValueError, match="tokenizer_config.json: chat_template must be a string"):
         load_tokenizer(tmp_path)
+    tok.bos_id = None  # a tokenizer without a BOS token: the template's bos_token renders as nothing
+    assert tok.decode(encode_chat(tok, chat[1:])) == "<|user|>hello world\n<|assistant|>"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     with pytest.raises(ValueError, match="has no chat template"):
         encode_chat(load_tokenizer(tmp_path), chat)
