@@ -666,7 +666,8 @@ class StepTokens:
     :meth:`read` (under several processes within ``AFDConfig.peer_timeout_s``, as the step itself)."""
 
     def __init__(self, runner: AFDRunner, order: list[np.ndarray], results: list[tuple]):
-        self._runner, self._order, self._results = runner, order, results
+        # per micro-batch (tokens, logprobs) on the devices (not the logits: nothing keeps those alive past the step)
+        self._runner, self._order, self._results = runner, order, [(tok, logp) for tok, _, logp in results]
         self._read: tuple[np.ndarray, np.ndarray] | None = None
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
@@ -676,7 +677,7 @@ class StepTokens:
             n = sum(len(sel) for sel in self._order)
             tokens, logprobs = np.empty((n,), np.int32), np.empty((n,), np.float32)
             with runner._watched() if runner.multiprocess else contextlib.nullcontext():
-                for sel, (tok, _, logp) in zip(self._order, self._results, strict=True):
+                for sel, (tok, logp) in zip(self._order, self._results, strict=True):
                     tokens[sel], logprobs[sel] = runner._own(_host(tok)), runner._own(_host(logp))
             self._read, self._results = (tokens, logprobs), None
         return self._read
