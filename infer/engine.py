@@ -314,6 +314,8 @@ class Engine:
         self._closed = False  # (close() done)
         # (rows, tokens, logprobs) of a dispatched decode step not yet read; over AFD (rows, StepTokens, None)
         self._inflight: tuple | None = None
+        # colocated: (prefill rows, tokens, logprobs) of a prefill step's first tokens not yet read (None elsewhere)
+        self._first: tuple | None = None
         self._last_step: tuple | None = None  # (tokens, logprobs) of the last step dispatched, prefill or decode
         if self.afd is None:  # the last decode step's tokens, on the device (the next step's input), replicated
             replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -371,14 +373,22 @@ class Engine:
             tokens = jax.lax.with_sharding_constraint(tokens, self._tokens_sharding)
         return (tokens, token_logprobs(logits[:, -1], tokens)), self._pool_of(cache)
 
-    def _prefill_impl(self, state, pool, ids, block_table, start, last, seeds, counters, temperature, top_k, top_p):
+    def _prefill_impl(
+        self, state, pool, ids, block_table, start, last, seeds, counters, temperature, top_k, top_p, prev, dest
+    ):
+        """One prefill chunk; the token of row ``i`` also goes into ``prev`` at slot ``dest[i]`` (out of range:
+        nowhere), so that a fresh request's first token is its slot's input to the next decode step on the
+        device. Returns ``((tokens, logprobs, prev), pool)``."""
         self.trace_counts["prefill"] += 1
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(ids, cache=self._cache(pool, block_table, start))
         logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         keys = request_keys(seeds, counters)
         tokens = sample(logits, keys, temperature, top_k, top_p)
-        return (tokens, token_logprobs(logits, tokens)), self._pool_of(cache)
+        prev = prev.at[dest].set(tokens, mode="drop")
+        if self._tokens_sharding is not None:  # (as the decode step's: one sharding for _prev_tokens)
+            prev = jax.lax.with_sharding_constraint(prev, self._tokens_sharding)
+        return (tokens, token_logprobs(logits, tokens), prev), self._pool_of(cache)
 
     def _afd_steps(self, runner):
         """Decode and prefill steps through an AFD runner's pipeline, with the jitted steps' signatures. Decoding
@@ -520,7 +530,8 @@ class Engine:
         return len(self._queue)
 
     def has_work(self) -> bool:
-        return bool(self._queue) or self.num_running > 0 or bool(self._pending_events) or self._inflight is not None
+        unread = self._inflight is not None or self._first is not None
+        return bool(self._queue) or self.num_running > 0 or bool(self._pending_events) or unread
 
     def pages_in_use(self) -> int:
         return sum(a.num_pages - a.num_free for a in self.allocators)
@@ -635,35 +646,48 @@ class Engine:
             start[i] = r.cached
             last[i] = lens[i] - 1
         counters = [0 if r is None else len(r.output) for r in rows]
+        # fresh requests whose prompt this chunk completes: their first token comes from its last logits
+        first = [
+            i for i, r in enumerate(rows) if r is not None and not r.output and r.cached + lens[i] == len(r.target)
+        ]
         args = (ids, table, start, last, *self._row_arrays(rows, counters))
-        out = self._prefill_fn(self._state, self._pool, *args)
-        self._last_step, self._pool = out
+        if self.afd is None:  # colocated: the first tokens also go to their slots' next decode input, on the device
+            dest = np.full((n,), self.config.max_batch, np.int32)
+            dest[first] = [rows[i].slot for i in first]
+            (tokens, logprobs, self._prev_tokens), self._pool = self._prefill_fn(
+                self._state, self._pool, *args, self._prev_tokens, dest
+            )
+            self._last_step = (tokens, logprobs)
+        else:
+            self._last_step, self._pool = self._prefill_fn(self._state, self._pool, *args)
         self.stats["prefill_calls"] += 1
-        first = []  # fresh requests whose prompt this chunk completes: their first token comes from its last logits
         for i, r in enumerate(rows):
-            if r is None:
-                continue
-            r.cached += lens[i]
-            if r.cached < len(r.target):
-                continue
-            r.state = _DECODE
-            if not r.output:
-                first.append(i)
+            if r is not None:
+                r.cached += lens[i]
+                if r.cached == len(r.target):
+                    r.state = _DECODE
         if not first:  # (a chunk that ends no prompt, or a recompute after preemption: nothing to wait for)
+            return []
+        if self.afd is None:  # read after the next decode step is dispatched (which takes them on the device)
+            self._first = ([r if i in first else None for i, r in enumerate(rows)], *self._last_step)
             return []
         tokens, logprobs = self._read(*self._last_step)
         return [ev for i in first for ev in self._append(rows[i], int(tokens[i]), float(logprobs[i]))]
 
     def _decode(self, always: bool = False) -> list[StreamEvent]:
         """One decode step for every decoding request. The step is dispatched before the previous one's tokens are
-        read: a row whose token is still in flight takes it on the device (colocated ``_prev_tokens``; over AFD an
-        id of -1, which the runner fills from its previous decode step), and the host turns the previous step's
-        tokens into events while the devices run this one. A request that a stop token ended in the previous step
+        read: a row whose token is still in flight (its previous decode step's, or colocated the first token of the
+        prompt this step's prefill completed) takes it on the device (colocated ``_prev_tokens``; over AFD an id
+        of -1, which the runner fills from its previous decode step), and the host turns those tokens into events
+        while the devices run this step. A request that a stop token ended in the previous step
         has run one step too many then, and that token is dropped; one that its length ends is left out. With
         ``always`` (per-process AFD instances, in a round whose plan has a decode step) it runs even on padding
         rows only."""
-        inflight, self._inflight = self._inflight, None
-        pending = set() if inflight is None else {id(r) for r in inflight[0] if r is not None}
+        # steps whose tokens the host has not read: the last decode step, and (colocated) the first tokens of the
+        # prompts this step's prefill completed; their rows take those tokens on the device
+        waiting = [step for step in (self._inflight, self._first) if step is not None]
+        self._inflight = self._first = None
+        pending = {id(r) for step in waiting for r in step[0] if r is not None}
         decoding = sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted)
         ending = {id(r) for r in decoding if id(r) in pending and self._ends_with_next_token(r)}  # no step for these
         for r in decoding:
@@ -697,9 +721,7 @@ class Engine:
                 self._prev_tokens = out
             if any(r is not None for r in rows):  # (a step on padding rows only has nothing to read)
                 self._inflight = (rows, out, logprobs)
-        if inflight is not None:
-            events = self._collect(inflight) + events
-        return events
+        return [ev for step in waiting for ev in self._collect(step)] + events
 
     @staticmethod
     def _read(out, logprobs) -> tuple[np.ndarray, np.ndarray]:

@@ -66,9 +66,9 @@ def drive(engine, schedule):
 
 def test_decode_overlaps_the_host_and_stop_tokens_still_end_requests(engine):
     """Each colocated decode step is dispatched before the previous step's tokens are read: rows that decoded in
-    the previous step take their input token on the device, and the host reads that step's tokens afterwards,
-    while this one runs. A request a stop token ends so runs one step too many, whose token is dropped: every
-    output ends at its first stop token and equals the request run alone."""
+    the previous step, or whose prompt this step's prefill completed, take their input token on the device, and
+    the host reads those tokens afterwards, while this step runs. A request a stop token ends so runs one step too
+    many, whose token is dropped: every output ends at its first stop token and equals the request run alone."""
     rng = random.Random(5)
     prompts = [random_prompt(rng, n) for n in (3, 8, 5, 12)]
     free = [alone(engine, p, SamplingParams(max_new_tokens=10)) for p in prompts]
@@ -91,34 +91,42 @@ def test_decode_overlaps_the_host_and_stop_tokens_still_end_requests(engine):
         del engine._collect
     for f, p, o in zip(free, params, outs, strict=True):
         assert o.token_ids == f[: f.index(p.stop_token_ids[0]) + 1] and o.finish_reason == "stop"
-    assert [kind for kind, _ in calls[:3]] == ["dispatch", "dispatch", "collect"]
-    assert not calls[0][1].any() and calls[1][1].sum() == 1  # the first request's second step: its token on device
+    # step 1 prefills the first request and decodes it from its first token, still on the device; step 2 the
+    # second request likewise, and the first from its step-1 token
+    assert [kind for kind, _ in calls[:4]] == ["dispatch", "collect", "dispatch", "collect"]
+    assert calls[0][1].sum() == 1 and calls[2][1].sum() == 2
     assert engine.pages_in_use() == 0 and not engine.has_work()
 
 
-def test_only_a_prefill_chunk_that_ends_a_prompt_is_waited_for(engine):
-    """A 40-token prompt in chunks of 16: the host waits for no prefill chunk but the last (whose logits give the
-    first token), so the next step is dispatched at once; the output is the one-shot request's."""
+def test_prefill_chunks_are_not_waited_for(engine):
+    """A 40-token prompt in chunks of 16: the host waits for no prefill chunk, and reads the last one's token (the
+    first output token) only after the decode step that takes it on the device is dispatched; the output is the
+    one-shot request's."""
     prompt = random_prompt(random.Random(9), 40)
     want = alone(engine, prompt, SamplingParams(max_new_tokens=3))
-    reads, real_prefill, real_read = [], engine._prefill_fn, engine._read
+    reads, real_prefill, real_decode, real_read = [], engine._prefill_fn, engine._decode_fn, engine._read
 
     def prefill(state, pool, ids, *rest):
         reads.append(("prefill", ids.shape[1]))
         return real_prefill(state, pool, ids, *rest)
 
+    def decode(state, pool, tokens, on_device, *rest):
+        reads.append(("decode", int(np.asarray(on_device).sum())))
+        return real_decode(state, pool, tokens, on_device, *rest)
+
     def read(out, logprobs):
         reads.append(("read", None))
         return real_read(out, logprobs)
 
-    engine._prefill_fn, engine._read = prefill, read
+    engine._prefill_fn, engine._decode_fn, engine._read = prefill, decode, read
     try:
         got = alone(engine, prompt, SamplingParams(max_new_tokens=3))
     finally:
-        engine._prefill_fn = real_prefill
+        engine._prefill_fn, engine._decode_fn = real_prefill, real_decode
         del engine._read
     assert got == want
-    assert reads[:4] == [("prefill", 16)] * 3 + [("read", None)]  # (the last chunk: 8 tokens in the 16 bucket)
+    # (the last chunk: 8 tokens in the 16 bucket; its token is the decode step's input on the device)
+    assert reads[:5] == [("prefill", 16)] * 3 + [("decode", 1), ("read", None)]
 
 
 def test_continuous_batching_greedy_equals_each_request_alone_and_contiguous_cache(model, engine):
