@@ -1079,11 +1079,17 @@ class AFDRunner:
             return
         if not decode or ids.shape[1] != 1:
             raise ValueError("token ids of -1 (the previous decode step's token) are for decode steps (one token)")
-        if self._decoded is None or self._decoded[0] != (n, mb_count):
+        if self._carried_tokens(n, mb_count) is None:
             raise ValueError(
                 f"token ids of -1 in a decode step of {n} rows and {mb_count} micro-batches, but no decode step of "
                 f"that shape ran before it"
             )
+
+    def _carried_tokens(self, n: int, mb_count: int) -> list[jax.Array] | None:
+        """Per micro-batch, the tokens of the previous decode step if it had ``n`` rows in ``mb_count``
+        micro-batches (the ones a -1 id takes), else None."""
+        decoded = self._decoded
+        return decoded[1] if decoded is not None and decoded[0] == (n, mb_count) else None
 
     @contextlib.contextmanager
     def _watched(self):
@@ -1114,8 +1120,7 @@ class AFDRunner:
         per_mb_rows = None if rows is None else [tuple(put(a[sel]) for a in rows) for sel in order]
         prev = None
         if decode:  # (every decode step takes the previous one's tokens, zeros at first: one program)
-            key = (n, mb_count)
-            prev = self._decoded[1] if self._decoded is not None and self._decoded[0] == key else None
+            prev = self._carried_tokens(n, mb_count)
             if prev is None:
                 zeros = np.zeros((every,), np.int32)
                 prev = [jax.device_put(zeros, self._tokens_sharding)] * mb_count
