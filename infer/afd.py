@@ -728,6 +728,9 @@ class AFDRunner:
         self._closed = False  # per-process instances: every instance has closed (no more rounds)
         # the last decode step's (rows, micro-batches) and per micro-batch tokens on the device (the next one's input)
         self._decoded: tuple[tuple[int, int], list[jax.Array]] | None = None
+        # the last prefill step's rows, each row's index in its tokens concatenated over the micro-batches, and per
+        # micro-batch tokens on the device (a decode step's id -2 - i takes row i's)
+        self._prefilled: tuple[int, np.ndarray, list[jax.Array]] | None = None
         self.attn_mesh = make_mesh(data=m, devices=attn_devs)
         self._attention_spans = len({d.process_index for d in attn_devs}) > 1  # the attention side: several processes
         self.ffn_mesh = make_mesh(tensor=self.tp, expert=self.ep, devices=ffn_devs)
@@ -875,10 +878,15 @@ class AFDRunner:
         if self.has_attention:
             top_gd, top_abs = self._top
 
-            def afd_embed(params, ids, prev=None):
-                """``prev`` (a decode step's): rows whose id is -1 take its token, still on the device."""
+            def afd_embed(params, ids, prev=None, fresh=None):
+                """A decode step's: rows whose id is -1 take their token of ``prev`` (the previous decode step's
+                tokens), rows whose id is ``-2 - k`` token ``k`` of ``fresh`` (the last prefill step's tokens,
+                concatenated over its micro-batches), still on the device."""
                 if prev is not None:
-                    ids = jnp.where(ids < 0, prev[:, None], ids)
+                    ids = jnp.where(ids == -1, prev[:, None], ids)
+                if fresh is not None:
+                    flat = jnp.concatenate(fresh)
+                    ids = jnp.where(ids <= -2, flat[jnp.clip(-2 - ids, 0, flat.shape[0] - 1)], ids)
                 x = nnx.merge(top_gd, top_abs, params).embed(ids)
                 return x, jnp.zeros_like(x)  # (residual, "FFN output") so every layer runs the same program
 
@@ -929,9 +937,11 @@ class AFDRunner:
         table = jax.device_put(table, self._act_sharding(self.attn_mesh, table.shape))
         return _pool_layers(pool), table  # the block table is shared by every layer
 
-    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None, prev=None):
+    def _forward(self, mbs: list[_MicroBatch], ids, positions, start, last, rows=None, prev=None, fresh=None):
         """One pipelined pass over all layers for every micro-batch; returns per micro-batch (tokens, logits,
-        logprobs). ``prev``: per micro-batch the tokens of the previous decode step, for the rows whose id is -1.
+        logprobs). ``prev``: per micro-batch the tokens of the previous decode step, for the rows whose id is -1;
+        ``fresh`` (with ``prev``): per micro-batch the last prefill step's, for the rows whose id is ``-2 - k``
+        (``k``: a row's index in them concatenated).
 
         Under several processes the transfers are collective programs that hold the devices they run on until
         the other side takes part, so their order matters: the F->A of a micro-batch is dispatched one step later,
@@ -943,7 +953,8 @@ class AFDRunner:
         for j, mb in enumerate(mbs):
             if self.has_attention:
                 self._log("jit_afd_embed", -1, j)
-                mb.h, mb.f = self._embed_fn(self._top_params, ids[j], *(() if prev is None else (prev[j],)))
+                carried = () if prev is None else (prev[j], tuple(fresh))
+                mb.h, mb.f = self._embed_fn(self._top_params, ids[j], *carried)
             t = positions[j].shape[1]
         back = {mb.padded: jax.ShapeDtypeStruct((mb.padded, t, cfg.hidden_size), return_dtype(cfg, self.afd.transfer))
                 for mb in mbs}  # fmt: skip
@@ -1043,7 +1054,10 @@ class AFDRunner:
 
         A ``decode`` step (``T = 1``) keeps its tokens on the device for the next decode step of the same shape:
         there a row whose id is -1 takes the token its row got here, so a scheduler can dispatch the next step
-        before it reads this one's tokens (and turn them into text while the devices run).
+        before it reads this one's tokens (and turn them into text while the devices run). Likewise a prefill
+        step (not ``decode``) keeps its tokens until the next prefill step: in a decode step after it, a row whose
+        id is ``-2 - i`` takes the token its row ``i`` got (a fresh request's first token, whose prefill need not be
+        read before the request's first decode step is dispatched).
 
         Under several processes the driver is process 0 (an attention process); every other process runs
         :meth:`serve`, which follows each step (its shapes, and for the other attention processes its inputs, are
@@ -1074,16 +1088,28 @@ class AFDRunner:
             return self._step(pool, *inputs, mb_count, decode)
 
     def _check_carried(self, ids: np.ndarray, n: int, mb_count: int, decode: bool) -> None:
-        """Ids of -1 (a token still on the device) only in a decode step after one of the same shape."""
+        """Ids of -1 (a token still on the device) only in a decode step after one of the same shape, ids of
+        ``-2 - i`` only in a decode step after a prefill step of more than ``i`` rows."""
         if not (ids < 0).any():
             return
         if not decode or ids.shape[1] != 1:
-            raise ValueError("token ids of -1 (the previous decode step's token) are for decode steps (one token)")
-        if self._carried_tokens(n, mb_count) is None:
+            raise ValueError(
+                "negative token ids (-1: the previous decode step's token, -2 - i: row i's of the last prefill "
+                "step) are for decode steps (one token)"
+            )
+        if (ids == -1).any() and self._carried_tokens(n, mb_count) is None:
             raise ValueError(
                 f"token ids of -1 in a decode step of {n} rows and {mb_count} micro-batches, but no decode step of "
                 f"that shape ran before it"
             )
+        fresh = ids[ids <= -2]
+        if fresh.size:
+            rows = 0 if self._prefilled is None else self._prefilled[0]
+            if -2 - int(fresh.min()) >= rows:
+                raise ValueError(
+                    f"token id {int(fresh.min())} in a decode step takes row {-2 - int(fresh.min())} of the last "
+                    f"prefill step, which had {rows or 'no'} rows{'' if rows else ' (none ran)'}"
+                )
 
     def _carried_tokens(self, n: int, mb_count: int) -> list[jax.Array] | None:
         """Per micro-batch, the tokens of the previous decode step if it had ``n`` rows in ``mb_count``
@@ -1118,18 +1144,29 @@ class AFDRunner:
         mbs = [_MicroBatch(every, every, kv, put(block_table[sel])) for sel in order]
         positions = [put(start[sel][:, None] + np.arange(width, dtype=np.int32)[None]) for sel in order]
         per_mb_rows = None if rows is None else [tuple(put(a[sel]) for a in rows) for sel in order]
-        prev = None
+        prev = fresh = None
         if decode:  # (every decode step takes the previous one's tokens, zeros at first: one program)
             prev = self._carried_tokens(n, mb_count)
             if prev is None:
                 zeros = np.zeros((every,), np.int32)
                 prev = [jax.device_put(zeros, self._tokens_sharding)] * mb_count
+            # and the last prefill's (a scheduler always prefills before it decodes: one program)
+            fresh = prev if self._prefilled is None else self._prefilled[2]
+            if (ids <= -2).any():  # row i of the prefill -> -2 - (its index in the concatenated tokens)
+                ids = np.where(ids <= -2, -2 - self._prefilled[1][np.maximum(-2 - ids, 0)], ids)
         res = self._forward(
             mbs, [put(ids[sel]) for sel in order], positions, [put(start[sel]) for sel in order],
-            [put(last[sel]) for sel in order], per_mb_rows, prev,
+            [put(last[sel]) for sel in order], per_mb_rows, prev, fresh,
         )  # fmt: skip
+        tokens = [tok for tok, _, _ in res]
         if decode:
-            self._decoded = ((n, mb_count), [tok for tok, _, _ in res])
+            self._decoded = ((n, mb_count), tokens)
+        else:  # each row's place in the tokens concatenated (the rows of every attention device, per micro-batch)
+            flat = np.empty((n,), np.int32)
+            offset = self._first_local * q if self.instanced else 0
+            for j, sel in enumerate(order):
+                flat[sel] = j * every + offset + np.arange(len(sel))
+            self._prefilled = (n, flat, tokens)
         new_pool = {
             name: tuple(layer[c] for layer in kv) if (c < 2 or fp8) else None
             for c, name in enumerate(("k", "v", "k_scale", "v_scale"))

@@ -666,13 +666,9 @@ class Engine:
                 r.cached += lens[i]
                 if r.cached == len(r.target):
                     r.state = _DECODE
-        if not first:  # (a chunk that ends no prompt, or a recompute after preemption: nothing to wait for)
-            return []
-        if self.afd is None:  # read after the next decode step is dispatched (which takes them on the device)
+        if first:  # read after the next decode step is dispatched (which takes them on the device)
             self._first = ([r if i in first else None for i, r in enumerate(rows)], *self._last_step)
-            return []
-        tokens, logprobs = self._read(*self._last_step)
-        return [ev for i in first for ev in self._append(rows[i], int(tokens[i]), float(logprobs[i]))]
+        return []  # (a chunk that ends no prompt, or a recompute after preemption: nothing to wait for)
 
     def _decode(self, always: bool = False) -> list[StreamEvent]:
         """One decode step for every decoding request. The step is dispatched before the previous one's tokens are
@@ -686,8 +682,14 @@ class Engine:
         # steps whose tokens the host has not read: the last decode step, and (colocated) the first tokens of the
         # prompts this step's prefill completed; their rows take those tokens on the device
         waiting = [step for step in (self._inflight, self._first) if step is not None]
+        # their requests' ids in this step (over AFD; colocated only whether they are pending): -1 for the last
+        # decode step's token, -2 - i for the token of row i of the prefill step
+        pending = {}
+        if self._inflight is not None:
+            pending |= {id(r): -1 for r in self._inflight[0] if r is not None}
+        if self._first is not None:
+            pending |= {id(r): -2 - i for i, r in enumerate(self._first[0]) if r is not None}
         self._inflight = self._first = None
-        pending = {id(r) for step in waiting for r in step[0] if r is not None}
         decoding = sorted((r for r in self._slots if r is not None and r.state == _DECODE), key=lambda r: r.admitted)
         ending = {id(r) for r in decoding if id(r) in pending and self._ends_with_next_token(r)}  # no step for these
         for r in decoding:
@@ -703,7 +705,7 @@ class Engine:
                 if r is None:
                     continue
                 on_device[i] = id(r) in pending
-                tokens[i] = -1 if on_device[i] else r.last_token  # (-1: over AFD, the runner's previous token)
+                tokens[i] = pending.get(id(r), r.last_token)  # (the negative ids: over AFD, the runner's tokens)
                 start[i] = r.cached
                 counters[i] = len(r.output) + on_device[i]  # the index of the token this step samples
             active = np.fromiter((r is not None for r in rows), bool, len(rows))  # (slot order: the tables' rows)

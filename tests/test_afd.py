@@ -4,7 +4,6 @@ from the profiler trace, clear errors for impossible requests, and two- and four
 jax.distributed."""
 
 import dataclasses
-import itertools
 import json
 import os
 import re
@@ -272,7 +271,7 @@ def test_engine_drives_afd_with_continuous_batching(config):
 
     def logged_dispatch(pool, ids, *args, decode=False, **kw):
         out, pool = dispatch(pool, ids, *args, decode=decode, **kw)
-        calls.append(("decode" if decode else "prefill", int((np.asarray(ids) < 0).sum()), out))
+        calls.append(("decode" if decode else "prefill", np.asarray(ids).copy(), out))
         return out, pool
 
     def logged_read(self):
@@ -294,12 +293,17 @@ def test_engine_drives_afd_with_continuous_batching(config):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     np.testing.assert_allclose(sum((o.logprobs for o in got), []), sum((o.logprobs for o in want), []), atol=1e-4)
     assert all(o.ok for o in got) and engine.stats["preemptions"] > 0
-    # a decode step's tokens are read only after the next decode step is dispatched, which takes them on the device
-    decodes = [c for c in calls if c[0] == "decode"]
+    # a step's tokens are read only after the next decode step is dispatched, which takes them on the device: a
+    # decode step's (ids of -1) and a prefill step's first tokens (-2 - the prefill row); other prefills never
     read_at = {id(step): i for i, (kind, _, step) in enumerate(calls) if kind == "read"}
-    for this, following in itertools.pairwise(decodes):
-        assert read_at[id(this[2])] > calls.index(following)
-    assert sum(carried > 0 for _, carried, _ in decodes) > len(decodes) // 2
+    decode_at = [i for i, c in enumerate(calls) if c[0] == "decode"]
+    for i, (kind, _, step) in enumerate(calls):
+        d = next((d for d in decode_at if d > i), None)
+        if kind != "read" and d is not None and ((calls[d][1] == -1) if kind == "decode" else calls[d][1] <= -2).any():
+            assert read_at.get(id(step), len(calls)) > d
+    decodes = [ids for kind, ids, _ in calls if kind == "decode"]
+    assert sum((ids == -1).any() for ids in decodes) > len(decodes) // 2
+    assert sum((ids <= -2).any() for ids in decodes) >= 6  # (requests arrive 7 at once, then 5)
     assert engine.pages_in_use() == 0
     # steady state: a second wave of different requests compiles nothing new (one decode program per kind,
     # prefill ones per chunk bucket, all traced by the first wave)
@@ -314,10 +318,15 @@ def test_engine_drives_afd_with_continuous_batching(config):
         Engine(runner, EngineConfig(max_batch=6, **sizes))
     # a token "still on the device" (-1) only where a decode step of the same shape ran before
     table, zeros = np.zeros((4, engine.max_pages_per_seq), np.int32), np.zeros((4,), np.int32)
-    with pytest.raises(ValueError, match="ids of -1 .* are for decode steps"):
+    with pytest.raises(ValueError, match="negative token ids .* are for decode steps"):
         runner.dispatch(engine._pool, np.full((4, 2), -1), table, zeros, zeros)
     with pytest.raises(ValueError, match="decode step of 4 rows and 2 micro-batches, but no decode step of that"):
         runner.dispatch(engine._pool, np.full((4, 1), -1), table, zeros, zeros, decode=True)
+    # a prefill's token (-2 - its row) only from the last prefill step's rows
+    rows = engine.prefill_rows_per_group * engine.groups
+    with pytest.raises(ValueError, match=f"token id {-2 - rows} in a decode step takes row {rows} of the last "
+                                         f"prefill step, which had {rows} rows"):  # fmt: skip
+        runner.dispatch(engine._pool, np.full((4, 1), -2 - rows), table, zeros, zeros, decode=True)
 
 
 def test_impossible_requests_fail_before_work(config, test_config, prompts):
