@@ -1,11 +1,11 @@
 """One process of the multi-process checkpoint test (tests/test_checkpoint.py): one fake CPU device per process,
 gloo collectives, ``jax.distributed`` on localhost.
 
-    python tests/load_worker.py PROCESS_ID PORT OUT_JSON NAME=FOLDER:QUANTIZATION[:AXIS] ...
+    python tests/load_worker.py PROCESS_ID PORT OUT_JSON [--min-skip BYTES] NAME=FOLDER:QUANTIZATION[:AXIS] ...
 
 Two processes load each checkpoint folder with ``load_pretrained`` on an ``AXIS=2`` mesh (``expert``, the default,
 or ``tensor``) over both processes' devices (QUANTIZATION: ``auto``, ``fp8`` or ``none``), and again whole onto
-this process's own device. Writes
+this process's own device (``--min-skip``: ``safetensors_io.MIN_SKIP_BYTES`` for the run). Writes
 ``{NAME: {"read": bytes this process read, "total": bytes of the tensors loaded, "mismatched": [parameter paths
 whose shards here differ from the whole load]}}`` to ``OUT_JSON.<process id>``."""
 
@@ -42,13 +42,17 @@ def main() -> int:
     from flax import nnx
 
     from step3_jax import load_pretrained, make_mesh
+    from step3_jax.checkpoint import safetensors_io
 
+    args = sys.argv[4:]
+    if args[0] == "--min-skip":  # (runs of bytes closer than this are read as one: 0 reads each run alone)
+        safetensors_io.MIN_SKIP_BYTES, args = int(args[1]), args[2:]
     process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
     )
     reads, results = _Reads(), {}
-    for case in sys.argv[4:]:
+    for case in args:
         name, rest = case.split("=", 1)
         axis = "expert"
         if rest.endswith((":expert", ":tensor")):

@@ -23,7 +23,8 @@ from safetensors.numpy import save_file
 from infer import inspect_checkpoint as inspect_cli
 from step3_jax import Step3Config, Step3ForCausalLM, get_preset, load_pretrained, make_mesh, save_pretrained
 from step3_jax.checkpoint import hf as hf_mod
-from step3_jax.checkpoint.safetensors_io import SafetensorsWriter, read_header, read_tensor
+from step3_jax.checkpoint import safetensors_io
+from step3_jax.checkpoint.safetensors_io import MIN_SKIP_BYTES, SafetensorsWriter, read_extent, read_header, read_tensor
 from step3_jax.quant import FP8_DTYPE, dequantize_blockwise, quantize_blockwise
 from step3_jax.sharding import DEFAULT_RULES
 from step3_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -411,7 +412,7 @@ def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     reads = []
     real = hf_mod.read_tensor
-    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, *span: reads.append(info.key) or real(info, *span))
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, *a, **kw: reads.append(info.key) or real(info, *a, **kw))
     got = hf_mod.load_tensors(report, {experts: by_expert, scales: by_expert, norm: replicated}, progress=False)
     assert sorted(reads) == sorted(
         ["model.layers.1.moe.gate_proj.weight", "model.layers.1.moe.gate_proj.weight_scale_inv",
@@ -428,9 +429,10 @@ def test_load_tensors_reads_only_the_named_parameters(fp8_ckpt, monkeypatch):
     assert reads == []
 
 
-def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt):
+def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt, monkeypatch):
     """``read_tensor(info, rows=(lo, hi))``: the slice ``[lo:hi]`` of the tensor, byte for byte, and with
-    ``cols`` the slice of its second axis too; spans outside the tensor are refused with the tensor's name."""
+    ``cols`` the slice of its second axis too, with ``spans`` any box; spans outside the tensor are refused with
+    the tensor's name."""
     folder, _, tensors = fp8_ckpt
     key = "model.layers.1.moe.down_proj.weight"
     info = hf_mod.open_checkpoint(folder).tensors[key]
@@ -442,6 +444,28 @@ def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt):
             got = read_tensor(info, rows, cols)
             want = tensors[key][rows[0] : rows[1], cols[0] : cols[1]]
             assert got.shape == want.shape and got.tobytes() == np.ascontiguousarray(want).tobytes(), (rows, cols)
+    # any box: one run of bytes per index of the axes before its last partial axis, or (runs closer than
+    # MIN_SKIP_BYTES) the box widened to the whole of those axes, and a view of it
+    e, f, n = info.shape
+    boxes = (((1, 3), None, (128, 256)), (None, (5, 6), (0, 1)), ((0, e), (0, f), (0, n)), ((2, 2), None, None))
+    for skip in (0, MIN_SKIP_BYTES, n * (f - 1)):
+        monkeypatch.setattr(safetensors_io, "MIN_SKIP_BYTES", skip)
+        for box in boxes:
+            got = read_tensor(info, spans=box)
+            want = tensors[key][tuple(slice(*span) if span else slice(None) for span in box)]
+            assert got.shape == want.shape and got.tobytes() == np.ascontiguousarray(want).tobytes(), (skip, box)
+        extents = [read_extent(info, spans=box) for box in boxes]
+        if skip == 0:
+            assert extents == [[(1, 3), (0, f), (128, 256)], [(0, e), (5, 6), (0, 1)], [(0, e), (0, f), (0, n)],
+                               [(2, 2), (0, f), (0, n)]]  # fmt: skip
+        else:  # (FP8: the gaps along the last axis are n - 128 and n - 1 bytes, along the second n * (f - 1))
+            widened = [(0, e), (0, f), (0, n)] if skip > n * (f - 1) else [(0, e), (5, 6), (0, n)]
+            assert extents == [[(1, 3), (0, f), (0, n)], widened, [(0, e), (0, f), (0, n)], [(2, 2), (0, f), (0, n)]]
+    n = info.shape[2]
+    with pytest.raises(ValueError, match=rf"{key}: span \[0, {n + 1}\) is outside its axis 2 of {n}"):
+        read_tensor(info, spans=(None, None, (0, n + 1)))
+    with pytest.raises(ValueError, match=rf"{key}: 2 spans for a tensor of 3 axes"):
+        read_tensor(info, spans=(None, None))
     with pytest.raises(ValueError, match=rf"{key}: rows \[3, 5\) are outside its first axis of 4"):
         read_tensor(info, (3, 5))
     with pytest.raises(ValueError, match=rf"{key}: columns \[0, 161\) are outside its second axis of 160"):
@@ -470,10 +494,11 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, fp
     """``load_pretrained`` on an expert-parallel mesh spanning two processes (one device each): each process reads
     only the experts its device holds, half of every stacked expert tensor and its scales, and every other tensor
     whole; the shards it holds equal a whole load's, for FP8 weights kept, FP8 dequantised, float, and float
-    block-quantised on the way. On a tensor-parallel mesh a float checkpoint's matrices split along their output
-    columns (dense, shared-expert and expert gate/up, the query heads ``wq``: stored transposed, so their HF rows,
-    after the expert axis for stacked experts) are read by halves too, and of an FP8 checkpoint (kept in the HF
-    layout) every weight and scale split along its first or second axis (all but the experts' down)."""
+    block-quantised on the way. On a tensor-parallel mesh the matrices split there are read by halves too: of a
+    float checkpoint (stored transposed) those split along their output columns (dense, shared-expert and expert
+    gate/up, the query heads ``wq``: HF rows, after the expert axis for stacked experts) and along their input
+    rows (down, ``o_proj``: a run of each HF row), of an FP8 checkpoint (kept in the HF layout) every weight and
+    scale (the experts' down along its third axis)."""
     from processes import free_port, run_processes
 
     cases = {"fp8": (fp8_ckpt[0], "auto"), "fp8-dequantised": (fp8_ckpt[0], "none"),
@@ -482,13 +507,15 @@ def test_two_processes_each_read_only_their_own_experts(fp8_ckpt, float_ckpt, fp
     port, out = free_port(), tmp_path / "reads.json"
     worker = [sys.executable, str(Path(__file__).with_name("load_worker.py"))]
     args = [f"{name}={folder}:{q}" for name, (folder, q) in cases.items()]
+    # (every run of bytes read alone, as a real checkpoint's far wider rows would be: these tiny ones lie closer)
+    args = ["--min-skip", "0", *args]
     runs = run_processes(lambda i: [*worker, str(i), str(port), str(out), *args], 240, "the two-process load")
     assert [rc for rc, _ in runs] == [0, 0], "".join(text[-3000:] for _, text in runs)
     for name, (folder, _) in cases.items():
         header = hf_mod.open_checkpoint(folder).tensors
         pattern = {
-            "float-tensor": r"(mlp|share_expert|moe)\.(gate|up)_proj\.|self_attn\.wq\.",
-            "fp8-tensor": r"(mlp|share_expert)\.(gate|up|down)_proj\.|moe\.(gate|up)_proj\.|self_attn\.(wq|o_proj)\.",
+            "float-tensor": r"(mlp|share_expert|moe)\.(gate|up|down)_proj\.|self_attn\.(wq|o_proj)\.",
+            "fp8-tensor": r"(mlp|share_expert|moe)\.(gate|up|down)_proj\.|self_attn\.(wq|o_proj)\.",
         }.get(name, r"\.moe\.(gate|up|down)_proj\.")
         halved = sum(i.nbytes for k, i in header.items() if re.search(pattern, k))
         assert halved > 0
@@ -638,7 +665,7 @@ def test_bad_checkpoint_clear_error_and_nothing_loaded(bf16_ckpt, tmp_path, monk
     folder = _copy(bf16_ckpt[0], tmp_path)
     mutate(folder)
     reads = []
-    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, rows=None: reads.append(info) or read_tensor(info, rows))
+    monkeypatch.setattr(hf_mod, "read_tensor", lambda info, *a, **kw: reads.append(info) or read_tensor(info, *a, **kw))
     with pytest.raises(error, match=message):
         load_pretrained(folder, progress=False)
     assert reads == []  # validation happens on the headers, before any tensor is read

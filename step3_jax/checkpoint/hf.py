@@ -2,8 +2,8 @@
 
 ``load_pretrained`` validates the whole checkpoint against the model its ``config.json`` describes (keys,
 shapes, dtypes, file integrity) from the safetensors headers alone, before any tensor is read. Then it streams
-the tensors one at a time: read into one host buffer (only the rows of the first axis that this process's
-devices hold, where the parameter shares that axis: stacked experts split over processes are read once in all),
+the tensors one at a time: read into one host buffer (only the part that this process's devices hold, so
+stacked experts split over processes, and matrices split by tensor parallelism, are read once in all),
 converted to the module layout (a view), and placed with ``jax.make_array_from_callback`` so every device
 receives only its own slice of its sharding. Host memory stays near the size of the largest tensor, never the
 model.
@@ -59,6 +59,7 @@ from step3_jax.checkpoint.safetensors_io import (
     TensorInfo,
     TensorSpec,
     dtype_name,
+    read_extent,
     read_header,
     read_tensor,
 )
@@ -441,22 +442,31 @@ def _union(*spans: tuple[int, int]) -> tuple[int, int]:
     return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
 
-def _axis_span(shape: tuple[int, ...], sharding, axis: int) -> tuple[int, int] | None:
-    """The span along ``axis`` of an array of ``shape`` in ``sharding`` that this process's devices hold, when no
-    device here holds part of a later axis (so that per index of the earlier axes it is one run of bytes); else
-    None."""
-    spans = []
-    for index in sharding.addressable_devices_indices_map(shape).values():
-        if any(index[a].indices(shape[a])[:2] != (0, shape[a]) for a in range(axis + 1, len(shape))):
-            return None
-        spans.append(index[axis].indices(shape[axis])[:2])
-    return _union(*spans) if spans else (0, 0)
+def _box(shape: tuple[int, ...], sharding) -> list[tuple[int, int]]:
+    """Per axis, the span of an array of ``shape`` in ``sharding`` that this process's devices hold (the box
+    covering them)."""
+    indices = list(sharding.addressable_devices_indices_map(shape).values())
+    if not indices:
+        return [(0, 0)] * len(shape)
+    return [_union(*(index[a].indices(n)[:2] for index in indices)) for a, n in enumerate(shape)]
 
 
-def _second_span(shape: tuple[int, ...], sharding) -> tuple[int, int] | None:
-    """:func:`_axis_span` along the second axis, when it is not all of it (None otherwise)."""
-    span = _axis_span(shape, sharding, 1) if len(shape) >= 2 else None
-    return None if span == (0, shape[1]) else span
+def _flat_span(shape: tuple[int, ...], box: list[tuple[int, int]], axes: range) -> tuple[int, int] | None:
+    """The span of ``axes`` flattened into one (as the HF layout stores a matrix's input or output axes) that the
+    box covers, if it is one run (None otherwise)."""
+    partial = [a for a in axes if box[a] != (0, shape[a])]
+    if not partial:
+        return 0, math.prod(shape[a] for a in axes)
+    first = partial[0]
+    if partial[1:] or any(shape[a] != 1 for a in axes if a < first):
+        return None
+    inner = math.prod(shape[a] for a in axes if a > first)
+    return box[first][0] * inner, box[first][1] * inner
+
+
+def _extent_bytes(info: TensorInfo, spans: Sequence[tuple[int, int]]) -> int:
+    """The bytes :func:`read_tensor` reads of this box (:func:`read_extent`)."""
+    return math.prod(hi - lo for lo, hi in read_extent(info, spans=spans)) * np.dtype(info.np_dtype).itemsize
 
 
 def _place(
@@ -477,9 +487,11 @@ def _place(
 
 
 def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int]:
-    """Read one checkpoint tensor (and its scales) into its parameter(s). Where the parameter's first axis is the
-    tensor's (stacked experts, FP8 and copied tensors), only the rows this process's devices hold are read.
-    Returns the arrays and the number of bytes read."""
+    """Read one checkpoint tensor (and its scales) into its parameter(s): of a float tensor for a float parameter
+    and of an FP8 weight kept with its scales, only the box this process's devices hold (for a matrix stored
+    transposed, the runs of its HF rows that hold their inputs and outputs); of one (de)quantised on the way only
+    the rows, where the parameter's first axis is the tensor's and the quantisation blocks allow. Returns the
+    arrays and the number of bytes read."""
     sharding = shardings[load.path]
     fp8_source, kept = load.source.dtype == FP8_SOURCE, load.scale_path is not None
     out = {}
@@ -488,55 +500,57 @@ def _load_one(load: _Load, shardings: dict) -> tuple[dict[tuple, jax.Array], int
         parts = ((load.path, load.source, load.shape, load.dtype),
                  (load.scale_path, load.source_scale, load.scale_shape, np.float32))  # fmt: skip
         for path, info, shape, dtype in parts:
-            rows, cols = _rows(shape, shardings[path]), _second_span(shape, shardings[path])
-            data = read_tensor(info, rows, cols)
-            offsets = ((0, rows[0]),) if cols is None else ((0, rows[0]), (1, cols[0]))
-            out[path] = _place(data.astype(dtype, copy=False), np.dtype(dtype), shardings[path], shape, offsets)
-            nread += data.nbytes
+            box = _box(shape, shardings[path])
+            data = read_tensor(info, spans=box)
+            out[path] = _place(data.astype(dtype, copy=False), np.dtype(dtype), shardings[path], shape,
+                               [(a, lo) for a, (lo, _) in enumerate(box)])  # fmt: skip
+            nread += _extent_bytes(info, box)
         return out, nread
-    rows = cols = None  # the spans read of the HF tensor's first and second axes (None: whole)
-    offsets, shape = [], list(load.shape)  # where the part read starts, and its shape, in the module's layout
-    first = shares_first_axis(load.path, load.dtype)
-    if first and load.shape:
+    if not (fp8_source or kept):  # a float tensor for a float parameter: read the box this process holds
+        box = _box(load.shape, sharding)
+        split, spans = matrix_split(load.path), box
+        if split is not None:  # a matrix, stored transposed: [experts,] output axes flattened, input axes flattened
+            lead = int(shares_first_axis(load.path, load.dtype))  # (the expert axis, which the HF layout shares)
+            groups = (range(lead, split), range(split, len(load.shape)))
+            flat = [_flat_span(load.shape, box, axes) for axes in groups]
+            for axes, span in zip(groups, flat, strict=True):
+                if span is None:  # not one run of the HF tensor: read all of these axes
+                    box[axes.start : axes.stop] = [(0, load.shape[a]) for a in axes]
+            spans = [*box[:lead], *(span or (0, math.prod(load.shape[a] for a in axes))
+                                     for axes, span in reversed(list(zip(groups, flat, strict=True))))]  # fmt: skip
+        data = read_tensor(load.source, spans=spans)
+        value = from_hf_layout(load.path, data, tuple(hi - lo for lo, hi in box), load.dtype)
+        out[load.path] = _place(value, load.dtype, sharding, load.shape, [(a, lo) for a, (lo, _) in enumerate(box)])
+        return out, _extent_bytes(load.source, spans)
+    # FP8 dequantised, or float block-quantised, on the way: the rows this process holds where the first axis is
+    # the parameter's too and the quantisation blocks do not span it
+    rows = None
+    if shares_first_axis(load.path, load.dtype) and load.shape:
         rows = _rows(load.shape, sharding)
         if kept:  # block-quantise: the weight and its scales come from the same rows
             rows = _union(rows, _rows(load.scale_shape, shardings[load.scale_path]))
-        scales = load.scale_shape if kept else load.source_scale.shape if fp8_source else None
-        if scales is not None and scales[0] != load.source.shape[0]:
+        scales = load.scale_shape if kept else load.source_scale.shape
+        if scales[0] != load.source.shape[0]:
             rows = None  # quantisation blocks span the first axis (a 2-D weight): read it whole
-        if rows is not None:
-            offsets.append((0, rows[0]))
-            shape[0] = rows[1] - rows[0]
-    split = matrix_split(load.path)
-    if split is not None and not (fp8_source or kept) and (not first or split == 2 and len(load.shape) == 3):
-        # a float matrix stored transposed (stacked experts: after the expert axis): its HF rows are the output
-        # columns, so read only the span of those this process's devices hold
-        span = _axis_span(load.shape, sharding, split)  # (along the first output axis)
-        if span is not None and span != (0, load.shape[split]):
-            inner = math.prod(load.shape[split + 1 :])
-            hf_span = (span[0] * inner, span[1] * inner)
-            rows, cols = (hf_span, None) if not first else (rows, hf_span)
-            offsets.append((split, span[0]))
-            shape[split] = span[1] - span[0]
+    shape = list(load.shape)
+    if rows is not None:
+        shape[0] = rows[1] - rows[0]
     shape, lo = tuple(shape), rows[0] if rows else 0
-    data = read_tensor(load.source, rows, cols)
+    data = read_tensor(load.source, rows)
     nread = data.nbytes
-    if fp8_source:
-        scale = read_tensor(load.source_scale, rows).astype(np.float32)
-        nread += scale.nbytes
-        value = _host_blockwise(quant.dequantize_blockwise, data, scale, dtype=load.dtype)
-        del data, scale
-        value = from_hf_layout(load.path, value, shape, load.dtype)
-    elif kept:  # a float checkpoint weight for an FP8 parameter: block-quantise it
+    if kept:  # a float checkpoint weight for an FP8 parameter: block-quantise it
         q, scale = _host_blockwise(quant.quantize_blockwise, data)
         out[load.path] = _place(q, load.dtype, sharding, load.shape, ((0, lo),))
         out[load.scale_path] = _place(
             scale, np.dtype(np.float32), shardings[load.scale_path], load.scale_shape, ((0, lo),)
         )
         return out, nread
-    else:
-        value = from_hf_layout(load.path, data, shape, load.dtype)
-    out[load.path] = _place(value, load.dtype, sharding, load.shape, offsets)
+    scale = read_tensor(load.source_scale, rows).astype(np.float32)
+    nread += scale.nbytes
+    value = _host_blockwise(quant.dequantize_blockwise, data, scale, dtype=load.dtype)
+    del data, scale
+    value = from_hf_layout(load.path, value, shape, load.dtype)
+    out[load.path] = _place(value, load.dtype, sharding, load.shape, ((0, lo),))
     return out, nread
 
 
@@ -546,12 +560,13 @@ def load_tensors(
     """Read the tensors of the parameters named in ``shardings`` (model paths as ``nnx.to_flat_state`` gives them,
     each with its target sharding) straight into those shardings, in file order; the checkpoint's other tensors
     are not read. An FP8 weight and its scale parameter go together (name both, or neither). A process reads of
-    each tensor only the rows (first axis) its own devices hold, where that axis is the parameter's too (stacked
-    experts, FP8 weights and scales, embeddings, norms), so experts split over processes are read once in all,
-    and of a float matrix stored transposed only the rows of the output columns its devices hold (tensor
-    parallel: gate/up of dense layers, shared and routed experts, query heads), and of an FP8 weight or scale
-    (HF layout) the span of its second axis too when that is what it splits; a float matrix split along its
-    input axis (down, o_proj) or one block-quantised on the way is read whole. ``report`` is an ``ok``
+    each tensor only the part its own devices hold, so experts split over processes are read once in all: of a
+    tensor in the parameter's layout (FP8 weights and scales, embeddings, norms) the box those devices hold, one
+    contiguous read per index of the axes before its last split axis; of a float matrix stored transposed
+    (``[out, in]``) the runs of its HF rows that hold the outputs (tensor parallel gate/up, query heads) and
+    inputs (tensor parallel down, ``o_proj``) they hold, after the expert axis for stacked experts (where a split
+    makes them no single run, all of that side). A weight (de)quantised on the way is read by rows where its
+    first axis is the parameter's and its quantisation blocks do not span it, else whole. ``report`` is an ``ok``
     :func:`inspect_checkpoint` result. Returns ``{path: array}``."""
     if not report.ok:
         raise ValueError(report.error_message())

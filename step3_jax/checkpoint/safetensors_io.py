@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import ml_dtypes
@@ -127,40 +127,92 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return tensors, metadata
 
 
+# Runs of a tensor closer than this are read as one (the bytes between them too): the OS reads whole pages and
+# ahead, so skipping a smaller gap saves no reading, and one read per small run costs more than it saves.
+MIN_SKIP_BYTES = 64 * 1024
+
+
+def _spans(info: TensorInfo, rows, cols, spans) -> list[tuple[int, int]]:
+    """One ``(lo, hi)`` per axis from read_tensor's arguments, checked against the tensor's shape."""
+    shape = info.shape
+    box = list(spans) if spans is not None else [None] * len(shape)
+    if len(box) != len(shape):
+        raise ValueError(f"{info.key}: {len(box)} spans for a tensor of {len(shape)} axes")
+    if rows is not None and shape:
+        box[0] = rows
+    if cols is not None and len(shape) >= 2:
+        box[1] = cols
+    for a, span in enumerate(box):
+        box[a] = span = (0, shape[a]) if span is None else (int(span[0]), int(span[1]))
+        if not 0 <= span[0] <= span[1] <= shape[a]:
+            lo, hi = span
+            what = f"{('rows', 'columns')[a]} [{lo}, {hi}) are" if a < 2 else f"span [{lo}, {hi}) is"
+            where = ("first", "second")[a] + " axis" if a < 2 else f"axis {a}"
+            raise ValueError(f"{info.key}: {what} outside its {where} of {shape[a]}")
+    return box
+
+
+def read_extent(
+    info: TensorInfo,
+    rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
+    *,
+    spans: Sequence[tuple[int, int] | None] | None = None,
+) -> list[tuple[int, int]]:
+    """The box :func:`read_tensor` reads for these arguments: theirs, widened to the whole of an axis wherever the
+    runs of bytes it would read one by one lie closer than :data:`MIN_SKIP_BYTES`."""
+    shape, box = info.shape, _spans(info, rows, cols, spans)
+    item = np.dtype(info.np_dtype).itemsize
+    partial = [a for a, span in enumerate(box) if span != (0, shape[a])]
+    while partial and partial[-1] > 0:  # (a box split only along the first axis is one run)
+        last = partial[-1]
+        stride = item * math.prod(shape[last + 1 :])
+        if stride * (shape[last] - (box[last][1] - box[last][0])) >= MIN_SKIP_BYTES:
+            break
+        box[last] = (0, shape[last])
+        partial.pop()
+    return box
+
+
 def read_tensor(
-    info: TensorInfo, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    info: TensorInfo,
+    rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
+    *,
+    spans: Sequence[tuple[int, int] | None] | None = None,
 ) -> np.ndarray:
     """Read one tensor into a fresh numpy array (nothing else of the file is read or mapped); with ``rows=(lo,
-    hi)``, only its slice ``[lo:hi]`` along the first axis (one contiguous read), and with ``cols`` also only
-    ``[lo:hi]`` along the second (one contiguous read per row)."""
-    shape, offset, nbytes = info.shape, info.offset, info.nbytes
-    if rows is not None and shape and shape[0]:
-        lo, hi = rows
-        if not 0 <= lo <= hi <= shape[0]:
-            raise ValueError(f"{info.key}: rows [{lo}, {hi}) are outside its first axis of {shape[0]}")
-        row = nbytes // shape[0]
-        shape, offset, nbytes = (hi - lo, *shape[1:]), offset + lo * row, (hi - lo) * row
-    chunks = [(offset, nbytes)]  # (file offset, bytes) read one after the other into the array
-    if cols is not None and len(shape) >= 2:
-        lo, hi = cols
-        if not 0 <= lo <= hi <= shape[1]:
-            raise ValueError(f"{info.key}: columns [{lo}, {hi}) are outside its second axis of {shape[1]}")
-        col = np.dtype(info.np_dtype).itemsize * math.prod(shape[2:])  # bytes of one index of the second axis
-        chunks = [(offset + (r * shape[1] + lo) * col, (hi - lo) * col) for r in range(shape[0])]
-        shape, nbytes = (shape[0], hi - lo, *shape[2:]), shape[0] * (hi - lo) * col
-    out = np.empty(shape, info.np_dtype)
+    hi)``, only its slice ``[lo:hi]`` along the first axis (one contiguous read), with ``cols`` also only
+    ``[lo:hi]`` along the second, and with ``spans`` (one ``(lo, hi)`` or None = whole per axis) the box they
+    give: one contiguous read per index of the axes before the last partial one. Where those runs would lie
+    closer than :data:`MIN_SKIP_BYTES`, the box widened as :func:`read_extent` says is read, and the result is a
+    view of it."""
+    shape, want = info.shape, _spans(info, rows, cols, spans)
+    box = read_extent(info, spans=want)
+    out = np.empty(tuple(hi - lo for lo, hi in box), info.np_dtype)
+    partial = [a for a, (lo, hi) in enumerate(box) if (lo, hi) != (0, shape[a])]
+    last = partial[-1] if partial else 0  # one run of bytes per index of the axes before it
+    item = np.dtype(info.np_dtype).itemsize
+    strides = [item * math.prod(shape[a + 1 :]) for a in range(len(shape))]
+    starts = np.array([info.offset + (box[last][0] * strides[last] if shape else 0)], np.int64)
+    for a in range(last):
+        starts = (starts[:, None] + np.arange(*box[a], dtype=np.int64) * strides[a]).reshape(-1)
+    size = out.nbytes // max(len(starts), 1)
     buf = out.reshape(-1).view(np.uint8)
-    got, at = 0, 0
-    with open(info.file, "rb") as f:
-        for start, size in chunks:
-            f.seek(start)
-            n = f.readinto(buf[at : at + size])
-            got, at = got + n, at + size
-            if n != size:
-                break
-    if got != nbytes:
-        raise ValueError(f"{info.file}: truncated while reading {info.key!r} ({got} of {nbytes} bytes)")
-    return out
+    got = 0
+    if out.size:
+        with open(info.file, "rb") as f:
+            for i, start in enumerate(starts.tolist()):
+                f.seek(start)
+                n = f.readinto(buf[i * size : (i + 1) * size])
+                got += n
+                if n != size:
+                    break
+    if got != out.nbytes:
+        raise ValueError(f"{info.file}: truncated while reading {info.key!r} ({got} of {out.nbytes} bytes)")
+    if box == want:
+        return out
+    return out[tuple(slice(w[0] - b[0], w[1] - b[0]) for w, b in zip(want, box, strict=True))]
 
 
 @dataclasses.dataclass(frozen=True)
