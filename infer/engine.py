@@ -21,6 +21,9 @@ Design (docs/engine.md has the long version):
   requests, run one decode step for every decoding slot, then retire finished requests and free their pages.
   Colocated, a decode step is dispatched before the previous one's tokens are read (they feed it on the device),
   so the host's bookkeeping for step k overlaps the device's step k + 1.
+* **Prefix caching.** Full pages of known tokens are published under a hash of their tokens and everything before
+  them; a request whose prompt begins with published pages takes them (shared, never written) and prefills the
+  rest. Freed published pages keep their content until a page is needed (``EngineConfig.prefix_caching``).
 * **Preemption.** When a decoding request needs a page and its group has none free, the most recently admitted
   request of that group is preempted: its pages are freed and it goes back to the queue (in arrival order) with
   its prompt + generated tokens as the new prompt (recompute), its remaining budget and sampling state.
@@ -43,6 +46,7 @@ Design (docs/engine.md has the long version):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import itertools
 import logging
@@ -83,6 +87,9 @@ class EngineConfig:
       per group).
     min_bucket: shortest prefill chunk shape (power of two); chunks are rounded up to powers of two.
     kv_dtype: KV page dtype: None (the model's dtype), "bfloat16", "float32" or "float8_e4m3fn" (per-token scales).
+    prefix_caching: a request whose first full pages of tokens equal an earlier request's (a shared system prompt,
+      a conversation's next turn, a preempted request coming back) takes those pages' KV instead of computing it
+      again, while the pages last (freed pages keep theirs until they are needed).
     """
 
     max_batch: int = 8
@@ -93,9 +100,12 @@ class EngineConfig:
     prefill_batch: int | None = None
     min_bucket: int = 16
     kv_dtype: str | None = None
+    prefix_caching: bool = True
 
     def __post_init__(self):
         kvc.check_kv_dtype(self.kv_dtype, "EngineConfig.kv_dtype")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"EngineConfig.prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.page_size is None:
             object.__setattr__(self, "page_size", kvc.default_page_size(self.kv_dtype))
         for name in ("max_batch", "page_size", "prefill_chunk", "min_bucket"):
@@ -193,6 +203,8 @@ class _Request:
     admitted: int = -1  # admission order (the preemption victim is the largest)
     target: list[int] = dataclasses.field(default_factory=list)  # tokens to prefill into the cache
     cached: int = 0  # tokens of the sequence already in the cache
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # content keys of the sequence's first full pages
+    published: int = 0  # of its pages, how many are published (prefix caching)
     preemptions: int = 0
     first_token_time: float | None = None
     detok: StreamDecoder | None = None  # the output's text, piece by piece (with a tokenizer)
@@ -287,7 +299,7 @@ class Engine:
         self.slots_per_group = slots_per_group
         self.prefill_rows_per_group = cfg.prefill_batch // groups
         self.allocators = [
-            CheckedPageAllocator(pages_per_group, cfg.page_size, self.max_pages_per_seq) for _ in range(groups)
+            kvc.PageAllocator(pages_per_group, cfg.page_size, self.max_pages_per_seq) for _ in range(groups)
         ]
         # traces (compilations) of the jitted steps; over AFD the runner's, per program (AFDRunner.trace_counts)
         self.trace_counts = {"prefill": 0, "decode": 0} if self.afd is None else self.afd.trace_counts
@@ -339,6 +351,7 @@ class Engine:
             "rejected": 0,
             "aborted": 0,
             "generated_tokens": 0,
+            "prefix_cached_tokens": 0,  # prompt tokens whose KV came from the prefix cache, not a prefill
             "peak_pages_in_use": 0,
         }
 
@@ -545,20 +558,25 @@ class Engine:
         while self._queue:
             _, req = self._queue[0]
             need = -(-(len(req.target) + 1) // ps)
-            best, best_free = None, -1
+            # the group with the longest cached prefix of the prompt (at least its last token is prefilled, for
+            # its logits), then the most free pages
+            keys = self._keys(req, (len(req.target) - 1) // ps) if self.config.prefix_caching else []
+            best, best_rank, best_prefix = None, None, []
             for g in range(self.groups):
-                if g in self._no_admit:
+                if g in self._no_admit or all(self._slots[s] is not None for s in self._group_slots(g)):
                     continue
-                free_slot = any(self._slots[s] is None for s in self._group_slots(g))
-                free = self.allocators[g].num_free
-                if free_slot and free >= need and free > best_free:
-                    best, best_free = g, free
+                prefix = self.allocators[g].match(keys)
+                free = self.allocators[g].num_free_besides(prefix)
+                if free >= need - len(prefix) and (best is None or (len(prefix), free) > best_rank):
+                    best, best_rank, best_prefix = g, (len(prefix), free), prefix
             if best is None:
                 return
             heapq.heappop(self._queue)
             slot = next(s for s in self._group_slots(best) if self._slots[s] is None)
-            self.allocators[best].reserve(req.id, len(req.target))
-            req.state, req.group, req.slot, req.cached = _PREFILL, best, slot, 0
+            self.allocators[best].reserve(req.id, len(req.target), prefix=best_prefix)
+            req.state, req.group, req.slot, req.cached = _PREFILL, best, slot, len(best_prefix) * ps
+            req.published = len(best_prefix)
+            self.stats["prefix_cached_tokens"] += req.cached
             req.admitted = next(self._admissions)
             self._slots[slot] = req
             self._sync_table(req)
@@ -570,7 +588,7 @@ class Engine:
         self.allocators[req.group].free(req.id)
         self._tables[req.slot] = self.null_page
         self._slots[req.slot] = None
-        req.state, req.group, req.slot, req.cached = _WAITING, -1, -1, 0
+        req.state, req.group, req.slot, req.cached, req.published = _WAITING, -1, -1, 0, 0
         req.target = req.seq[:-1] if req.output else list(req.prompt)
         req.preemptions += 1
         self.stats["preemptions"] += 1
@@ -593,6 +611,32 @@ class Engine:
         alloc.reserve(req.id, req.cached + 1)
         self._sync_table(req)
         return True
+
+    def _keys(self, req: _Request, n: int) -> list[bytes]:
+        """The content keys of ``req``'s first ``n`` full pages: each a hash of its tokens and the previous key,
+        so it names the page's tokens and every token before them (what its KV depends on)."""
+        ps, seq = self.config.page_size, None
+        while len(req.keys) < n:
+            seq = seq or req.seq
+            i = len(req.keys)
+            tokens = np.asarray(seq[i * ps : (i + 1) * ps], np.int64).tobytes()
+            req.keys.append(hashlib.blake2b((req.keys[-1] if i else b"") + tokens, digest_size=16).digest())
+        return req.keys[:n]
+
+    def _publish(self, reqs: Sequence[_Request | None]) -> None:
+        """Prefix caching: publish the pages of these requests that are full of written KV of known tokens."""
+        if not self.config.prefix_caching:
+            return
+        ps = self.config.page_size
+        for r in reqs:
+            if r is None or r.state == _WAITING:
+                continue
+            full = min(r.cached, r.length) // ps  # (a token still in flight is not known here yet)
+            if full > r.published:
+                alloc = self.allocators[r.group]
+                for i, key in enumerate(self._keys(r, full)[r.published :], r.published):
+                    alloc.publish(r.id, i, key)
+                r.published = full
 
     def _row_arrays(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
         seeds, temperature, top_k, top_p = param_rows([None if r is None else r.params for r in reqs])
@@ -666,6 +710,7 @@ class Engine:
                 r.cached += lens[i]
                 if r.cached == len(r.target):
                     r.state = _DECODE
+        self._publish(rows)
         if first:  # read after the next decode step is dispatched (which takes them on the device)
             self._first = ([r if i in first else None for i, r in enumerate(rows)], *self._last_step)
         return []  # (a chunk that ends no prompt, or a recompute after preemption: nothing to wait for)
@@ -719,6 +764,7 @@ class Engine:
             for r in rows:
                 if r is not None:
                     r.cached += 1
+            self._publish(rows)
             if self.afd is None:
                 self._prev_tokens = out
             if any(r is not None for r in rows):  # (a step on padding rows only has nothing to read)
@@ -772,6 +818,7 @@ class Engine:
 
     def _finish(self, req: _Request, reason: str, now: float) -> RequestOutput:
         if req.state != _WAITING:  # (an aborted request may be queued: no slot, no pages)
+            self._publish([req])  # (its last tokens are known now: a next turn may take their pages)
             self.allocators[req.group].free(req.id)
             self._tables[req.slot] = self.null_page
             self._slots[req.slot] = None
@@ -924,27 +971,15 @@ class Engine:
         buckets = set()
         for n in prompt_lengths:
             buckets |= self.prefill_buckets(min(max(int(n), 1), self.max_seq_len - 1))
-        for i, b in enumerate(sorted(buckets)):
-            self.submit([0] * min(b, self.max_seq_len - 2), SamplingParams(max_new_tokens=2), request_id=f"warmup-{i}")
+        for i, b in enumerate(sorted(buckets)):  # (no two share a first page: none takes another's from the cache)
+            prompt = [i % self.model_config.vocab_size] + [0] * (min(b, self.max_seq_len - 2) - 1)
+            self.submit(prompt, SamplingParams(max_new_tokens=2), request_id=f"warmup-{i}")
         self.run()
         self.reset_stats()
 
     def reset_stats(self) -> None:
         for k in self.stats:
             self.stats[k] = 0
-
-
-class CheckedPageAllocator(kvc.PageAllocator):
-    """A :class:`~step3_jax.kv_cache.PageAllocator` that also checks its own invariants (no page owned twice, owned
-    + free == pool) in ``check()``; the engine's tests call it every step."""
-
-    def check(self) -> None:
-        owned = [p for pages in self._pages.values() for p in pages]
-        every = owned + list(self._free)
-        if len(every) != self.num_pages or sorted(every) != list(range(self.num_pages)):
-            raise AssertionError(
-                f"page pool corrupted: {len(owned)} owned + {len(self._free)} free != {self.num_pages}"
-            )
 
 
 def summarize(outputs: Sequence[RequestOutput], wall_seconds: float) -> dict[str, float]:

@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     eng.add_argument("--prefill-chunk", type=int, default=64)
     eng.add_argument("--kv-dtype", default=None, choices=KV_DTYPES)
     eng.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt's KV (default: prompts that begin as an earlier one did take its pages)",
+    )
+    eng.add_argument(
         "--mesh",
         metavar="SPEC",
         help="serve sharded on a mesh of the first devices, e.g. "
@@ -334,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_seq_len=max_seq_len,
                 prefill_chunk=args.prefill_chunk,
                 kv_dtype=args.kv_dtype,
+                prefix_caching=not args.no_prefix_caching,
             ),
             tokenizer=tokenizer,
         )
@@ -445,13 +451,15 @@ def _serve(args, engine, prompts, params, what: str, inputs=None) -> tuple[int, 
         f"\naggregate: {agg['requests']} requests ({failed} failed), {agg['output_tokens']} tokens in {wall:.2f} s: "
         f"{agg['tokens_per_second']:.1f} tokens/s, mean time per output token "
         f"{_fmt_ms(agg['mean_time_per_output_token'] if agg['output_tokens'] else None)}, max batch "
-        f"{engine.config.max_batch}, {engine.stats['preemptions']} preemptions"
+        f"{engine.config.max_batch}, {engine.stats['preemptions']} preemptions, "
+        f"{engine.stats['prefix_cached_tokens']} prompt tokens from the prefix cache"
     )
     if args.json_out:
         report = {
             "model": what,
             "aggregate": agg,
             "engine": dataclasses.asdict(engine.config),
+            "stats": dict(engine.stats),
             "requests": [
                 {
                     "request_id": o.request_id,

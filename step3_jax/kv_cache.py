@@ -12,8 +12,9 @@ MFA decode kernel of ``pallas_kernels.mfa_decode``.
 
 from __future__ import annotations
 
+import collections
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -256,7 +257,14 @@ class PageAllocator:
 
     A free list of page ids; ``reserve(seq, n)`` makes sure sequence ``seq`` owns enough pages for ``n`` tokens,
     ``free(seq)`` returns them. ``shuffle_seed`` hands pages out in a random order (tests use it to make page
-    tables non-contiguous)."""
+    tables non-contiguous).
+
+    Prefix caching: :meth:`publish` names a full page of a sequence by a key of its content (its tokens and every
+    token before them); a later sequence whose first pages have the same keys (:meth:`match`) starts with those
+    pages (``reserve(..., prefix=pages)``), shared, and does not compute them again. A page no sequence holds any
+    more keeps its content while it is not needed (it counts as free, and the least recently freed of those is
+    the first taken), so a request that comes back after preemption, or one that continues an earlier one, finds
+    its pages there."""
 
     def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int, *, shuffle_seed: int | None = None):
         if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
@@ -274,10 +282,20 @@ class PageAllocator:
             random.Random(shuffle_seed).shuffle(order)
         self._free = order[::-1]  # pop() hands out order[0] first
         self._pages: dict[object, list[int]] = {}
+        self._refs: dict[int, int] = {}  # page -> the sequences holding it (more than one: a shared prefix)
+        self._key_of: dict[int, bytes] = {}  # published page -> its content key
+        self._by_key: dict[bytes, int] = {}
+        self._kept: dict[int, None] = {}  # published pages no sequence holds, least recently freed first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages a sequence can take: never used or freed, and freed pages that keep a published content."""
+        return len(self._free) + len(self._kept)
+
+    @property
+    def num_kept(self) -> int:
+        """Free pages that keep a published content (:meth:`match` can still find them)."""
+        return len(self._kept)
 
     def pages(self, seq) -> list[int]:
         return list(self._pages.get(seq, []))
@@ -286,27 +304,74 @@ class PageAllocator:
         """How many pages ``seq`` owns."""
         return len(self._pages.get(seq, ()))
 
-    def reserve(self, seq, num_tokens: int) -> list[int]:
-        """Own pages for ``num_tokens`` tokens of ``seq`` (allocating what is missing); returns its page ids."""
+    def match(self, keys: Sequence[bytes]) -> list[int]:
+        """The pages published under ``keys[0]``, ``keys[1]``, ... for as long as there is one (a prefix)."""
+        pages = []
+        for key in keys:
+            page = self._by_key.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def num_free_besides(self, prefix: Sequence[int]) -> int:
+        """:attr:`num_free` once a sequence has started with the pages ``prefix`` (some of them may be free)."""
+        return self.num_free - sum(p in self._kept for p in prefix)
+
+    def reserve(self, seq, num_tokens: int, prefix: Sequence[int] = ()) -> list[int]:
+        """Own pages for ``num_tokens`` tokens of ``seq`` (allocating what is missing); returns its page ids. A new
+        sequence may start with the published pages ``prefix`` (:meth:`match`), shared with their holders."""
         need = -(-num_tokens // self.page_size)
         if need > self.max_pages_per_seq:
             raise ValueError(
                 f"sequence {seq!r} needs {need} pages for {num_tokens} tokens but a block table row holds "
                 f"{self.max_pages_per_seq} pages of {self.page_size}"
             )
-        owned = self._pages.setdefault(seq, [])
-        missing = need - len(owned)
-        if missing > len(self._free):
+        if prefix and seq in self._pages:
+            raise ValueError(f"sequence {seq!r} owns pages already: a shared prefix is for a new sequence")
+        if any(p not in self._key_of for p in prefix):
+            raise ValueError(f"a prefix for {seq!r} names pages that hold no published content: {list(prefix)}")
+        missing = need - len(self._pages.get(seq, ())) - len(prefix)
+        if missing > self.num_free_besides(prefix):
             raise RuntimeError(
-                f"out of KV pages: sequence {seq!r} needs {missing} more pages, {len(self._free)} of "
+                f"out of KV pages: sequence {seq!r} needs {missing} more pages, {self.num_free_besides(prefix)} of "
                 f"{self.num_pages} are free"
             )
-        owned.extend(self._free.pop() for _ in range(max(missing, 0)))
+        owned = self._pages.setdefault(seq, [])
+        for page in prefix:
+            self._kept.pop(page, None)
+            self._refs[page] = self._refs.get(page, 0) + 1
+            owned.append(page)
+        owned.extend(self._take() for _ in range(max(missing, 0)))
         return list(owned)
 
+    def _take(self) -> int:
+        if self._free:
+            page = self._free.pop()
+        else:  # the least recently freed page that keeps a content gives it up
+            page = next(iter(self._kept))
+            del self._kept[page], self._by_key[self._key_of.pop(page)]
+        self._refs[page] = 1
+        return page
+
+    def publish(self, seq, index: int, key: bytes) -> None:
+        """Page ``index`` of ``seq`` is full and holds the content ``key`` names: later sequences may share it (the
+        first page published under a key keeps it)."""
+        page = self._pages[seq][index]
+        if key not in self._by_key and page not in self._key_of:
+            self._by_key[key], self._key_of[page] = page, key
+
     def free(self, seq) -> None:
-        """Return all pages of ``seq`` to the free list (a no-op for an unknown sequence)."""
-        self._free.extend(reversed(self._pages.pop(seq, [])))
+        """Let ``seq`` go of its pages (a no-op for an unknown sequence); those no other sequence holds are free,
+        the published ones keeping their content until they are taken."""
+        for page in reversed(self._pages.pop(seq, [])):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                del self._refs[page]
+                if page in self._key_of:
+                    self._kept[page] = None
+                else:
+                    self._free.append(page)
 
     def block_table(self, seqs) -> np.ndarray:
         """``[len(seqs), max_pages_per_seq]`` int32; unused entries hold page 0 (valid, never read)."""
@@ -315,6 +380,19 @@ class PageAllocator:
             owned = self._pages.get(seq, [])
             table[row, : len(owned)] = owned
         return table
+
+    def check(self) -> None:
+        """Raise AssertionError unless the bookkeeping is whole: every page held (as often as its count says),
+        free or kept, exactly once; keys and pages named both ways; only published pages kept."""
+        held = collections.Counter(p for pages in self._pages.values() for p in pages)
+        every = sorted([*held, *self._free, *self._kept])
+        if every != list(range(self.num_pages)) or held != collections.Counter(self._refs):
+            raise AssertionError(
+                f"page pool corrupted: {len(held)} held + {len(self._free)} free + {len(self._kept)} kept != "
+                f"{self.num_pages}, or reference counts {dict(self._refs)} != holders {dict(held)}"
+            )
+        if {k: p for p, k in self._key_of.items()} != self._by_key or any(p not in self._key_of for p in self._kept):
+            raise AssertionError("prefix cache keys corrupted")
 
 
 # ---------------------------------------------------------------------------------------------- paged cache on a mesh

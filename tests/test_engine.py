@@ -2,6 +2,7 @@
 contiguous cache, chunked prefill == one-shot prefill, preemption, a 500-request load test, per-request errors,
 seeded sampling, streaming, no recompilation in steady state, data-parallel serving on a mesh, the CLI."""
 
+import dataclasses
 import json
 import math
 import random
@@ -98,12 +99,12 @@ def test_decode_overlaps_the_host_and_stop_tokens_still_end_requests(engine):
     assert engine.pages_in_use() == 0 and not engine.has_work()
 
 
-def test_prefill_chunks_are_not_waited_for(engine):
+def test_prefill_chunks_are_not_waited_for(model, engine):
     """A 40-token prompt in chunks of 16: the host waits for no prefill chunk, and reads the last one's token (the
     first output token) only after the decode step that takes it on the device is dispatched; the output is the
     one-shot request's."""
     prompt = random_prompt(random.Random(9), 40)
-    want = alone(engine, prompt, SamplingParams(max_new_tokens=3))
+    want = generate_ids(model, [prompt], SamplingParams(max_new_tokens=3)).tokens[0]
     reads, real_prefill, real_decode, real_read = [], engine._prefill_fn, engine._decode_fn, engine._read
 
     def prefill(state, pool, ids, *rest):
@@ -171,6 +172,83 @@ def test_chunked_paged_prefill_and_paged_decode_equal_one_shot_contiguous(model,
         lc, contig = step(state, ids[:, t : t + 1], contig)
         lp, paged = step(state, ids[:, t : t + 1], paged)
         np.testing.assert_allclose(np.asarray(lp), np.asarray(lc), rtol=2e-5, atol=2e-5)
+
+
+def test_page_allocator_shares_published_pages_and_keeps_freed_ones_until_needed():
+    """Prefix caching in the allocator: published pages are found by their keys (a prefix), shared by a new
+    sequence, kept with their content once nobody holds them (counted free) and given up, least recently freed
+    first, only when no never-used or unpublished page is left; the bookkeeping checks itself."""
+    alloc = PageAllocator(num_pages=6, page_size=4, max_pages_per_seq=6)
+    a = alloc.reserve("a", 10)  # 3 pages
+    alloc.publish("a", 0, b"k0")
+    alloc.publish("a", 1, b"k1")
+    assert alloc.match([b"k0", b"k1", b"k2"]) == a[:2] and alloc.match([b"k1"]) == [a[1]] and alloc.match([]) == []
+    b = alloc.reserve("b", 12, prefix=alloc.match([b"k0", b"k1"]))  # shares two pages, takes one
+    assert b[:2] == a[:2] and b[2] not in a and alloc.num_free == 2
+    alloc.check()
+    alloc.free("a")  # its unpublished page is free again; the shared ones are still b's
+    assert alloc.num_free == 3 and alloc.num_kept == 0
+    alloc.free("b")
+    assert alloc.num_free == 6 and alloc.num_kept == 2 and alloc.match([b"k0", b"k1"]) == a[:2]
+    alloc.check()
+    c = alloc.reserve("c", 16)  # four pages: the never-used and unpublished ones first
+    assert not set(c) & set(a[:2]) and alloc.match([b"k0"]) == [a[0]]
+    d = alloc.reserve("d", 4)  # then the least recently freed kept page gives up its content
+    assert d == [a[1]] and alloc.match([b"k0", b"k1"]) == [a[0]] and alloc.num_kept == 1
+    alloc.check()
+    # a page published once keeps its first key; a key names one page
+    alloc.publish("d", 0, b"k0")
+    alloc.publish("c", 0, b"k9")
+    assert alloc.match([b"k0"]) == [a[0]] and alloc.match([b"k9"]) == [c[0]]
+    with pytest.raises(ValueError, match="sequence 'c' owns pages already: a shared prefix is for a new sequence"):
+        alloc.reserve("c", 20, prefix=[a[0]])
+    with pytest.raises(ValueError, match="names pages that hold no published content"):
+        alloc.reserve("e", 4, prefix=[c[1]])
+    with pytest.raises(RuntimeError, match="out of KV pages: sequence 'e' needs 2 more pages, 0 of 6 are free"):
+        alloc.reserve("e", 12, prefix=[a[0]])
+    assert alloc.num_owned("e") == 0 and alloc.num_kept == 1  # (refused: nothing taken)
+    alloc._refs[c[0]] += 1  # a corrupted count is caught
+    with pytest.raises(AssertionError, match="page pool corrupted"):
+        alloc.check()
+
+
+def test_prefix_cache_shares_common_prompts_and_changes_no_output(model):
+    """Prompts that begin with the same 20-token system prompt (5 pages of 4), and a conversation's next turn (a
+    prompt that begins with an earlier prompt and its answer): with prefix caching the later requests take those
+    pages from the cache, running requests hold the same pages at once, fewer prompt tokens are prefilled, and
+    every output equals the one computed without the cache and the contiguous-cache reference."""
+    rng = random.Random(11)
+    system = random_prompt(rng, 20)
+    prompts = [system + [rng.randrange(3, 263) for _ in range(n)] for n in (3, 9, 5, 14)]
+    params = SamplingParams(max_new_tokens=6)
+    # (a pool that keeps every freed page: what is taken from the cache does not depend on evictions)
+    engines = {on: Engine(model, dataclasses.replace(SMALL, num_pages=64, prefix_caching=on)) for on in (True, False)}
+    cached = engines[True]
+    first = {on: e.generate_outputs(prompts[:1], params)[0] for on, e in engines.items()}
+    assert cached.stats["prefix_cached_tokens"] == 0
+    ids = [cached.submit(p, params) for p in prompts[1:]]
+    cached.step()  # admitted together: each takes the system prompt's 5 pages from the first request's
+    held = [cached.allocators[0].pages(i) for i in ids]
+    first_pages = {tuple(pages[:5]) for pages in held}
+    assert len(first_pages) == 1 and not set(held[0][5:]) & set(held[1][5:])
+    assert cached.stats["prefix_cached_tokens"] == 3 * 20
+    outs = cached.run()
+    rest = {True: [outs[i] for i in ids], False: engines[False].generate_outputs(prompts[1:], params)}
+    # the next turn: the first prompt, its answer and more; every full page with the KV of known tokens (the
+    # answer's last token has none: no step took it) comes from the cache
+    turn = prompts[0] + first[True].token_ids + [rng.randrange(3, 263) for _ in range(7)]
+    before = cached.stats["prefix_cached_tokens"]
+    again = {on: e.generate_outputs([turn], params)[0] for on, e in engines.items()}
+    assert cached.stats["prefix_cached_tokens"] - before == (len(prompts[0]) + len(first[True].token_ids) - 1) // 4 * 4
+    assert engines[False].stats["prefix_cached_tokens"] == 0
+    want = generate_ids(model, prompts + [turn], params).tokens
+    assert first[True].token_ids == first[False].token_ids == want[0]
+    for on in (True, False):
+        assert [o.token_ids for o in rest[on]] == want[1:4]
+        assert again[on].token_ids == want[4]
+    for e in engines.values():
+        e.allocators[0].check()
+        assert e.pages_in_use() == 0
 
 
 def test_preemption_requeues_and_results_are_unchanged(engine):
@@ -510,6 +588,8 @@ def test_cli_reads_a_prompt_file_loads_a_checkpoint_and_reports_throughput(tmp_p
     assert "tokens/s" in captured.out and "time per output token" in captured.out
     report = json.loads((tmp_path / "out.json").read_text())
     assert [r["ok"] for r in report["requests"]] == [True, True, False]
+    assert report["engine"]["prefix_caching"] is True and "prompt tokens from the prefix cache" in captured.out
+    assert report["stats"]["prefix_cached_tokens"] == 0  # (the two prompts share no page)
     assert report["requests"][0]["token_ids"] == generate_ids(model, [[1, *[b + 3 for b in b"first prompt"]]],
                                                               SamplingParams(max_new_tokens=4)).tokens[0]  # fmt: skip
     assert main(["--preset", "test", "--dtype", "float32", "--max-new-tokens", "3", "--prompt", "hi", "--stream",
@@ -519,8 +599,9 @@ def test_cli_reads_a_prompt_file_loads_a_checkpoint_and_reports_throughput(tmp_p
     # --mesh: the same checkpoint served sharded (2 data-parallel groups x 2-way tensor parallel) gives the same tokens
     rc = main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts-file", str(prompts), "--max-new-tokens", "4",
                "--json-out", str(tmp_path / "mesh.json"), "--mesh", "data=2, tensor=2", *shapes,
-               "--num-pages", "32"])  # fmt: skip
+               "--num-pages", "32", "--no-prefix-caching"])  # fmt: skip
     assert rc == 1 and "on a data=2 x tensor=2 mesh" in capsys.readouterr().out
+    assert json.loads((tmp_path / "mesh.json").read_text())["engine"]["prefix_caching"] is False
     sharded = json.loads((tmp_path / "mesh.json").read_text())["requests"]
     assert [r["token_ids"] for r in sharded[:2]] == [r["token_ids"] for r in report["requests"][:2]]
     for spec, message in [("data=2,foo=2", "unknown axis 'foo' \\(the axes are data, fsdp, tensor, expert\\)"),
