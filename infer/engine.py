@@ -956,11 +956,15 @@ class Engine:
         return [o.text for o in outs]
 
     def prefill_buckets(self, prompt_length: int) -> set[int]:
-        """The prefill chunk shapes a prompt of ``prompt_length`` tokens will use (alone in its prefill call)."""
+        """The prefill chunk shapes a prompt of ``prompt_length`` tokens may use (alone in its prefill call): with
+        prefix caching, whatever cached prefix it finds may leave a last chunk of any length, so every bucket up to
+        the widest."""
         cfg, out = self.config, set()
         for s in range(0, prompt_length, cfg.prefill_chunk):
             n = min(cfg.prefill_chunk, prompt_length - s)
             out.add(min(_pow2_at_least(n, cfg.min_bucket), cfg.prefill_chunk))
+        if cfg.prefix_caching and prompt_length > cfg.page_size:
+            out |= {b for b in (cfg.min_bucket << i for i in range(max(out).bit_length())) if b <= max(out)}
         return out
 
     def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> None:

@@ -251,6 +251,17 @@ def test_prefix_cache_shares_common_prompts_and_changes_no_output(model):
         assert e.pages_in_use() == 0
 
 
+def test_warmup_buckets_cover_the_chunks_a_cached_prefix_leaves(model):
+    """``prefill_buckets`` (what ``warmup`` compiles): a 100-token prompt in chunks of 64 uses the 64 bucket twice;
+    with prefix caching whatever prefix it finds in the cache may leave a last chunk of any length, so every
+    bucket up to 64; a prompt within one page finds no prefix."""
+    for on, want in ((False, {64}), (True, {8, 16, 32, 64})):
+        cfg = EngineConfig(max_batch=4, page_size=4, num_pages=32, max_seq_len=128, prefill_chunk=64, min_bucket=8,
+                           prefix_caching=on)  # fmt: skip
+        e = Engine(model, cfg)
+        assert e.prefill_buckets(100) == want and e.prefill_buckets(4) == {8} and e.prefill_buckets(40) <= want
+
+
 def test_preemption_requeues_and_results_are_unchanged(engine):
     """Four long requests in a pool that holds one max-length sequence: requests are preempted (pages freed,
     requeued, recomputed) and still produce exactly their results alone."""
