@@ -455,6 +455,8 @@ def test_read_tensor_rows_reads_one_slice_of_the_first_axis(fp8_ckpt, monkeypatc
             want = tensors[key][tuple(slice(*span) if span else slice(None) for span in box)]
             assert got.shape == want.shape and got.tobytes() == np.ascontiguousarray(want).tobytes(), (skip, box)
         extents = [read_extent(info, spans=box) for box in boxes]
+        assert read_extent(info, spans=(None, (5, 5), (0, 1))) == [(0, e), (5, 5), (0, 1)]  # (empty: none widened)
+        assert read_tensor(info, spans=(None, (5, 5), (0, 1))).shape == (e, 0, 1)
         if skip == 0:
             assert extents == [[(1, 3), (0, f), (128, 256)], [(0, e), (5, 6), (0, 1)], [(0, e), (0, f), (0, n)],
                                [(2, 2), (0, f), (0, n)]]  # fmt: skip

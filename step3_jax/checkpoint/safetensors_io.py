@@ -162,6 +162,8 @@ def read_extent(
     """The box :func:`read_tensor` reads for these arguments: theirs, widened to the whole of an axis wherever the
     runs of bytes it would read one by one lie closer than :data:`MIN_SKIP_BYTES`."""
     shape, box = info.shape, _spans(info, rows, cols, spans)
+    if any(lo == hi for lo, hi in box):
+        return box  # (an empty box: nothing is read)
     item = np.dtype(info.np_dtype).itemsize
     partial = [a for a, span in enumerate(box) if span != (0, shape[a])]
     while partial and partial[-1] > 0:  # (a box split only along the first axis is one run)
