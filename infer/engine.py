@@ -571,6 +571,8 @@ class Engine:
                     best, best_rank, best_prefix = g, (len(prefix), free), prefix
             if best is None:
                 return
+            if len(best_prefix) < len(keys) and self._soon_published(keys[len(best_prefix)], len(best_prefix)):
+                return  # a running prefill is about to publish its next page: wait for it (arrival order kept)
             heapq.heappop(self._queue)
             slot = next(s for s in self._group_slots(best) if self._slots[s] is None)
             self.allocators[best].reserve(req.id, len(req.target), prefix=best_prefix)
@@ -622,6 +624,16 @@ class Engine:
             tokens = np.asarray(seq[i * ps : (i + 1) * ps], np.int64).tobytes()
             req.keys.append(hashlib.blake2b((req.keys[-1] if i else b"") + tokens, digest_size=16).digest())
         return req.keys[:n]
+
+    def _soon_published(self, key: bytes, index: int) -> bool:
+        """Whether a request still prefilling will publish its page ``index`` under ``key`` (its prompt begins as
+        the waiting one's does, and its prefill has not reached that page yet)."""
+        ps = self.config.page_size
+        return any(
+            r is not None and r.state == _PREFILL and r.published <= index < len(r.target) // ps
+            and self._keys(r, index + 1)[index] == key
+            for r in self._slots
+        )  # fmt: skip
 
     def _publish(self, reqs: Sequence[_Request | None]) -> None:
         """Prefix caching: publish the pages of these requests that are full of written KV of known tokens."""

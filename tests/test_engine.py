@@ -216,7 +216,8 @@ def test_prefix_cache_shares_common_prompts_and_changes_no_output(model):
     """Prompts that begin with the same 20-token system prompt (5 pages of 4), and a conversation's next turn (a
     prompt that begins with an earlier prompt and its answer): with prefix caching the later requests take those
     pages from the cache, running requests hold the same pages at once, fewer prompt tokens are prefilled, and
-    every output equals the one computed without the cache and the contiguous-cache reference."""
+    every output equals the one computed without the cache and the contiguous-cache reference. Requests that
+    arrive together wait for the first one's prefill to publish the pages they share."""
     rng = random.Random(11)
     system = random_prompt(rng, 20)
     prompts = [system + [rng.randrange(3, 263) for _ in range(n)] for n in (3, 9, 5, 14)]
@@ -246,6 +247,18 @@ def test_prefix_cache_shares_common_prompts_and_changes_no_output(model):
     for on in (True, False):
         assert [o.token_ids for o in rest[on]] == want[1:4]
         assert again[on].token_ids == want[4]
+    # requests that arrive together: the later ones wait until the first one's prefill has published what they
+    # share, then take it from the cache
+    system = random_prompt(rng, 20)
+    together = [system + [rng.randrange(3, 263) for _ in range(n)] for n in (4, 6, 2)]
+    before = cached.stats["prefix_cached_tokens"]
+    ids = [cached.submit(p, params) for p in together]
+    cached.step()
+    assert cached.num_running == 1 and cached.num_waiting == 2
+    outs = cached.run()
+    assert cached.stats["prefix_cached_tokens"] - before == 2 * 20
+    alone = engines[False].generate_outputs(together, params)
+    assert [outs[i].token_ids for i in ids] == [o.token_ids for o in alone]
     for e in engines.values():
         e.allocators[0].check()
         assert e.pages_in_use() == 0
