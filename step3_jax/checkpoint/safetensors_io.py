@@ -161,7 +161,12 @@ def read_extent(
 ) -> list[tuple[int, int]]:
     """The box :func:`read_tensor` reads for these arguments: theirs, widened to the whole of an axis wherever the
     runs of bytes it would read one by one lie closer than :data:`MIN_SKIP_BYTES`."""
-    shape, box = info.shape, _spans(info, rows, cols, spans)
+    return _widen(info, _spans(info, rows, cols, spans))
+
+
+def _widen(info: TensorInfo, box: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """:func:`read_extent` of a checked box (a new list)."""
+    shape, box = info.shape, list(box)
     if any(lo == hi for lo, hi in box):
         return box  # (an empty box: nothing is read)
     item = np.dtype(info.np_dtype).itemsize
@@ -190,7 +195,7 @@ def read_tensor(
     closer than :data:`MIN_SKIP_BYTES`, the box widened as :func:`read_extent` says is read, and the result is a
     view of it."""
     shape, want = info.shape, _spans(info, rows, cols, spans)
-    box = read_extent(info, spans=want)
+    box = _widen(info, want)
     out = np.empty(tuple(hi - lo for lo, hi in box), info.np_dtype)
     partial = [a for a, (lo, hi) in enumerate(box) if (lo, hi) != (0, shape[a])]
     last = partial[-1] if partial else 0  # one run of bytes per index of the axes before it
