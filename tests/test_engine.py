@@ -448,6 +448,7 @@ def test_fp8_kv_pages_default_to_what_the_gpu_decode_kernel_takes():
         (dict(num_pages=True), "num_pages must be None or an int >= 1, got True"),
         (dict(min_bucket=12), "min_bucket must be a power of two, got 12"),
         (dict(prefill_chunk=8, min_bucket=16), r"prefill_chunk \(8\) must be >= min_bucket \(16\)"),
+        (dict(prefix_caching="yes"), "prefix_caching must be True or False, got 'yes'"),
     ],
 )
 def test_bad_engine_configs_are_refused_with_the_field_named(kwargs, msg):
