@@ -117,6 +117,17 @@ class Step3Config:
         object.__setattr__(self, "moe_layers_enum", layers)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        is_id = lambda i: isinstance(i, int) and not isinstance(i, bool) and i >= 0  # noqa: E731
+        if self.bos_token_id is not None and not is_id(self.bos_token_id):
+            raise ValueError(
+                f"Step3Config.bos_token_id must be a token id (an int >= 0) or None, got {self.bos_token_id!r}"
+            )
+        eos = self.eos_token_id
+        if eos is not None and not (is_id(eos) or (isinstance(eos, tuple) and eos and all(map(is_id, eos)))):
+            raise ValueError(
+                "Step3Config.eos_token_id must be a token id (an int >= 0), a non-empty list of them or None, "
+                f"got {eos!r}"
+            )
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -262,7 +273,7 @@ def parse_quantization_config(qc: Any) -> str | None:
     if fmt != "e4m3":
         raise ValueError(f"config quantization_config.fmt {fmt!r} is not supported: only 'e4m3'")
     block = qc.get("weight_block_size")
-    if block is None or list(block) != [128, 128]:
+    if not isinstance(block, list) or block != [128, 128]:
         raise ValueError(
             f"config quantization_config.weight_block_size {block!r} is not supported: only [128, 128] blocks"
         )

@@ -257,6 +257,29 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(bf16_ckpt, tmp_path
         load_pretrained(tmp_path / "x", progress=False)  # no config.json / index: not mistaken for a checkpoint
 
 
+def test_interrupted_save_over_a_checkpoint_is_not_loaded(bf16_ckpt, tmp_path, monkeypatch):
+    """A save over an earlier checkpoint that fails part-way leaves old and new shards side by side: its index is
+    gone before the first shard is replaced, and shards without an index are refused (never loaded as a mix)."""
+    source = bf16_ckpt[1]
+    out = save_pretrained(source, tmp_path / "x", shard_size=20_000)
+    assert load_pretrained(out, progress=False) is not None
+    real_write, writes = SafetensorsWriter.write, []
+
+    def failing_write(self, array):
+        writes.append(self.path.name)
+        if len(writes) == 12:
+            raise OSError("disk full")
+        real_write(self, array)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(source, out, shard_size=20_000)
+    monkeypatch.undo()
+    assert (out / "config.json").exists() and not (out / "model.safetensors.index.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"shards of a sharded checkpoint .* but no model\.safetensors\.index"):
+        load_pretrained(out, progress=False)
+
+
 def test_single_file_and_dtype_override(bf16_ckpt, tmp_path):
     _, source, tensors = bf16_ckpt
     folder = tmp_path / "one"
@@ -581,6 +604,25 @@ def _corrupt_header(folder):
     f.write_bytes(bytes(data))
 
 
+def _header_entry(key, change):
+    """Rewrite one tensor's entry in its shard's header (same header length: padded with spaces)."""
+
+    def edit(folder):
+        for f in sorted(folder.glob("model-*.safetensors")):
+            data = f.read_bytes()
+            (n,) = struct.unpack("<Q", data[:8])
+            header = json.loads(data[8 : 8 + n])
+            if key in header:
+                change(header[key])
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                assert len(raw) <= n
+                f.write_bytes(data[:8] + raw.ljust(n) + data[8 + n :])
+                return
+        raise AssertionError(key)
+
+    return edit
+
+
 def _huge_header(folder):
     f = sorted(folder.glob("model-*.safetensors"))[0]
     data = f.read_bytes()
@@ -625,6 +667,21 @@ BAD_CASES = {
     ),
     "truncated file": (_truncate, ValueError, r"model-00002-of-00003\.safetensors: truncated"),
     "corrupt header": (_corrupt_header, ValueError, r"model-00001-of-00003\.safetensors: corrupt safetensors header"),
+    "header dtype not a string": (
+        _header_entry("model.norm.weight", lambda e: e.update(dtype=["BF16"])),
+        ValueError,
+        r"corrupt safetensors header entry for 'model\.norm\.weight' \(dtype must be a string",
+    ),
+    "header shape not a list of ints": (
+        _header_entry("model.norm.weight", lambda e: e.update(shape="40")),
+        ValueError,
+        r"corrupt safetensors header entry for 'model\.norm\.weight'",
+    ),
+    "header offset not an int": (
+        _header_entry("model.norm.weight", lambda e: e.update(data_offsets=[0, 8e1])),
+        ValueError,
+        r"corrupt safetensors header entry for 'model\.norm\.weight'",
+    ),
     "impossible header length": (
         _huge_header,
         ValueError,

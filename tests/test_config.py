@@ -113,6 +113,10 @@ def test_hf_round_trip_through_json():
         (dict(norm_expert_weight="no"), "norm_expert_weight"),
         (dict(rope_theta=-1.0), "rope_theta"),
         (dict(param_dtype="float8"), "param_dtype"),
+        (dict(eos_token_id="x"), "eos_token_id"),
+        (dict(eos_token_id=(2, -1)), "eos_token_id"),
+        (dict(eos_token_id=()), "eos_token_id"),
+        (dict(bos_token_id=True), "bos_token_id"),
     ],
 )
 def test_bad_config_names_the_field(change, field):
@@ -127,5 +131,8 @@ def test_bad_hf_config_names_the_field():
     bad = dict(VLM_CONFIG["text_config"], moe_layers_enum="4,61")
     with pytest.raises(ValueError, match="moe_layers_enum.*61"):
         Step3Config.from_hf_config(bad)
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": 128, "activation_scheme": "dynamic"}
+    with pytest.raises(ValueError, match="weight_block_size 128 is not supported"):
+        Step3Config.from_hf_config(dict(VLM_CONFIG["text_config"], quantization_config=qc))
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("step4")

@@ -10,11 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-from step3_jax import make_mesh
+from step3_jax import create_model, make_mesh
 from step3_jax.tokenizer import ByteTokenizer
 from train import lora
 from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents
-from train.train import TrainConfig, Trainer, TrainingError, lr_schedule, main, run
+from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, lr_schedule, main, run
 
 TOK = ByteTokenizer()
 DOCS = ["the quick brown fox jumps over the lazy dog. " * 3, "pack my box with five dozen liquor jugs! " * 3]
@@ -108,17 +108,24 @@ def test_kill_and_resume_continues_the_same_trajectory(test_config, tmp_path):
             raise Killed
 
     first = Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "b")
+    log = tmp_path / "b" / "metrics.jsonl"
     with pytest.raises(Killed):  # the same run, killed after step 4: its checkpoint at step 3 is the last good one
-        run(first, progress=False, on_metrics=kill_after_step_4)
+        run(first, progress=False, on_metrics=kill_after_step_4, log_path=log)
     first.close()
+    with log.open("a") as f:
+        f.write('{"step": 5, "loss": 2.')  # a record cut short by the kill
     resumed = Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "b")
     assert resumed.restore() and resumed.step == 3
     # restored arrays sit where a running trainer's do, so the step compiles to the same program (no recompile)
     placement = lambda t: [(x.sharding, x.committed) for x in jax.tree.leaves(t._state())]  # noqa: E731
     assert placement(resumed) == placement(first)
-    rest = run(resumed, progress=False)
+    rest = run(resumed, progress=False, log_path=log)
     resumed.close()
     assert [h["step"] for h in rest] == [4, 5, 6]
+    # the metrics log holds every step once: the redone step 4 replaced the killed run's record of it
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[3]["loss"] == rest[0]["loss"]
     np.testing.assert_allclose([h["loss"] for h in rest], [h["loss"] for h in straight[3:]], rtol=1e-6)
 
 
@@ -129,8 +136,13 @@ def test_resume_with_another_model_shape_is_refused(test_config, tmp_path):
     t.close()
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     other = dataclasses.replace(test_config, hidden_size=48)
-    with pytest.raises(ValueError, match="different model.*hidden_size.*nothing was overwritten"):
+    with pytest.raises(ValueError, match=r"different model.*\(differs in: model\.hidden_size\).*nothing was"):
         Trainer(other, tc, data_for(tc), workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"LoRA setting \(differs in: lora\)"):
+        Trainer(test_config, tc, data_for(tc), workdir=tmp_path, lora=lora.LoraConfig(rank=4))
+    longer = dataclasses.replace(tc, seq_len=64)
+    with pytest.raises(ValueError, match=r"\(differs in: seq_len\)"):
+        Trainer(test_config, longer, data_for(longer), workdir=tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
@@ -163,6 +175,40 @@ def test_non_finite_steps_are_skipped_then_stop(test_config):
         lambda a, b: np.array_equal(a, b, equal_nan=True), before, jax.tree.map(np.asarray, trainer.params)
     )
     assert all(jax.tree.leaves(same))
+
+
+def test_full_finetuning_of_a_bf16_model_keeps_float32_masters(test_config):
+    """A loaded model is BF16 (load_pretrained's default): full finetuning trains float32 copies of its weights
+    (with float32 AdamW moments), so small updates do not round away; the caller's model is left as it was."""
+    base = create_model(dataclasses.replace(test_config, param_dtype="bfloat16"), seed=0)
+    before = jax.tree.map(np.asarray, nnx.state(base))
+    tc = small_tc(steps=2, lr=1e-5, warmup_steps=0)
+    trainer = Trainer(base.config, tc, data_for(tc), base_model=base)
+    assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(trainer.opt_state[1].inner_state[0].mu)} == {jnp.dtype(jnp.float32)}
+    start = jax.tree.map(np.asarray, trainer.params)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(a.astype(np.float32), b)  # the same weights, widened
+    run(trainer, progress=False)
+    after = jax.tree.leaves(trainer.params)
+    moved = [np.mean(a != b) for a, b in zip(jax.tree.leaves(start), after, strict=True) if a.ndim > 1]
+    assert np.mean(moved) > 0.9  # updates of ~1e-5 are kept (in BF16 most would round away)
+    assert trainer.model.config.param_dtype == "float32"
+    assert base.config.param_dtype == "bfloat16"
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(base)), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b))
+
+
+def test_compute_dtype_keeps_fp8_weights_and_their_scales(test_config):
+    """The BF16 forward of LoRA on an FP8 model: float weights in BF16, FP8 weights and their float32 block scales
+    as stored (the numerics of inference)."""
+    model = create_model(dataclasses.replace(test_config, quantization="fp8", param_dtype="float32"), seed=0)
+    cast = jax.tree_util.tree_flatten_with_path(_to_compute_dtype(nnx.state(model), jnp.bfloat16))[0]
+    dtypes = {}
+    for path, x in cast:
+        kind = "scale" if "scale_inv" in jax.tree_util.keystr(path) else str(x.dtype)
+        dtypes.setdefault(kind, set()).add(str(x.dtype))
+    assert dtypes == {"scale": {"float32"}, "float8_e4m3fn": {"float8_e4m3fn"}, "bfloat16": {"bfloat16"}}
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(test_config):

@@ -9,8 +9,8 @@ Importable (``Trainer``) and a CLI (``python -m train.train --help``).
   + ``z_loss_coef`` * router z-loss (mean logsumexp(router logits)^2).
 - A step whose loss or gradients are not finite is skipped (parameters and optimizer state unchanged)
   and counted; ``max_bad_steps`` of them in a row stop the run with an error.
-- Checkpoints (orbax, asynchronous, last ``keep`` kept) hold parameters, optimizer state, step, RNG key and
-  the data iterator state, so a resumed run continues the exact loss trajectory. Orbax writes each
+- Checkpoints (orbax, asynchronous, last ``keep`` kept) hold parameters, optimizer state, step, the count of
+  skipped steps and the data iterator state, so a resumed run continues the exact loss trajectory. Orbax writes each
   checkpoint to a temporary directory and renames it when complete, so an interrupted save never
   damages the previous one.
 """
@@ -158,13 +158,18 @@ def _to_compute_dtype(params, compute):
     model runs its FP8 matmuls on them, as at inference)."""
 
     def one(keypath, p):
-        key = keypath[-1] if keypath else None
-        name = str(getattr(key, "key", ""))
+        names = lora_lib._path(keypath)  # (an nnx.State path ends in the Variable's ``.value``: skip to its name)
+        name = str(names[-1]) if names else ""
         if not jnp.issubdtype(p.dtype, jnp.floating) or p.dtype == FP8_DTYPE or name.endswith(SCALE_SUFFIX):
             return p
         return p.astype(compute)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _to_float32(params):
+    """Float parameters as float32 (sharding kept); anything else as it is."""
+    return jax.tree.map(lambda p: p.astype(jnp.float32) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: int, combine=_full_params, coefs=None):
@@ -282,6 +287,13 @@ class Trainer:
                 raise ValueError("base_model.config differs from model_config")
             self.model_config = model_config
             model = base_model
+            if lora is None and model_config.param_dtype != "float32":
+                # Full finetuning keeps float32 master weights (and AdamW moments) whatever the loaded dtype: in
+                # BF16, small updates would round away. The caller's model is left as it is.
+                self.model_config = dataclasses.replace(model_config, param_dtype="float32")
+                graphdef, state = nnx.split(base_model)
+                model = nnx.merge(graphdef, _to_float32(state))
+                model.config = self.model_config
         else:
             # Full training keeps float32 master weights; LoRA leaves the base in its own dtype.
             dtype = "float32" if lora is None else model_config.param_dtype
@@ -331,16 +343,16 @@ class Trainer:
     def _check_run_metadata(self) -> None:
         meta_path = self.workdir / "run.json"
         if meta_path.exists():
-            saved = json.loads(meta_path.read_text())
-            if saved != json.loads(json.dumps(self._run_metadata())):
-                diff = sorted(
-                    k
-                    for k in set(saved["model"]) | set(self._run_metadata()["model"])
-                    if saved["model"].get(k) != self._run_metadata()["model"].get(k)
+            saved, now = json.loads(meta_path.read_text()), json.loads(json.dumps(self._run_metadata()))
+            if saved != now:
+                diff = [k for k in ("seq_len", "lora") if saved.get(k) != now[k]]
+                old_model, new_model = saved.get("model") or {}, now["model"]
+                diff += sorted(
+                    f"model.{k}" for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k)
                 )
                 raise ValueError(
-                    f"{self.workdir} holds a run of a different model or sequence length "
-                    f"(differs in: {diff or ['seq_len']}); use another --workdir, nothing was overwritten"
+                    f"{self.workdir} holds a run of a different model, sequence length or LoRA setting (differs in: "
+                    f"{', '.join(diff)}); use another --workdir, nothing was overwritten"
                 )
         else:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +369,12 @@ class Trainer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(self._state()),
                 progress=ocp.args.JsonSave(
-                    {"step": self.step, "data": self.iterator.get_state(), "skipped": self.skipped}
+                    {
+                        "step": self.step,
+                        "data": self.iterator.get_state(),
+                        "skipped": self.skipped,
+                        "bad_in_row": self.bad_in_row,
+                    }
                 ),
             ),
         )
@@ -378,6 +395,7 @@ class Trainer:
         self.opt_state = restored.state["opt_state"]
         progress = restored.progress
         self.step, self.skipped = progress["step"], progress["skipped"]
+        self.bad_in_row = progress.get("bad_in_row", 0)
         self.iterator.set_state(progress["data"])
         log.info("resumed from step %d", step)
         return True
@@ -445,6 +463,8 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
     peak = PEAK_BF16_FLOPS.get(jax.devices()[0].device_kind)
     fpt = trainer.flops_per_token()
     n_dev = len(jax.devices()) if trainer.mesh is None else trainer.mesh.size
+    if log_path is not None:
+        _drop_records_after(log_path, trainer.step)
     log_file = log_path.open("a") if log_path else None
     bar = tqdm(total=tc.steps, initial=trainer.step, disable=not progress, desc="train", dynamic_ncols=True)
     try:
@@ -478,6 +498,29 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
         if log_file:
             log_file.close()
     return history
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Cut a metrics log back to the records of steps <= ``step`` (a resumed run redoes the steps after its
+    checkpoint; their old records would stand beside the new ones) and drop a line cut short by a crash. Replaced
+    atomically; a missing file is fine."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one metrics line; None for a line cut short by a crash (or not a record)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def plot_loss(history: list[dict], path: Path | None = None):

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r".*-\d{5}-of-\d{5}\.safetensors")  # one file of a sharded checkpoint, by HF's naming
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 STEP3_MODEL_TYPES = ("step3_vl", "step3_text")
@@ -119,6 +120,13 @@ def _find_files(path: Path) -> tuple[Path, Path | None, list[Path]]:
     if (path / SINGLE_NAME).is_file():
         return path, None, [path / SINGLE_NAME]
     files = sorted(path.glob("*.safetensors"))
+    shards = [f.name for f in files if _SHARD_NAME.fullmatch(f.name)]
+    if shards:
+        raise FileNotFoundError(
+            f"{path} holds shards of a sharded checkpoint ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''})"
+            f" but no {INDEX_NAME} naming them: an interrupted save or an incomplete download? Save or download it "
+            "again (the shards alone may mix two saves, so they are not loaded)"
+        )
     if files:
         return path, None, files
     pickles = sorted(
@@ -699,7 +707,8 @@ def save_pretrained(
     ``X.weight_scale_inv`` + ``quantization_config``). ``dtype`` casts the non-FP8 weights (default: as stored).
 
     Tensors are gathered to the host one at a time; each file is written under a temporary name and renamed
-    when complete, and the index is written last, so an interrupted save never looks like a checkpoint.
+    when complete; an index already in ``path`` is removed first and the new one written last, so an interrupted
+    save never looks like a checkpoint (not even over an earlier one).
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -732,6 +741,9 @@ def save_pretrained(
     if stale:
         log.warning("%s also holds %s from an earlier save; the new index does not use them", folder, stale)
 
+    # An earlier checkpoint here stops being one before its shards are replaced, so a save that fails part-way
+    # leaves no index that points at a mix of old and new shards (and the loader refuses shards without one).
+    (folder / INDEX_NAME).unlink(missing_ok=True)
     total = sum(e[2].nbytes for e in entries)
     weight_map = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="saving", disable=not progress) as bar:

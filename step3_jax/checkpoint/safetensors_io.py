@@ -98,10 +98,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     for key, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(_is_int(v) for v in (*shape, begin, end))
+        ):
+            raise ValueError(
+                f"{path}: corrupt safetensors header entry for {key!r} (dtype must be a string, shape and "
+                f"data_offsets lists of integers): {entry!r}"
+            )
+        shape = tuple(shape)
         if dtype not in DTYPES:
             raise ValueError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
         if any(s < 0 for s in shape) or begin < 0 or end < begin:
@@ -125,6 +133,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     return tensors, metadata
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # Runs of a tensor closer than this are read as one (the bytes between them too): the OS reads whole pages and
