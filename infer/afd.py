@@ -1403,13 +1403,14 @@ class AFDRunner:
                 raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
         sizes = microbatch_sizes(len(prompts), afd.micro_batches)
         longest = max(len(p) for p in prompts)
-        width = bucket(longest)
-        max_len = width + steps_needed
-        if max_len > cfg.max_position_embedding:
+        if longest + steps_needed > cfg.max_position_embedding:
             raise ValueError(
-                f"prompt bucket of {width} tokens + max_new_tokens {steps_needed} = {max_len} exceeds the model's "
-                f"context of {cfg.max_position_embedding} tokens"
+                f"prompt of {longest} tokens + max_new_tokens {steps_needed} = {longest + steps_needed} exceeds the "
+                f"model's context of {cfg.max_position_embedding} tokens"
             )
+        # the prompt bucket, narrowed where the context has no room for all of it (a non-power-of-two context)
+        width = min(bucket(longest), cfg.max_position_embedding - steps_needed)
+        max_len = width + steps_needed
         m = afd.attention_devices
         mbs, ids, lengths, offsets = [], [], [], []
         row = 0
@@ -1878,6 +1879,7 @@ def main(argv: list[str] | None = None) -> int:
         add_process_args,
         add_sampling_args,
         byte_tokenizer_for,
+        check_pipeline_args,
         check_process_args,
         join_processes,
         preset_config,
@@ -1914,6 +1916,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_process_args(ap, args)
+    check_pipeline_args(ap, args)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:

@@ -93,6 +93,21 @@ def add_pipeline_args(group, *, micro_batches: int, prefix: str = "") -> None:
     group.add_argument("--cpu-devices", type=int, default=None, help="fake this many CPU devices (CPU only)")
 
 
+def check_pipeline_args(ap: argparse.ArgumentParser, args: argparse.Namespace, *, afd: bool = True) -> None:
+    """Refuse (``ap.error``) pipeline arguments that cannot be right, or (``afd=False``: a run without
+    disaggregation) that would be ignored."""
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        ap.error(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+    if args.micro_batches < 1:
+        ap.error(f"--micro-batches must be at least 1, got {args.micro_batches}")
+    if not afd:
+        ignored = [
+            f"--{n.replace('_', '-')}" for n in ("micro_batches", "transfer") if getattr(args, n) != ap.get_default(n)
+        ]
+        if ignored:
+            ap.error(f"{' and '.join(ignored)} set how --afd runs; without --afd they would be ignored")
+
+
 def add_process_args(ap: argparse.ArgumentParser, roles: str, *, attention_processes: bool = False) -> None:
     """``--coordinator``, ``--process-id``, ``--num-processes``, ``--peer-timeout`` (and ``--attention-processes``)
     for a multi-process (``jax.distributed``) run; ``roles`` says what the processes do."""

@@ -482,9 +482,7 @@ class Engine:
     def submit(self, prompt, params: SamplingParams | Mapping | None = None, *, request_id: str | None = None) -> str:
         """Queue one request (text or token ids); returns its id. Raises ValueError for a bad request (nothing is
         queued; requests already running are unaffected)."""
-        if request_id is None:
-            request_id = f"req-{next(self._ids)}"
-        request_id = str(request_id)
+        request_id = self._new_id() if request_id is None else str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         try:
@@ -499,6 +497,12 @@ class Engine:
         heapq.heappush(self._queue, (req.arrival, req))
         return request_id
 
+    def _new_id(self) -> str:
+        """The next automatic id ``req-N`` that no waiting or running request has (a caller may have chosen one)."""
+        while (rid := f"req-{next(self._ids)}") in self._requests:
+            pass
+        return rid
+
     def _reject(self, request_id: str, prompt, error: str) -> RequestOutput:
         now = self.clock()
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
@@ -509,8 +513,11 @@ class Engine:
 
     def submit_or_reject(self, prompt, params=None, *, request_id: str | None = None) -> str:
         """Like :meth:`submit`, but a bad request becomes a finished "error" output (streamed as an event) instead
-        of an exception: what batch front ends use so one bad request does not stop the others."""
-        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        of an exception: what batch front ends use so one bad request does not stop the others. (A ``request_id``
+        already in use still raises ValueError: an error output under it would stand for the live request.)"""
+        rid = self._new_id() if request_id is None else str(request_id)
+        if rid in self._requests:  # (an error output under a live request's id would stand for that request)
+            raise ValueError(f"request_id {rid!r} is already in use")
         try:
             return self.submit(prompt, params, request_id=rid)
         except ValueError as e:
@@ -528,8 +535,9 @@ class Engine:
         if req.state == _WAITING:
             self._queue = [(a, r) for a, r in self._queue if r is not req]
             heapq.heapify(self._queue)
+        rest = req.detok.finish() if req.detok is not None else ""  # text held back for an unfinished character
         out = self._finish(req, "abort", self.clock())
-        self._pending_events.append(StreamEvent(req.id, None, "", True, out))
+        self._pending_events.append(StreamEvent(req.id, None, rest, True, out))
         return out
 
     # ------------------------------------------------------------------ scheduling

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from infer.cli import (
     add_process_args,
     add_sampling_args,
     byte_tokenizer_for,
+    check_pipeline_args,
     check_process_args,
     join_processes,
     load_checkpoint,
@@ -110,14 +112,14 @@ def generate_ids(
             raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size}): {bad[:5]}")
 
     b = len(prompts)
-    width = bucket(longest)
+    width = min(bucket(longest), config.max_position_embedding)  # (a context need not be a power of two)
     max_len = min(bucket(width + params.max_new_tokens), config.max_position_embedding)
     ids = np.zeros((b, width), np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     temperature = jnp.full((b,), params.temperature, jnp.float32)
-    top_k = jnp.full((b,), params.top_k, jnp.int32)
+    top_k = jnp.full((b,), min(params.top_k, np.iinfo(np.int32).max), jnp.int32)  # (k past the vocabulary: all)
     top_p = jnp.full((b,), params.top_p, jnp.float32)
     key = jax.random.key(params.seed)
     stops = np.asarray(params.stop_token_ids, np.int64)
@@ -161,7 +163,10 @@ def _read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ValueError(f"--prompts-file {path} does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from_file = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not from_file:
+            raise ValueError(f"--prompts-file {path} holds no prompts (every line is blank)")
+        prompts += from_file
     return prompts or ["Step-3 decodes with MFA attention and a mixture of experts."]
 
 
@@ -225,7 +230,7 @@ def _split(text: str) -> tuple[int, int]:
 
 
 def _fmt_ms(seconds) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
+    return "-" if seconds is None or math.isnan(seconds) else f"{seconds * 1e3:.2f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                      "process runs its own (per-process)", attention_processes=True)  # fmt: skip
     args = ap.parse_args(argv)
     check_process_args(ap, args)
+    check_pipeline_args(ap, args, afd=bool(args.afd))
+    if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
+        ap.error(f"--json-out {args.json_out}: the folder {Path(args.json_out).resolve().parent} does not exist")
     if args.system is not None and not args.chat:
         ap.error("--system is for --chat")
     if args.instances != "one" and args.coordinator is None:
@@ -450,7 +458,7 @@ def _serve(args, engine, prompts, params, what: str, inputs=None) -> tuple[int, 
     print(
         f"\naggregate: {agg['requests']} requests ({failed} failed), {agg['output_tokens']} tokens in {wall:.2f} s: "
         f"{agg['tokens_per_second']:.1f} tokens/s, mean time per output token "
-        f"{_fmt_ms(agg['mean_time_per_output_token'] if agg['output_tokens'] else None)}, max batch "
+        f"{_fmt_ms(agg['mean_time_per_output_token'])}, max batch "
         f"{engine.config.max_batch}, {engine.stats['preemptions']} preemptions, "
         f"{engine.stats['prefix_cached_tokens']} prompt tokens from the prefix cache"
     )
@@ -479,7 +487,11 @@ def _serve(args, engine, prompts, params, what: str, inputs=None) -> tuple[int, 
                 for p, o in zip(prompts, outputs, strict=True)
             ],
         }
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        try:
+            Path(args.json_out).write_text(json.dumps(report, indent=2))
+        except OSError as e:
+            print(f"error: could not write --json-out: {e}", file=sys.stderr)
+            return 1, agg
     return 1 if failed else 0, agg
 
 

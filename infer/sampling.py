@@ -10,6 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_INT32_MAX = (1 << 31) - 1
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -24,7 +33,7 @@ class SamplingParams:
 
     def __post_init__(self):
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t) or t < 0:
             raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
@@ -106,7 +115,8 @@ def param_rows(params: Sequence[SamplingParams | None]) -> tuple[np.ndarray, np.
     top_p = np.ones((n,), np.float32)
     for i, p in enumerate(params):
         if p is not None:
-            seeds[i], temperature[i], top_k[i], top_p[i] = p.seed % (1 << 32), p.temperature, p.top_k, p.top_p
+            seeds[i], temperature[i], top_p[i] = p.seed % (1 << 32), p.temperature, p.top_p
+            top_k[i] = min(p.top_k, _INT32_MAX)  # (any k beyond the vocabulary keeps every token)
     return seeds, temperature, top_k, top_p
 
 

@@ -357,6 +357,9 @@ def test_impossible_requests_fail_before_work(config, test_config, prompts):
         runner.generate(prompts[:2], 2)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
         runner.generate(prompts, 0)
+    context = config.max_position_embedding
+    with pytest.raises(ValueError, match=f"prompt of {context - 1} tokens \\+ max_new_tokens 2 = {context + 1} exc"):
+        runner.generate([[1] * (context - 1)] * 3, 2)
 
 
 # ---------------------------------------------------------------------------------------------- two processes

@@ -382,6 +382,52 @@ def test_500_requests_under_load_all_complete_once_with_bounded_memory(model):
         assert out.token_ids == generate_ids(model, [prompt], params).tokens[0]
 
 
+def test_an_aborted_requests_stream_adds_up_to_its_text(model):
+    """Text held back for an unfinished UTF-8 character reaches the stream with the abort event: the streamed
+    pieces always add up to the output's text."""
+    from step3_jax.tokenizer import ByteTokenizer
+
+    engine = Engine(model, SMALL, tokenizer=ByteTokenizer())
+    held = 0
+    for seed in range(16):
+        rid = engine.submit([1, 40, 41], SamplingParams(temperature=1.0, seed=seed, max_new_tokens=30))
+        streamed = []
+        while not any(ev.token_id is not None for ev in streamed):
+            streamed += engine.step()
+        engine.abort(rid)
+        streamed += list(engine.events())
+        (last,) = [ev for ev in streamed if ev.finished]
+        assert last.output.finish_reason == "abort"
+        assert "".join(ev.text for ev in streamed) == last.output.text
+        held += last.text != ""
+    assert held  # (some aborts came while a character's first bytes were held back)
+
+
+def test_automatic_request_ids_skip_the_ids_callers_chose(engine):
+    """``req-N`` ids never collide with a live id a caller chose: generate_outputs returns each prompt's own
+    output beside a caller's queued request named like the id it would have taken; an error output under a live
+    id is refused."""
+    prompts, params = [[1, 5, 6], [1, 7, 8]], SamplingParams(max_new_tokens=3)
+    expected = [alone(engine, p, params) for p in prompts]
+    n = int(engine.submit([1, 5], SamplingParams(max_new_tokens=1)).split("-")[1])  # the counter's next id
+    engine.run()
+    engine.submit([1, 9, 9, 9], SamplingParams(max_new_tokens=2), request_id=f"req-{n + 2}")
+    outs = engine.generate_outputs(prompts, params)  # their ids: req-{n+1} and (skipping the caller's) req-{n+3}
+    assert [o.request_id for o in outs] == [f"req-{n + 1}", f"req-{n + 3}"]
+    assert [o.prompt_ids for o in outs] == prompts and [o.token_ids for o in outs] == expected
+    engine.submit([1, 2], SamplingParams(max_new_tokens=1), request_id="x")
+    with pytest.raises(ValueError, match="'x' is already in use"):
+        engine.submit_or_reject([], request_id="x")
+    engine.run()
+
+
+def test_a_top_k_beyond_int32_keeps_every_token(engine):
+    params = dict(temperature=1.0, seed=5, max_new_tokens=6)
+    both = [SamplingParams(**params), SamplingParams(**params, top_k=2**40)]
+    off, huge = engine.generate_outputs([[1, 7, 8]] * 2, both)
+    assert huge.ok and huge.token_ids == off.token_ids
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -391,6 +437,7 @@ BAD_REQUESTS = [
     ("", None, "prompt is empty"),
     ([1, 2], {"temperature": -1.0}, "temperature"),
     ([1, 2], {"temperature": float("nan")}, "temperature"),
+    ([1, 2], {"temperature": 10**400}, "temperature"),
     ([1, 2], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ([1, 2], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ([1, 2], {"stop_token_ids": ("###",)}, "stop_token_ids must be non-negative ints.*str"),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -23,9 +24,9 @@ def greedy_by_full_forward(model, prompt, n):
     on the right to a fixed width (causal: padding cannot change earlier logits) so this compiles once."""
     graphdef, state = nnx.split(model)
     f = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
-    seq = list(prompt)
+    seq, width = list(prompt), max(32, len(prompt) + n)
     for _ in range(n):
-        padded = np.zeros((1, 32), np.int32)
+        padded = np.zeros((1, width), np.int32)
         padded[0, : len(seq)] = seq
         seq.append(int(jnp.argmax(f(state, jnp.asarray(padded))[0, len(seq) - 1])))
     return seq[len(prompt) :]
@@ -116,8 +117,37 @@ def test_demo_cli_prints_tokens_per_second(capsys):
     assert main(["--preset", "test", "--max-new-tokens", "5", "--prompt", "hi"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "prompt: 'hi'" in out
+    assert main(["--preset", "test", "--max-new-tokens", "1", "--prompt", "hi"]) == 0
+    out = capsys.readouterr().out  # one token has no time per output token: said as "-"
+    assert "mean time per output token -," in out and "nan" not in out
     assert main(["--preset", "test", "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_refuses_what_it_would_ignore_or_fail_on_after_the_work(tmp_path, capsys):
+    """Before any model is built: a prompt file without prompts (not the built-in demo prompt instead), a
+    --json-out whose folder does not exist (not a traceback after the run), AFD-only flags without --afd, and
+    impossible device or micro-batch counts."""
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert main(["--preset", "test", "--prompts-file", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    for args, message in [
+        (["--json-out", str(tmp_path / "no" / "out.json")], r"--json-out .*: the folder .*no does not exist"),
+        (["--micro-batches", "3", "--transfer", "bf16"], "--micro-batches and --transfer set how --afd runs"),
+        (["--cpu-devices", "0"], "--cpu-devices must be at least 1"),
+        (["--afd", "1x1", "--micro-batches", "0"], "--micro-batches must be at least 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["--preset", "test", "--prompt", "hi", *args])
+        assert re.search(message, capsys.readouterr().err), args
+
+
+def test_generate_ids_within_a_context_that_is_not_a_power_of_two(test_config):
+    """A prompt that fits a 96-token context, but whose power-of-two bucket (128) does not, is generated."""
+    model = create_model(dataclasses.replace(test_config, max_position_embedding=96), seed=0)
+    prompt = [1] + [5 + i for i in range(69)]  # 70 tokens + 10 new = 80 <= 96
+    out = generate_ids(model, [prompt], SamplingParams(max_new_tokens=10)).tokens[0]
+    assert out == greedy_by_full_forward(model, prompt, 10)
 
 
 def test_cli_chat_prompts_go_through_the_checkpoint_chat_template(model, tmp_path, capsys):
