@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -281,6 +282,43 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--workdir", str(tmp_path / "other"), "--mesh", "data=2,fdsp=4"]) == 2
     assert "unknown axis 'fdsp' (the axes are data, fsdp, tensor, expert)" in capsys.readouterr().err
+
+
+def test_cli_finetunes_a_checkpoint_and_exports_it(tmp_path, capsys, test_config):
+    """``--init-from DIR``: LoRA (``--lora-rank``) changes only the adapted weights, full finetuning every matrix;
+    ``--export`` writes a checkpoint in the base's dtype with the base's tokenizer files, which loads back."""
+    from step3_jax import load_pretrained, save_pretrained
+
+    base = create_model(dataclasses.replace(test_config, param_dtype="bfloat16"), seed=0)
+    save_pretrained(base, tmp_path / "base")
+    (tmp_path / "base" / "generation_config.json").write_text('{"max_new_tokens": 8}')
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in DOCS * 20))
+    args = ["--init-from", str(tmp_path / "base"), "--data", str(tmp_path / "d.jsonl"), "--steps", "2",
+            "--seq-len", "32", "--batch-size", "8", "--no-progress", "--compute-dtype", "float32", "--lr", "1e-2",
+            "--warmup-steps", "0"]  # fmt: skip
+    assert main([*args, "--workdir", str(tmp_path / "lora"), "--lora-rank", "4", "--export", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "training LoRA rank 4 adapters of checkpoint" in out and "exported the trained model" in out
+    assert (tmp_path / "a" / "generation_config.json").read_text() == '{"max_new_tokens": 8}'
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(base))}
+    lora_model = load_pretrained(tmp_path / "a", progress=False)
+    assert lora_model.config.param_dtype == "bfloat16"
+    after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(lora_model))}
+    changed = {"/".join(map(str, k)) for k in before if not np.array_equal(before[k], after[k])}
+    layers = range(test_config.num_hidden_layers)
+    adapted = {f"layers/{i}/self_attn/{p}" for i in layers for p in lora.ATTENTION_TARGETS}
+    assert changed == adapted
+
+    assert main([*args, "--workdir", str(tmp_path / "full"), "--export", str(tmp_path / "b")]) == 0
+    assert "training every weight of checkpoint" in capsys.readouterr().out
+    full = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(load_pretrained(tmp_path / "b", progress=False)))}
+    assert all(not np.array_equal(before[k], full[k]) for k in before if before[k].ndim > 1)
+
+    assert main([*args, "--workdir", str(tmp_path / "again"), "--export", str(tmp_path / "b")]) == 2
+    assert re.search(r"--export .*/b already holds a checkpoint", capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        main([*args, "--lora-experts"])
+    assert "--lora-experts and --lora-shared-expert need --lora-rank" in capsys.readouterr().err
 
 
 def test_lora_on_an_fp8_model_dequantises_the_base_on_the_fly(test_config):

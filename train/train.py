@@ -493,6 +493,11 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
             bar.update(1)
             if trainer.step % tc.log_every == 0 or trainer.step == tc.steps:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if not progress:
+                    log.info(
+                        "step %d/%d: loss %.4f, grad norm %.3g, lr %.3g, %.0f tokens/s", trainer.step, tc.steps,
+                        record["loss"], record["grad_norm"], record["lr"], record["tokens_per_s"],
+                    )  # fmt: skip
     finally:
         bar.close()
         if log_file:
@@ -542,39 +547,76 @@ def plot_loss(history: list[dict], path: Path | None = None):
     return fig
 
 
+# Files of a checkpoint folder besides its weights and config.json that belong with a finetuned copy of it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train.train``: train or finetune (LoRA) a Step-3-shaped model."""
-    ap = argparse.ArgumentParser(prog="python -m train.train", description="Train a Step-3-shaped model.")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    """``python -m train.train``: train a Step-3-shaped model from scratch, or finetune a checkpoint (every weight,
+    or LoRA adapters) and export it as a Hugging Face checkpoint."""
+    ap = argparse.ArgumentParser(prog="python -m train.train", description="Train or finetune a Step-3-shaped model.")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model to train from scratch")
+    ap.add_argument("--init-from", metavar="DIR",
+                    help="finetune this Hugging Face checkpoint folder instead (its tokenizer.json too, if it has "
+                    "one); with --lora-rank 0 its FP8 weights are dequantised")  # fmt: skip
+    ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank only (0: every weight)")
+    ap.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (the update is alpha/rank A B)")
+    ap.add_argument("--lora-experts", action="store_true", help="LoRA adapters on the routed experts too")
+    ap.add_argument("--lora-shared-expert", action="store_true",
+                    help="LoRA adapters on the shared expert and dense MLPs too")  # fmt: skip
+    ap.add_argument("--export", metavar="DIR",
+                    help="at the end, write the trained model (LoRA: merged into the base) to DIR as a Hugging Face "
+                    "checkpoint, with --init-from's tokenizer files")  # fmt: skip
     ap.add_argument("--data", nargs="*", default=None, help="text or .jsonl files (default: the embedded corpus)")
     ap.add_argument("--workdir", default="runs/tiny", help="checkpoints, metrics.jsonl, loss.png")
     ap.add_argument("--mesh", default="", help="mesh axes, e.g. data=2,expert=4 (default: one device)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every --log-every steps")
     for f in dataclasses.fields(TrainConfig):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
+    if args.lora_rank < 0:
+        ap.error(f"--lora-rank must be >= 0 (0: train every weight), got {args.lora_rank}")
+    if not args.lora_rank and (args.lora_experts or args.lora_shared_expert):
+        ap.error("--lora-experts and --lora-shared-expert need --lora-rank")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        config = get_preset(args.preset)
-        from step3_jax.tokenizer import ByteTokenizer
-
-        tokenizer = ByteTokenizer()
-        docs = read_documents(args.data) if args.data else embedded_corpus()
-        data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
-        mesh = mesh_from_spec(args.mesh) if args.mesh else None
-        workdir = Path(args.workdir)
+        lora = None
+        if args.lora_rank:
+            lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, experts=args.lora_experts,
+                              shared_expert=args.lora_shared_expert)  # fmt: skip
+        workdir, export = Path(args.workdir), Path(args.export) if args.export else None
         if not args.resume and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
             raise ValueError(f"{workdir} already has checkpoints: pass --resume to continue, or another --workdir")
-        trainer = Trainer(config, tc, data, mesh=mesh, workdir=workdir)
+        if export is not None and (export / "config.json").exists():
+            raise ValueError(f"--export {export} already holds a checkpoint; choose another folder")
+        mesh = mesh_from_spec(args.mesh) if args.mesh else None
+        docs = read_documents(args.data) if args.data else embedded_corpus()
+        base, what = None, f"preset {args.preset!r}"
+        if args.init_from:
+            from step3_jax.checkpoint import load_pretrained
+            from step3_jax.tokenizer import load_tokenizer
+
+            # full finetuning needs float weights: an FP8 checkpoint is dequantised (LoRA keeps it FP8)
+            quantization = {} if lora else {"quantization": None}
+            base = load_pretrained(args.init_from, mesh=mesh, progress=not args.no_progress, **quantization)
+            config, tokenizer, what = base.config, load_tokenizer(args.init_from), f"checkpoint {args.init_from}"
+        else:
+            from step3_jax.tokenizer import ByteTokenizer
+
+            config, tokenizer = get_preset(args.preset), ByteTokenizer()
+        data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
+        trainer = Trainer(config, tc, data, mesh=mesh, workdir=workdir, base_model=base, lora=lora)
         if args.resume and not trainer.restore():
-            print(f"no checkpoint in {workdir}; starting from scratch", file=sys.stderr)
+            print(f"no checkpoint in {workdir}; starting from the start", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    how = f"LoRA rank {lora.rank} adapters of" if lora else "every weight of"
     print(
-        f"training preset {args.preset!r}: {count_params(config)['total'] / 1e6:.1f}M parameters, "
+        f"training {how} {what}: {count_params(config)['total'] / 1e6:.1f}M parameters, "
         f"{len(data)} rows of {tc.seq_len} tokens, batch {tc.batch_size}, {tc.steps} steps"
     )
     try:
@@ -593,7 +635,27 @@ def main(argv: list[str] | None = None) -> int:
             f"final loss {last['loss']:.3f} (first {history[0]['loss']:.3f}); {mean_tps:.0f} tokens/s; "
             f"{trainer.skipped} steps skipped; checkpoints in {workdir / 'checkpoints'}; curve {workdir / 'loss.png'}"
         )
+    if export is not None:
+        _export(trainer, export, args.init_from, base.config.param_dtype if base is not None else None)
     return 0
+
+
+def _export(trainer: Trainer, folder: Path, source: str | None, dtype: str | None) -> None:
+    """The trained model as a Hugging Face checkpoint in ``folder`` (float weights in ``dtype``, default as
+    trained), with the tokenizer files of ``source`` (the checkpoint it was finetuned from), if any."""
+    import shutil
+
+    from step3_jax.checkpoint import save_pretrained
+
+    save_pretrained(trainer.model, folder, dtype=dtype)
+    copied = []
+    src = None if source is None else (Path(source) if Path(source).is_dir() else Path(source).parent)
+    for name in TOKENIZER_FILES if src else ():
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
+            copied.append(name)
+    also = f" (and {', '.join(copied)})" if copied else ""
+    print(f"exported the trained model to {folder}{also}")
 
 
 if __name__ == "__main__":
