@@ -591,6 +591,15 @@ def _add(key, value):
     return lambda t: {**t, key: value} if "model.embed_tokens.weight" in t else t
 
 
+def _index(change):
+    def edit(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        change(index)
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return edit
+
+
 def _truncate(folder):
     f = sorted(folder.glob("model-*.safetensors"))[1]
     data = f.read_bytes()
@@ -686,6 +695,11 @@ BAD_CASES = {
         _huge_header,
         ValueError,
         r"model-00001-of-00003\.safetensors: not a valid safetensors",
+    ),
+    "index omits a key a shard holds": (
+        _index(lambda index: index["weight_map"].pop("model.norm.weight")),
+        ValueError,
+        r"missing keys \(1\):\s+model\.norm\.weight \(in model-0000\d-of-00003\.safetensors, but the index does not",
     ),
     "index names an absent file": (
         lambda f: (f / "model-00003-of-00003.safetensors").unlink(),

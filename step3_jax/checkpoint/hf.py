@@ -94,6 +94,7 @@ class Checkpoint:
     hf_config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     files: list[Path]
+    unindexed: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> file: in a shard, not in the index
 
 
 def _refuse_pickle(folder: Path, names: list[str]):
@@ -205,13 +206,14 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             if info is None:
                 raise ValueError(f"{index} maps {key!r} to {name}, which has no such tensor")
             tensors[key] = info
+        unindexed = {key: f.name for f, header in headers.items() for key in header if key not in weight_map}
     else:
         for f, header in headers.items():
             for key, info in header.items():
                 if key in tensors:
                     raise ValueError(f"tensor {key!r} is in both {tensors[key].file.name} and {f.name}")
                 tensors[key] = info
-    return Checkpoint(folder, hf_config, tensors, files)
+    return Checkpoint(folder, hf_config, tensors, files, unindexed if index is not None else {})
 
 
 # ---------------------------------------------------------------------- matching tensors to parameters
@@ -306,7 +308,12 @@ def _block_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:-2], math.ceil(shape[-2] / quant.BLOCK), math.ceil(shape[-1] / quant.BLOCK))
 
 
-def _plan(folder: Path, config: Step3Config, state, tensors: dict[str, TensorInfo]) -> CheckpointReport:
+def _plan(
+    folder: Path, config: Step3Config, state, tensors: dict[str, TensorInfo], unindexed: dict[str, str] | None = None
+) -> CheckpointReport:
+    """Match the model's parameters (``state``) to the checkpoint's tensors. ``unindexed``: tensors its shards hold
+    that its index does not name (a missing key found there says so)."""
+    unindexed = unindexed or {}
     flat = {tuple(path): var for path, var in nnx.to_flat_state(state)}
     loads, missing, wrong_shape, wrong_dtype, used = [], [], [], [], set()
     for path, var in flat.items():
@@ -318,7 +325,8 @@ def _plan(folder: Path, config: Step3Config, state, tensors: dict[str, TensorInf
         key = hf_name(path)
         info = tensors.get(key)
         if info is None:
-            missing.append(key)
+            where = unindexed.get(key)
+            missing.append(key if where is None else f"{key} (in {where}, but the index does not name it)")
             continue
         used.add(key)
         skey = scale_key(key)
@@ -398,7 +406,7 @@ def inspect_checkpoint(
         raise ValueError(f"{ckpt.folder / CONFIG_NAME}: {e}") from e
     rules = rules or DEFAULT_RULES
     abstract = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
-    return _plan(ckpt.folder, config, nnx.state(abstract), ckpt.tensors)
+    return _plan(ckpt.folder, config, nnx.state(abstract), ckpt.tensors, ckpt.unindexed)
 
 
 # ---------------------------------------------------------------------- loading
