@@ -339,6 +339,28 @@ def test_fp8_load_keeps_fp8_and_equals_source(fp8_ckpt, tmp_path, monkeypatch):
     assert_params_identical(load_pretrained(out, progress=False), source)
 
 
+def test_fp8_checkpoint_with_a_float_weight_loads_it_quantised_and_says_so(fp8_ckpt, tmp_path, caplog):
+    """An FP8 checkpoint may keep some weights in BF16 (its ignored layers): the model's FP8 weight is then that
+    weight block-quantised, and the load says which."""
+    folder = _copy(fp8_ckpt[0], tmp_path)
+    key = "model.layers.0.mlp.gate_proj.weight"
+    tensors = fp8_ckpt[2]
+    dense = np.asarray(dequantize_blockwise(tensors[key], tensors[key + "_scale_inv"], dtype=jnp.float32))
+
+    def to_float(t):  # (the weight and its scales may sit in different shards)
+        t = {k: v for k, v in t.items() if k != key + "_scale_inv"}
+        return {**t, key: dense.astype(ml_dtypes.bfloat16)} if key in t else t
+
+    _rewrite(folder, to_float)
+    with caplog.at_level(logging.WARNING, logger="step3_jax.checkpoint.hf"):
+        model = load_pretrained(folder, progress=False)
+    assert "1 weights the checkpoint stores in float are block-quantised to FP8 on load" in caplog.text
+    assert key in caplog.text
+    mlp = model.layers[0].mlp.gate_proj
+    got = dequantize_blockwise(mlp.get_value(), model.layers[0].mlp.gate_proj_scale_inv.get_value(), dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), dense, rtol=0.07, atol=1e-3)
+
+
 def test_fp8_dequantised_load_equals_direct_dequantisation(fp8_ckpt):
     folder, _, tensors = fp8_ckpt
     plain = load_pretrained(folder, quantization=None, progress=False)  # everything dequantised to float32

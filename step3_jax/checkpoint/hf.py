@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from step3_jax import quant
 from step3_jax.checkpoint.hf_keys import (
+    HF_SCALE_SUFFIX,
     SCALE_SUFFIX,
     VISION_PREFIXES,
     from_hf_layout,
@@ -659,6 +660,17 @@ def load_pretrained(
     )
     for (src, dst), n in casts.items():
         log.info("converting %d %s tensors to %s", n, src, dst)
+    quantised = [ld.source.key for ld in report.loads if is_fp8(ld.dtype) and ld.source.dtype != FP8_SOURCE]
+    if quantised and any(k.endswith(HF_SCALE_SUFFIX) for k in report.tensors):  # (an FP8 checkpoint)
+        # an FP8 checkpoint that keeps some weights in float (e.g. its quantization_config's ignored layers): the
+        # model holds every such weight in FP8, so they are block-quantised here and move by FP8 rounding
+        log.warning(
+            "%d weights the checkpoint stores in float are block-quantised to FP8 on load (the model keeps every "
+            "attention, MLP and expert weight in FP8): %s%s; load with quantization=None to keep them exact",
+            len(quantised),
+            ", ".join(quantised[:3]),
+            ", ..." if len(quantised) > 3 else "",
+        )
 
     abstract = nnx.eval_shape(lambda: Step3ForCausalLM(config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
     graphdef, state = nnx.split(abstract)
