@@ -1917,6 +1917,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_process_args(ap, args)
     check_pipeline_args(ap, args)
+    if args.trace_dir:
+        if Path(args.trace_dir).exists() and not Path(args.trace_dir).is_dir():
+            ap.error(f"--trace-dir {args.trace_dir} is a file, not a folder")
+        if args.max_new_tokens < 2:
+            ap.error("--trace-dir profiles a decode step after the first: it needs --max-new-tokens >= 2")
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator is not None:
@@ -1948,6 +1953,12 @@ def main(argv: list[str] | None = None) -> int:
         texts = args.prompt or ["Attention and FFN on different devices."] * args.batch
         prompts = [tokenizer.encode(x) for x in texts]
         microbatch_sizes(len(prompts), afd.micro_batches)
+        longest = max(map(len, prompts))
+        if longest + params.max_new_tokens > config.max_position_embedding:
+            raise ValueError(
+                f"a prompt of {longest} tokens + --max-new-tokens {params.max_new_tokens} exceeds the model's context "
+                f"of {config.max_position_embedding} tokens"
+            )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1963,7 +1974,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"process {jax.process_index()} ({side} side): served {len(prompts)} sequences; process 0 prints the "
               "tokens")  # fmt: skip
         return 0
-    print(f"prefill {res.prefill_seconds:.2f} s, decode {res.decode_tokens_per_second:.1f} tokens/s (after compile)")
+    rate = f"{res.decode_tokens_per_second:.1f} tokens/s" if res.decode_steps_timed else "- (no step after the first)"
+    print(f"prefill {res.prefill_seconds:.2f} s, decode {rate} (after compile)")
     for text, toks in zip(texts, res.tokens, strict=True):
         print(f"  {text[:40]!r} -> {toks}")
     if args.compare:
@@ -1989,7 +2001,7 @@ def _compare_colocated(config, seed: int, prompts, params: SamplingParams, token
     max_seq_len = min(max(map(len, prompts)) + params.max_new_tokens + 1, config.max_position_embedding)
     engine = Engine(
         create_model(config, seed=seed),
-        EngineConfig(max_batch=len(prompts), page_size=afd.page_size, max_seq_len=max_seq_len),
+        EngineConfig(max_batch=len(prompts), page_size=afd.page_size, max_seq_len=max_seq_len, kv_dtype=afd.kv_dtype),
     )
     want = [o.token_ids for o in engine.generate_outputs(prompts, params)]
     same = sum(list(a) == list(b) for a, b in zip(tokens, want, strict=True))

@@ -47,6 +47,7 @@ from flax import nnx
 
 from infer import afd
 from infer.bench_decode import _git_commit, timeit
+from infer.cli import positive_int
 from step3_jax import cost_model as cm
 from step3_jax.config import STEP3, Step3Config
 from step3_jax.init_rng import init_key
@@ -361,10 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV cache dtypes; the first one's attention times become the records")  # fmt: skip
     ap.add_argument("--transfer", default="fp8", choices=afd.TRANSFERS, help="A->F hidden-state format")
     ap.add_argument("--routing", default="uniform", choices=ROUTINGS)
-    ap.add_argument("--page-size", type=int, default=None)
+    ap.add_argument("--page-size", type=positive_int, default=None)
     ap.add_argument("--no-fp8", action="store_true", help="BF16 weights instead of block FP8")
-    ap.add_argument("--iters", type=int, default=None, help="chained calls per timed repeat")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (the median is kept)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="chained calls per timed repeat")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (the median is kept)")
     ap.add_argument("--hardware", default=None, help="cost-model accelerator for the estimates (default: this "
                     "device's if known, else H200)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=75.0,
@@ -402,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or 5
     device = jax.devices()[0]
     hardware = args.hardware or _hardware_name(device) or "H200"
+    try:  # (a typo fails now, not after every measurement)
+        cm.select_hardware([hardware])
+    except ValueError as e:
+        print(f"error: --hardware: {e}", file=sys.stderr)
+        return 2
 
     print(
         f"AFD per-layer steps on one {device.device_kind} ({device.platform}), jax {jax.__version__}: "

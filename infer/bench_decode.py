@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infer.cli import positive_int
 from infer.sampling import request_keys, sample
 from step3_jax import kv_cache as kvc
 from step3_jax.config import STEP3, Step3Config
@@ -194,14 +195,15 @@ def _git_commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infer.bench_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="narrow widths and tiny sizes (CPU)")
-    ap.add_argument("--layers", type=int, default=None, help="layers in the slice (default 2: one dense, one MoE)")
+    ap.add_argument("--layers", type=positive_int, default=None,
+                    help="layers in the slice (default 2: one dense, one MoE)")  # fmt: skip
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes")
     ap.add_argument("--contexts", default=None, help="comma-separated context lengths")
-    ap.add_argument("--page-size", type=int, default=None)
+    ap.add_argument("--page-size", type=positive_int, default=None)
     ap.add_argument(
         "--no-fp8", action="store_true", help="BF16 attention-projection and FFN weights instead of block FP8"
     )
-    ap.add_argument("--iters", type=int, default=None, help="timed calls per repeat")
+    ap.add_argument("--iters", type=positive_int, default=None, help="timed calls per repeat")
     ap.add_argument("--engine", action="store_true",
                     help="also time the continuous-batching engine's decode steps against the bare step")  # fmt: skip
     ap.add_argument("--out", default="bench_decode.json", help="JSON report path")

@@ -222,14 +222,26 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not results:
+        print(f"error: no benchmark JSON file in {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
     sections: dict[str, str] = {}
+    sources: dict[str, Path] = {}
     for path, data in results:
-        name, body = render(data)
+        try:
+            name, body = render(data)
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"error: {path} is not a complete benchmark result ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
         print(f"<!-- from {path} -->\n{body}")
         if args.update and _meta(data)["cpu"] and not args.allow_cpu:
             print(f"error: {path} is a CPU smoke run; not writing it into {args.update}", file=sys.stderr)
             return 2
-        sections[name] = body
+        if args.update and name in sources:
+            print(f"error: {sources[name]} and {path} are both {name} results; --update takes one of each",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        sections[name], sources[name] = body, path
     if args.update:
         try:
             args.update.write_text(update_markdown(args.update.read_text(), sections))

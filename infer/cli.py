@@ -83,6 +83,17 @@ def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
     return tuple(i for i in eos if i < config.vocab_size)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count that 0 would not mean "the default" for)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_pipeline_args(group, *, micro_batches: int, prefix: str = "") -> None:
     """``--micro-batches``, ``--transfer`` and ``--cpu-devices`` of an AFD run, in argument group ``group``
     (``prefix`` starts each help text, e.g. "with --afd: ")."""

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from infer.cli import positive_int
 from step3_jax import cost_model as cm
 
 
@@ -28,7 +29,7 @@ def parse_context(text: str) -> int:
         t = t[:-1]
     try:
         value = int(float(t) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"bad context length {text!r}; use e.g. 8192 or 8K") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"context length must be positive, got {text!r}")
@@ -222,21 +223,22 @@ def main_pareto(argv: list[str]) -> int:
 
     models, hardware = _load(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = args.context[0]
-    fig = Figure(figsize=(6.4, 4.8))
-    ax = fig.subplots()
-    for s in models:
-        cost = cm.best_afd(s, hardware, ctx).total
-        act = s.activated_params() / 1e9
-        ax.scatter(cost, act, color="C3" if s.name == "step3" else "C0")
-        ax.annotate(s.display_name, (cost, act), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"Theoretical decoding cost, USD per 1M tokens, {fmt_ctx(ctx)} context (best AFD)")
-    ax.set_ylabel("Activated parameters (B)")
-    ax.set_title(f"Activated parameters vs decoding cost ({', '.join(hardware)})", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    pareto = args.out / f"pareto_{fmt_ctx(ctx)}.png"
-    fig.savefig(pareto, dpi=120)
+    written = []
+    for ctx in args.context:  # one Figure-1 chart per context
+        fig = Figure(figsize=(6.4, 4.8))
+        ax = fig.subplots()
+        for s in models:
+            cost = cm.best_afd(s, hardware, ctx).total
+            act = s.activated_params() / 1e9
+            ax.scatter(cost, act, color="C3" if s.name == "step3" else "C0")
+            ax.annotate(s.display_name, (cost, act), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"Theoretical decoding cost, USD per 1M tokens, {fmt_ctx(ctx)} context (best AFD)")
+        ax.set_ylabel("Activated parameters (B)")
+        ax.set_title(f"Activated parameters vs decoding cost ({', '.join(hardware)})", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(args.out / f"pareto_{fmt_ctx(ctx)}.png")
+        fig.savefig(written[-1], dpi=120)
 
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.subplots()
@@ -258,7 +260,7 @@ def main_pareto(argv: list[str]) -> int:
     fig.tight_layout()
     sweep = args.out / "cost_vs_context.png"
     fig.savefig(sweep, dpi=120)
-    print(f"wrote {pareto} and {sweep}")
+    print(f"wrote {', '.join(map(str, written))} and {sweep}")
     return 0
 
 
@@ -269,6 +271,18 @@ def _parse_deployment(text: str) -> tuple[int, int]:
         return int(a), int(f)
     except ValueError:
         raise argparse.ArgumentTypeError(f"deployment must look like 2A2F, got {text!r}") from None
+
+
+def _check_kernel_times(kt: cm.KernelTimes, spec, attn_hw) -> None:
+    """Kernel times measured for another card or model than the estimate's would mix two machines: refused.
+    (A file that names no known card or model, e.g. a CPU smoke run, is taken as it is.)"""
+    if kt.hardware in cm.default_hardware() and kt.hardware.lower() != attn_hw.name.lower():
+        raise ValueError(
+            f"the kernel times ({kt.source}) were measured on {kt.hardware}, but the attention side is {attn_hw.name}: "
+            f"pass --attn-hw {kt.hardware}"
+        )
+    if kt.model in cm.available_models() and kt.model != spec.name:
+        raise ValueError(f"the kernel times ({kt.source}) are for model {kt.model!r}, not {spec.name!r}")
 
 
 def main_afd(argv: list[str]) -> int:
@@ -283,7 +297,7 @@ def main_afd(argv: list[str]) -> int:
     p.add_argument("--tpot-ms", type=float, default=cm.PAPER_TPOT_S * 1e3)
     p.add_argument("--stages", type=int, default=cm.PAPER_STAGES)
     p.add_argument("--bf16-attention", action="store_true", help="core attention math in BF16 instead of FP8")
-    p.add_argument("--batch", type=int, default=None, help="evaluate this total batch instead of searching")
+    p.add_argument("--batch", type=positive_int, default=None, help="evaluate this total batch instead of searching")
     p.add_argument("--efficiency", choices=("ideal", "calibrated"), default="calibrated")
     p.add_argument("--eff", nargs="*", default=[], metavar="FIELD=VALUE", help="override Efficiency fields")
     src = p.add_mutually_exclusive_group()
@@ -317,7 +331,9 @@ def main_afd(argv: list[str]) -> int:
         stages=args.stages,
         attention_fp8=not args.bf16_attention,
     )
-    if args.batch:
+    if kt is not None:
+        _check_kernel_times(kt, spec, attn_hw)
+    if args.batch is not None:
         est = cm.evaluate_afd(spec, args.context, args.batch, attn_hw, ffn_hw, setup, eff, kt)
     else:
         est = cm.estimate_afd_throughput(spec, args.context, attn_hw, ffn_hw, setup, eff, kt)
@@ -371,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "afd":
             return main_afd(argv[1:])
         return main_tables(argv)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", default="runs/demo", help="where the checkpoint and metrics go")
+    ap.add_argument("--out", default="runs/demo", help="where the checkpoint (OUT/model) and metrics.jsonl go")
     ap.add_argument("--prompt", action="append", help="prompt(s) to complete after training")
     add_sampling_args(ap, max_new_tokens=120, seed_help="sampling seed (training has its own)")
     ap.add_argument("--no-progress", action="store_true")
@@ -57,8 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             log_every=10,
         )
         params = sampling_from_args(args, stop_token_ids=(tokenizer.eos_id,))
+        longest = max(len(tokenizer.encode(p)) for p in prompts)
+        if longest + params.max_new_tokens > config.max_position_embedding:
+            raise ValueError(
+                f"a prompt of {longest} tokens + --max-new-tokens {params.max_new_tokens} exceeds the model's "
+                f"context of {config.max_position_embedding} tokens"
+            )
+        out.mkdir(parents=True, exist_ok=True)  # (an unusable --out fails now, not after training)
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is not a folder")
         data = pack_documents(embedded_corpus(), tokenizer, tc.seq_len, vocab_size=config.vocab_size)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = Trainer(config, tc, data)
     t0 = time.perf_counter()
-    history = run(trainer, progress=not args.no_progress)
+    history = run(trainer, progress=not args.no_progress, log_path=out / "metrics.jsonl")
     train_s = time.perf_counter() - t0
     tps = float(np.median([h["tokens_per_s"] for h in history[len(history) // 2 :]]))
     print(
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"2/3 saved a Hugging Face checkpoint ({trained.config.param_dtype}) to {model_dir}")
 
     loaded = load_pretrained(model_dir, progress=False)
-    engine = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=512), tokenizer=tokenizer)
+    max_seq_len = min(longest + params.max_new_tokens + 1, config.max_position_embedding)
+    engine = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=max_seq_len), tokenizer=tokenizer)
     engine.warmup([len(tokenizer.encode(p)) for p in prompts])  # compile first, so the timings are decoding
     print("3/3 generating from the loaded checkpoint with the continuous-batching engine:")
     t0 = time.perf_counter()

@@ -591,7 +591,7 @@ def test_engine_driver_exits_with_a_clear_error_when_a_peer_dies_in_a_step(tmp_p
 
 
 CLI_ARGS = ["--preset", "test", "--attention-devices", "2", "--ffn-devices", "1", "--micro-batches", "2"]
-CLI_ARGS += ["--batch", "3", "--max-new-tokens", "3", "--transfer", "model"]
+CLI_ARGS += ["--batch", "3", "--max-new-tokens", "3", "--transfer", "model", "--kv-dtype", "float8_e4m3fn"]
 
 
 def _token_lines(text: str) -> list[str]:
@@ -610,6 +610,7 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
 
     assert main([*CLI_ARGS]) == 0
     single = capsys.readouterr().out
+    # (FP8 KV pages on both sides: the colocated engine compared against takes --kv-dtype too)
     assert "colocated engine: 3/3 sequences with identical greedy tokens" in single, single
     want = _token_lines(single)
     assert len(want) == 3
@@ -627,6 +628,16 @@ def test_cli_single_and_two_process_runs_print_the_same_tokens(tmp_path, capsys)
             main([*CLI_ARGS, *bad])
         assert err.value.code == 2
         assert message in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    for bad, message in [
+        (["--trace-dir", str(tmp_path / "file")], "is a file, not a folder"),
+        (["--trace-dir", str(tmp_path), "--max-new-tokens", "1"], "it needs --max-new-tokens >= 2"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*CLI_ARGS, *bad])
+        assert message in capsys.readouterr().err
+    assert main([*CLI_ARGS, "--max-new-tokens", "600"]) == 2  # before any generation
+    assert "--max-new-tokens 600 exceeds the model's context of 512 tokens" in capsys.readouterr().err
 
     port = free_port()
     cli = [sys.executable, "-m", "infer.afd", *CLI_ARGS, "--cpu-devices", "2", "--coordinator", f"127.0.0.1:{port}"]

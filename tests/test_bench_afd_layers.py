@@ -80,5 +80,11 @@ def test_cost_cli_reads_the_file(report_path, capsys):
 def test_impossible_request_fails_clearly(capsys):
     assert bench.main(["--small", "--ffn-tokens", "4"]) == 2
     assert ">= 2 FFN token counts" in capsys.readouterr().err
+    assert bench.main(["--small", "--hardware", "XYZ"]) == 2  # before any measurement
+    assert "--hardware: unknown accelerator 'XYZ'" in capsys.readouterr().err
+    for arg in ("--iters", "--repeats", "--page-size"):
+        with pytest.raises(SystemExit):
+            bench.main(["--small", arg, "0"])
+        assert f"{arg}: must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="50 experts do not split evenly over 16 FFN GPUs"):
         bench.ffn_gpu_config(bench.layer_config(True, True), dataclasses.replace(bench.paper_point(), num_experts=50))

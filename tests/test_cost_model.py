@@ -451,13 +451,25 @@ def test_cli_tables_pareto_afd_and_errors(capsys, tmp_path):
     assert cli.main(["--hardware", "H800", "H200"]) == 0
     text = capsys.readouterr().out
     assert "Step-3" in text and "H200" in text and "Minimum MoE sparsity" in text
-    assert cli.main(["pareto", "--out", str(tmp_path), "--models", "step3", "qwen3-32b", "--sweep", "4K", "8K"]) == 0
+    assert cli.main(["pareto", "--out", str(tmp_path), "--models", "step3", "qwen3-32b", "--sweep", "4K", "8K",
+                     "--context", "8K", "32K"]) == 0  # fmt: skip
     assert "wrote" in capsys.readouterr().out
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["cost_vs_context.png", "pareto_8K.png"]
+    assert pngs == ["cost_vs_context.png", "pareto_32K.png", "pareto_8K.png"]  # one Figure 1 per context
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert cli.main(["afd", "--json", "--paper-table9", "H800", "--batch", "6144"]) == 0
     afd = json.loads(capsys.readouterr().out)
     assert afd["total_batch"] == 6144 and afd["deployment"] == "2A2F" and afd["gpus"] == 32
     assert cli.main(["--models", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+    assert cli.main(["pareto", "--out", str(tmp_path / "pareto_8K.png"), "--models", "step3"]) == 2  # a file
+    assert "error:" in capsys.readouterr().err
+    # kernel times of another card or model than the estimate's are refused, naming both
+    assert cli.main(["afd", "--paper-table9", "H20"]) == 2
+    assert "measured on H20, but the attention side is H800: pass --attn-hw H20" in capsys.readouterr().err
+    assert cli.main(["afd", "--paper-table9", "H800", "--model", "deepseek-v3"]) == 2
+    assert "are for model 'step3', not 'deepseek-v3'" in capsys.readouterr().err
+    for bad, message in [(["--batch", "0"], "--batch: must be at least 1"), (["--context", "inf"], "bad context")]:
+        with pytest.raises(SystemExit):
+            cli.main(["afd", *bad])
+        assert message in capsys.readouterr().err

@@ -87,6 +87,19 @@ def test_bench_report_names_a_bad_file(tmp_path, capsys):
     assert bench_report.main([str(tmp_path)]) == 2
     assert "broken.json" in capsys.readouterr().err
     assert bench_report.main([str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "broken.json").unlink()
+    assert bench_report.main([str(tmp_path)]) == 2  # nothing to report is not a success
+    assert "no benchmark JSON file in" in capsys.readouterr().err
+    (tmp_path / "partial.json").write_text(json.dumps(dict(MFA, rows=[{"batch": 1}])))
+    assert bench_report.main([str(tmp_path)]) == 2
+    assert "partial.json is not a complete benchmark result (KeyError: 'context')" in capsys.readouterr().err
+    (tmp_path / "partial.json").unlink()
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- bench:mfa_decode -->\nold\n<!-- /bench:mfa_decode -->\n")
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(MFA))
+    assert bench_report.main([str(tmp_path), "--update", str(doc)]) == 2  # two results for one block
+    assert "are both mfa_decode results" in capsys.readouterr().err and "old" in doc.read_text()
 
 
 def test_benchmarks_page_has_a_block_for_every_benchmark_in_the_gpu_script():
