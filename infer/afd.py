@@ -61,6 +61,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
 from step3_jax.checkpoint import CheckpointReport, inspect_checkpoint, load_tensors
+from step3_jax.checkpoint.hf import _SOURCES
 from step3_jax.config import Step3Config
 from step3_jax.init_rng import init_key
 from step3_jax.model import Step3ForCausalLM, param_shardings
@@ -767,7 +768,9 @@ class AFDRunner:
         report = inspect_checkpoint(path, dtype=dtype, quantization=quantization)
         if not report.ok:
             raise ValueError(report.error_message())
-        return cls(report.config, afd, checkpoint=report, progress=progress, **kw)
+        runner = cls(report.config, afd, checkpoint=report, progress=progress, **kw)
+        _SOURCES[runner] = report.folder  # (its tokenizer: see checkpoint_folder)
+        return runner
 
     @classmethod
     def from_model(cls, model: Step3ForCausalLM, afd: AFDConfig, **kw) -> AFDRunner:

@@ -195,7 +195,12 @@ def print_tables(models: list[cm.ModelSpec], hardware: dict[str, cm.Hardware], c
 
 
 def main_tables(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m infer.cost", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m infer.cost",
+        description=__doc__.split("\n")[0],
+        epilog="subcommands: `python -m infer.cost pareto --help` (Figure 1 and cost vs context), "
+        "`python -m infer.cost afd --help` (AFD throughput estimate)",
+    )
     _common(p, ["8K", "32K"])
     p.add_argument("--json", action="store_true", help="emit a JSON list, one object per model per context")
     args = p.parse_args(argv)

@@ -62,8 +62,9 @@ from flax import nnx
 
 from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
+from step3_jax.checkpoint import checkpoint_folder
 from step3_jax.model import Step3ForCausalLM
-from step3_jax.tokenizer import ByteTokenizer, StreamDecoder
+from step3_jax.tokenizer import ByteTokenizer, StreamDecoder, load_tokenizer
 
 if TYPE_CHECKING:
     from infer.afd import AFDRunner
@@ -254,8 +255,11 @@ class Engine:
         self.model = model
         self.model_config = mc
         self.clock = clock
-        if tokenizer is None:
-            tokenizer = ByteTokenizer() if mc.vocab_size >= ByteTokenizer.vocab_size else None
+        if tokenizer is None:  # a loaded checkpoint's own tokenizer, else bytes (when the vocabulary holds them)
+            folder = checkpoint_folder(model)
+            tokenizer = load_tokenizer(folder) if folder is not None else ByteTokenizer()
+            if isinstance(tokenizer, ByteTokenizer) and mc.vocab_size < ByteTokenizer.vocab_size:
+                tokenizer = None
         self.tokenizer = tokenizer
         if self.afd is not None:
             mesh, rules = self.afd.attn_mesh, self.afd.rules

@@ -864,3 +864,24 @@ def test_tokenizer_from_checkpoint_folder(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_engine_takes_a_loaded_checkpoints_own_tokenizer(bf16_ckpt, tmp_path):
+    """``Engine(load_pretrained(folder))`` encodes text with the folder's tokenizer.json, not bytes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from infer.engine import Engine
+    from step3_jax.checkpoint import checkpoint_folder
+
+    folder = _copy(bf16_ckpt[0], tmp_path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["hello world", "the quick brown fox"] * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    model = load_pretrained(folder, progress=False)
+    assert checkpoint_folder(model) == folder and checkpoint_folder(bf16_ckpt[1]) is None
+    engine = Engine(model)
+    assert isinstance(engine.tokenizer, HFTokenizer)
+    assert engine.validate("hello world", None)[0] == engine.tokenizer.encode("hello world")
+    assert isinstance(Engine(bf16_ckpt[1]).tokenizer, ByteTokenizer)  # a model not loaded from a folder: bytes

@@ -21,7 +21,8 @@ def test_api_reference_is_current_and_every_public_name_has_a_docstring():
 
 
 def _markdown_files():
-    return [ROOT / "README.md", ROOT / "DEVELOPERS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    top = [ROOT / "README.md", ROOT / "DEVELOPERS.md", ROOT / "examples" / "README.md"]
+    return [*top, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: p.name)

@@ -2,6 +2,7 @@
 
 from step3_jax.checkpoint.hf import (
     CheckpointReport,
+    checkpoint_folder,
     inspect_checkpoint,
     load_pretrained,
     load_tensors,
@@ -12,6 +13,7 @@ from step3_jax.checkpoint.hf_keys import from_hf_layout, hf_name, hf_shapes, to_
 
 __all__ = [
     "CheckpointReport",
+    "checkpoint_folder",
     "from_hf_layout",
     "hf_name",
     "hf_shapes",

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import time
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -683,7 +684,22 @@ def load_pretrained(
     values = load_tensors(report, shardings, progress=progress)
     for p, var in nnx.to_flat_state(state):
         var.set_value(values.pop(tuple(p)))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    _SOURCES[model] = report.folder
+    return model
+
+
+# The folder each loaded model came from (weakly held: forgotten with the model), for its tokenizer.
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def checkpoint_folder(model) -> Path | None:
+    """The checkpoint folder ``model`` was loaded from (:func:`load_pretrained`, or an AFD runner's
+    ``from_checkpoint``), else None. The engine takes its tokenizer from there when none is given."""
+    try:
+        return _SOURCES.get(model)
+    except TypeError:  # (not weakly referable)
+        return None
 
 
 # ---------------------------------------------------------------------- saving
