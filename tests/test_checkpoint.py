@@ -235,8 +235,8 @@ def test_save_load_round_trip_is_bit_exact(bf16_ckpt, tmp_path):
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
 
 
-def test_interrupted_save_leaves_nothing_that_looks_complete(bf16_ckpt, tmp_path, monkeypatch):
-    source = bf16_ckpt[1]
+def _fail_the_12th_tensor_write(monkeypatch) -> list[str]:
+    """Make the 12th tensor a save writes fail with "disk full"; returns the files written to, in order."""
     real_write, writes = SafetensorsWriter.write, []
 
     def failing_write(self, array):
@@ -246,6 +246,12 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(bf16_ckpt, tmp_path
         real_write(self, array)
 
     monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    return writes
+
+
+def test_interrupted_save_leaves_nothing_that_looks_complete(bf16_ckpt, tmp_path, monkeypatch):
+    source = bf16_ckpt[1]
+    writes = _fail_the_12th_tensor_write(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(source, tmp_path / "x", shard_size=20_000)
     names = sorted(p.name for p in (tmp_path / "x").iterdir())
@@ -263,15 +269,7 @@ def test_interrupted_save_over_a_checkpoint_is_not_loaded(bf16_ckpt, tmp_path, m
     source = bf16_ckpt[1]
     out = save_pretrained(source, tmp_path / "x", shard_size=20_000)
     assert load_pretrained(out, progress=False) is not None
-    real_write, writes = SafetensorsWriter.write, []
-
-    def failing_write(self, array):
-        writes.append(self.path.name)
-        if len(writes) == 12:
-            raise OSError("disk full")
-        real_write(self, array)
-
-    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    _fail_the_12th_tensor_write(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(source, out, shard_size=20_000)
     monkeypatch.undo()
