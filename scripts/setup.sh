@@ -26,9 +26,12 @@ find_python() {
     if command -v pyenv >/dev/null 2>&1; then roots+=("$(pyenv root)"); fi
     roots+=("${PYENV_ROOT:-$HOME/.pyenv}")
     for r in "${roots[@]}"; do
-        for c in $(ls -d "$r"/versions/3.* 2>/dev/null | sort -V); do
+        local found=()
+        for c in "$r"/versions/3.*; do [ -d "$c" ] && found+=("$c"); done
+        [ ${#found[@]} -gt 0 ] || continue
+        while IFS= read -r c; do  # (lowest suitable version first; paths may hold spaces)
             if is_ok_python "$c/bin/python3"; then echo "$c/bin/python3"; return 0; fi
-        done
+        done < <(printf '%s\n' "${found[@]}" | sort -V)
     done
     for c in /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9] /opt/*/bin/python3.1[2-9]; do
         if [ -x "$c" ] && is_ok_python "$c"; then echo "$c"; return 0; fi
@@ -36,7 +39,7 @@ find_python() {
     return 1
 }
 
-stamp_of() { { cat pyproject.toml scripts/setup.sh constraints.txt; echo "${STEP3_UNPINNED:-}"; } | sha256sum | cut -c1-16; }
+stamp_of() { { cat pyproject.toml scripts/setup.sh constraints.txt; echo "${STEP3_UNPINNED:-}"; echo "${STEP3_PYTHON:-}"; } | sha256sum | cut -c1-16; }
 stamp_file() { echo "$venv/.step3-stamp-${1:-base}"; }
 up_to_date() { [ -x "$venv/bin/python" ] && [ -f "$(stamp_file "$1")" ] && [ "$(cat "$(stamp_file "$1")")" = "$(stamp_of)" ]; }
 
@@ -55,7 +58,14 @@ MSG
     exit 1
 fi
 echo "setting up .venv with $py ($("$py" -c 'import sys; print(sys.version.split()[0])'))" >&2
-if [ -x "$venv/bin/python" ] && ! is_ok_python "$venv/bin/python"; then rm -rf "$venv"; fi
+version_of() { "$1" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null; }
+# A venv that cannot be used as it is is made again: its Python gone (uninstalled, upgraded) or too old, no pip
+# in it (another tool made it, or its first set-up was interrupted), or STEP3_PYTHON names another version.
+if [ -e "$venv" ] && { ! is_ok_python "$venv/bin/python" || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1 \
+        || { [ -n "${STEP3_PYTHON:-}" ] && [ "$(version_of "$venv/bin/python")" != "$(version_of "$py")" ]; }; }; then
+    echo "re-creating .venv (its Python is missing, too old, without pip, or not STEP3_PYTHON's version)" >&2
+    rm -rf "$venv"
+fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"

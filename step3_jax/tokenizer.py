@@ -35,8 +35,9 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (read with the ``tokenizers`` library), with ByteTokenizer's interface.
 
-    ``bos_id`` / ``eos_id`` / ``pad_id`` come from ``tokenizer_config.json`` (``bos_token`` ...) when the folder
-    has one, else from ``config.json`` (``bos_token_id`` ...); any may be None.
+    ``bos_id`` / ``eos_id`` / ``pad_id`` come from ``tokenizer_config.json`` (``bos_token`` ...; one it sets to
+    null stays None) when it names them, else from ``config.json`` (``bos_token_id`` ...); any may be None.
+    :meth:`encode` puts ``bos_id`` first unless ``add_bos`` is False (``add_bos_token: false``).
     """
 
     def __init__(self, path: str | os.PathLike, *, bos_id=None, eos_id=None, pad_id=None):
@@ -49,8 +50,13 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises its own exception type on malformed JSON
             raise ValueError(f"{path}: not a valid Hugging Face tokenizer.json ({e})") from e
+        # truncation / padding a tokenizer.json may carry apply only when asked for (as in transformers): never
+        # here, where prompts and training documents are encoded whole
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.path = path
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = True  # tokenizer_config.json's add_bos_token, when it says
         self.chat_template: str | None = None  # Jinja source (tokenizer_config.json / chat_template.jinja)
 
     @property
@@ -65,7 +71,7 @@ class HFTokenizer:
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else list(ids)
+        return [self.bos_id, *ids] if add_bos and self.add_bos and self.bos_id is not None else list(ids)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -119,6 +125,7 @@ def render_chat(template: str, messages: Sequence[Mapping], *, add_generation_pr
     ``messages``: ``{"role": ..., "content": ...}`` dicts. A template error (or a template's own
     ``raise_exception``) raises ``ValueError`` with its message."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if isinstance(messages, (str, Mapping)) or not all(
@@ -133,7 +140,22 @@ def render_chat(template: str, messages: Sequence[Mapping], *, add_generation_pr
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (marks the assistant's tokens for training tools): the body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -203,18 +225,22 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteT
     tok = HFTokenizer(file)
     ids = {}
     tc_path = folder / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
     for name in ("bos", "eos", "pad"):
         ids[name] = _special_token_id(tok, tc.get(f"{name}_token"))
+    if isinstance(tc.get("add_bos_token"), bool):
+        tok.add_bos = tc["add_bos_token"]
     tok.chat_template = _chat_template(folder, tc)
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        text_config = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
         for name in ("bos", "eos", "pad"):
-            value = cfg.get(f"{name}_token_id", cfg.get("text_config", {}).get(f"{name}_token_id"))
+            value = cfg.get(f"{name}_token_id", text_config.get(f"{name}_token_id"))
             if isinstance(value, list):
                 value = value[0] if value else None
-            if ids.get(name) is None and isinstance(value, int):
+            # (a token tokenizer_config.json names, even as null, is its; config.json fills in the others)
+            if ids.get(name) is None and f"{name}_token" not in tc and isinstance(value, int):
                 ids[name] = value
     tok.bos_id, tok.eos_id, tok.pad_id = ids.get("bos"), ids.get("eos"), ids.get("pad")
     return tok

@@ -125,3 +125,32 @@ def test_chat_template_renders_and_encodes(tmp_path):
         encode_chat(load_tokenizer(tmp_path), chat)
     with pytest.raises(ValueError, match=r"tokenizer \(byte-level\) has no chat template"):
         encode_chat(ByteTokenizer(), chat)
+
+
+def test_tokenizer_files_are_read_as_transformers_reads_them(tmp_path):
+    """Truncation and padding saved in tokenizer.json do not cut or pad encodings; ``add_bos_token: false`` and a
+    ``bos_token`` set to null in tokenizer_config.json mean no BOS (config.json's id does not override them); the
+    files are UTF-8 whatever the locale; ``{% generation %}`` blocks (training tools' templates) render their body."""
+    tok = _hf(tmp_path, "byte-level")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<unk>"}  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    long = "the quick brown fox jumps over the lazy dog " * 3
+    whole = tok.encode(long)  # (the tokenizer before truncation and padding were saved into its file; no BOS)
+    assert len(whole) > 4
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.bos_id == 1  # no tokenizer_config.json: config.json's ids
+    assert loaded.encode(long) == [1, *whole] and loaded.encode("hello") == [1, *tok.encode("hello")]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}), "utf-8")
+    qwen_like = load_tokenizer(tmp_path)
+    assert qwen_like.bos_id is None and qwen_like.encode("hello") == tok.encode("hello")
+    tc = {"bos_token": {"content": "<s>"}, "add_bos_token": False, "eos_token": "</s>", "x": "東京"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False), "utf-8")
+    neox_like = load_tokenizer(tmp_path)
+    assert neox_like.bos_id == tok.token_to_id("<s>")
+    assert neox_like.encode("hello") == tok.encode("hello")
+    template = "{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
+    assert render_chat(template, [{"role": "user", "content": "hi"}]) == "[hi]"

@@ -248,6 +248,15 @@ def test_bad_inputs(test_config, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_documents([tmp_path / "bad.jsonl"])
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text"):
+        read_documents([tmp_path / "latin1.txt"])
+    with pytest.raises(ValueError, match="is a folder"):
+        read_documents([tmp_path])
+    # a byte-order mark (as some editors write) is not text; .JSONL is JSON lines too; U+2028 inside a string
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain")
+    (tmp_path / "UP.JSONL").write_bytes(b'\xef\xbb\xbf{"text": "a\xe2\x80\xa8b"}\n{"text": "c"}\n')
+    assert read_documents([tmp_path / "bom.txt", tmp_path / "UP.JSONL"]) == ["plain", "a\u2028b", "c"]
     tc = small_tc(seq_len=1024)
     with pytest.raises(ValueError, match="seq_len 1024 exceeds the model's max_position_embedding 512"):
         Trainer(test_config, tc, pack_documents(DOCS * 40, TOK, 1024))

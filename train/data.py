@@ -46,22 +46,27 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> 
         raise ValueError("no data files given")
     docs: list[str] = []
     for p in map(Path, paths):
+        if p.is_dir():
+            raise ValueError(f"data path {p} is a folder: give its files (e.g. {p}/*.jsonl)")
         if not p.is_file():
             raise FileNotFoundError(f"data file {p} does not exist")
-        if p.suffix == ".jsonl":
-            with p.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
-                    docs.append(record[text_field])
+        try:
+            text = p.read_text(encoding="utf-8-sig")  # (a byte-order mark, as some editors write, is not text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if p.suffix.lower() == ".jsonl":
+            for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: U+2028 may sit in a string)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
+                docs.append(record[text_field])
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            docs.append(text)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"the data files {[str(p) for p in paths]} contain no text")
