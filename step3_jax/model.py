@@ -269,7 +269,9 @@ def fp8_linear(module, name: str, x: jax.Array, ctx: ShardCtx) -> jax.Array:
     s_k_axes = tuple(a for a in spec_axes(s_spec[1]) if a not in row_axes)
     if k_axes != s_k_axes or w_shape[1] % (BLOCK * math.prod(mesh.shape[a] for a in k_axes)):
         k_axes = ()  # partial sums need whole, equally split scale blocks along the reduction
-    out_ok = spec_axes(s_spec[0]) == out_axes or s_shape[0] == 1  # one shared scale block may serve every shard
+    # split output rows keep their scales when every shard holds whole 128-row blocks (or one block serves all)
+    n_out = math.prod(mesh.shape[a] for a in out_axes)
+    out_ok = s_shape[0] == 1 or (spec_axes(s_spec[0]) == out_axes and w_shape[0] % (BLOCK * n_out) == 0)
     o_spec, s_out, k_spec = (q_spec[0] if out_ok else None), (s_spec[0] if out_ok else None), (k_axes or None)
     w_spec = Fp8Weight(PartitionSpec(o_spec, k_spec), PartitionSpec(s_out, k_spec))
     lead = (None,) * (x.ndim - 2)

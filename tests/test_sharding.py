@@ -199,6 +199,25 @@ def test_fp8_attention_splits_by_heads_and_sharded_forward_equals_single_device(
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
+def test_fp8_mlp_whose_shards_hold_part_of_a_scale_block_keeps_its_numbers_on_the_kernel_path(test_config):
+    """A dense FP8 MLP 704 wide (5.5 blocks of 128) split over tensor=2 leaves 352 rows per shard, so a shard's
+    rows do not line up with its scale blocks: on the GPU's kernel path (forced here with its reference) the
+    product then gathers the output rows instead of applying a shard's scales to another block's rows."""
+    from step3_jax.model import fp8_linear
+
+    config = dataclasses.replace(test_config, quantization="fp8", intermediate_size=704, num_hidden_layers=1,
+                                 moe_layers_enum=())  # fmt: skip
+    sharded = create_model(config, seed=1, mesh=make_mesh(data=4, tensor=2))
+    single = nnx.merge(nnx.graphdef(abstract_model(config)), jax.device_put(nnx.state(sharded), jax.devices()[0]))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 5, config.hidden_size)), jnp.float32)
+    mlp, ref = sharded.layers[0].mlp, single.layers[0].mlp
+    assert mlp.gate_proj.get_value().addressable_shards[0].data.shape[0] == 352
+    with use_fp8_gemm("reference"):
+        for name in ("gate_proj", "up_proj"):
+            got, want = fp8_linear(mlp, name, x, mlp.ctx), fp8_linear(ref, name, x, ref.ctx)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_fp8_attention_split_through_a_scale_block_is_refused(test_config):
     # 4 heads x 48 = 192 rows over tensor=2: 96 per shard would cut the second 128-block; said before any work
     config = dataclasses.replace(test_config, head_dim=48, quantization="fp8")
