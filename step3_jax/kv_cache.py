@@ -54,6 +54,11 @@ class KVCache:
             )
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"KV cache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
+        if dtype is not None and str(jnp.dtype(dtype)) not in ("bfloat16", "float32"):
+            raise ValueError(
+                f"KVCache dtype must be bfloat16 or float32, got {dtype!r} (FP8 KV, with its per-token scales, is "
+                "the paged cache's: PagedKVCache / create_page_pool)"
+            )
         dtype = jnp.dtype(dtype or config.dtype)
         shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
 
@@ -155,6 +160,15 @@ class PagedKVCache:
             )
         b = block_table.shape[0]
         lengths = jnp.zeros((b,), jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must be [batch] = ({b},) like the block table's rows, got {lengths.shape}")
+        check_kv_dtype(None if dtype is None else str(jnp.dtype(dtype)), "PagedKVCache dtype")
+        concrete = not isinstance(block_table, jax.core.Tracer) and block_table.size
+        if concrete and (block_table.min() < 0 or block_table.max() >= num_pages):
+            raise ValueError(
+                f"block_table page ids span {int(block_table.min())} .. {int(block_table.max())}, outside the pool "
+                f"of {num_pages} pages"
+            )
         dtype = jnp.dtype(dtype or config.dtype)
         fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
         g, kd, n = config.num_kv_heads, config.head_dim, config.num_hidden_layers

@@ -908,6 +908,7 @@ class Step3ForCausalLM(nnx.Module):
             for layer in self.layers:
                 x, _ = layer(x, positions, segment_ids=segment_ids)
             return self.logits(x)
+        _check_cache(cache, b, t, self.ctx)
         start = cache.lengths
         if positions is None:
             positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -924,6 +925,47 @@ class Step3ForCausalLM(nnx.Module):
             vs.append(v)
         new_cache = kvc.KVCache(k=tuple(ks), v=tuple(vs), lengths=start + t)
         return self.logits(x), new_cache
+
+
+def _check_cache(cache, b: int, t: int, ctx: ShardCtx) -> None:
+    """Refuse a cache that cannot take these ``t`` tokens of ``b`` sequences, where it can be seen without tracing
+    (an eager call: a notebook's): a cache of another batch size, ``t`` tokens past its room (a contiguous cache
+    would overwrite earlier slots, a paged one drop them), or block-table page ids outside the pool. On a mesh
+    with data-parallel groups the pool is split between them and page ids are local to each group's share."""
+    if tuple(cache.lengths.shape) != (b,):
+        raise ValueError(f"the cache's lengths have shape {tuple(cache.lengths.shape)}, the batch is {b} sequences")
+    if isinstance(cache.lengths, jax.core.Tracer):
+        return
+    longest = int(jnp.max(cache.lengths)) + t
+    if isinstance(cache, kvc.KVCache):
+        if longest > cache.max_length:
+            raise ValueError(
+                f"KV cache overflow: {t} more tokens after {longest - t} make {longest}, past its max_length "
+                f"{cache.max_length}"
+            )
+        return
+    table = cache.block_table
+    if table.shape[0] != b:
+        raise ValueError(f"the block table has {table.shape[0]} rows, the batch is {b} sequences")
+    if longest > table.shape[1] * cache.page_size:
+        raise ValueError(
+            f"paged KV cache overflow: {longest} tokens need more than the block table's {table.shape[1]} pages of "
+            f"{cache.page_size} tokens"
+        )
+    if isinstance(table, jax.core.Tracer):
+        return
+    groups = kvc.num_page_groups(ctx.mesh, ctx.rules)
+    local = cache.k[0].shape[0] // groups
+    lo, hi = int(jnp.min(table)), int(jnp.max(table))
+    if lo < 0 or hi >= local:
+        where = (
+            f"each of the mesh's {groups} data-parallel groups holds {local} of the {cache.k[0].shape[0]} pages, "
+            f"and a block table's ids are local to its row's group (0 .. {local - 1}; see create_page_pool and "
+            "PageAllocator per group, as the engine does)"
+            if groups > 1
+            else f"the pool has {local} pages"
+        )
+        raise ValueError(f"block table page ids span {lo} .. {hi}, outside the pool: {where}")
 
 
 def _check_ids(input_ids) -> None:

@@ -278,6 +278,32 @@ def test_bad_inputs_raise_clear_errors(model):
         KVCache.create(model.config, 1, 10_000)
 
 
+def test_a_cache_that_cannot_take_the_tokens_is_refused_not_corrupted(model, step):
+    """Eager calls (a notebook's) check the cache first: a contiguous cache's overflow (which would overwrite its
+    earlier slots), a block table too short or with page ids outside the pool (which would drop or misread
+    tokens), lengths of another batch size, and cache dtypes that cannot hold KV; the cache is left as it was."""
+    cfg, ids = model.config, random_ids(3, (1, 10), model.config.vocab_size)
+    cache = KVCache.create(cfg, 1, 8)
+    _, cache = step(ids[:, :8], cache)
+    with pytest.raises(ValueError, match="KV cache overflow: 2 more tokens after 8 make 10, past its max_length 8"):
+        model(ids[:, 8:], cache=cache)
+    assert cache.lengths.tolist() == [8]
+    with pytest.raises(ValueError, match=r"block_table page ids span 0 \.\. 5, outside the pool of 4 pages"):
+        PagedKVCache.create(cfg, [[0, 5, 1]], num_pages=4, page_size=4)
+    with pytest.raises(ValueError, match=r"lengths must be \[batch\] = \(1,\)"):
+        PagedKVCache.create(cfg, [[0, 1, 2]], num_pages=4, page_size=4, lengths=[0, 0, 0])
+    paged = PagedKVCache.create(cfg, [[0, 1]], num_pages=4, page_size=4)
+    with pytest.raises(ValueError, match="paged KV cache overflow: 10 tokens need more than the block table's 2 pages"):
+        model(ids, cache=paged)
+    with pytest.raises(ValueError, match=r"the cache's lengths have shape \(1,\), the batch is 2"):
+        model(jnp.concatenate([ids, ids]), cache=cache)
+    for bad in ("int8", "float8_e4m3fn"):
+        with pytest.raises(ValueError, match="KVCache dtype must be bfloat16 or float32"):
+            KVCache.create(cfg, 1, 8, dtype=bad)
+    with pytest.raises(ValueError, match="PagedKVCache dtype must be None"):
+        PagedKVCache.create(cfg, [[0, 1]], num_pages=4, page_size=4, dtype="int8")
+
+
 def test_fp8_model_paged_decode_equals_full_forward(test_config):
     """The FP8 model (attention projections, FFNs and experts block-FP8) through the engine's paged cache, one
     token at a time (the MFA decode dispatcher), computes what its full forward computes: FP8 activations are

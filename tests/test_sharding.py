@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from step3_jax import KVCache, create_model, make_mesh
+from step3_jax.kv_cache import PagedKVCache
 from step3_jax.model import MoE, ShardCtx, abstract_model, param_shardings, use_fp8_gemm
 from step3_jax.sharding import DEFAULT_RULES
 
@@ -67,6 +68,11 @@ def test_sharded_decode_through_cache(test_config):
         outs.append(logits)
     want = jit_forward(create_model(config, seed=3))(ids)
     np.testing.assert_allclose(np.concatenate(outs, axis=1), want, rtol=2e-5, atol=2e-5)
+    # a paged cache on this mesh: the pool is split between the 2 data groups and a block table's page ids are
+    # local to its row's group; global ids (a whole-pool allocator's) are refused, not dropped or misread
+    paged = PagedKVCache.create(config, [[0, 1], [2, 3], [0, 1], [2, 3]], num_pages=4, page_size=8)
+    with pytest.raises(ValueError, match=r"each of the mesh's 2 data-parallel groups holds 2 of the 4 pages"):
+        model(ids, cache=paged)
 
 
 def test_impossible_splits_raise_clear_errors(test_config):
