@@ -335,14 +335,18 @@ class PageAllocator:
     def reserve(self, seq, num_tokens: int, prefix: Sequence[int] = ()) -> list[int]:
         """Own pages for ``num_tokens`` tokens of ``seq`` (allocating what is missing); returns its page ids. A new
         sequence may start with the published pages ``prefix`` (:meth:`match`), shared with their holders."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0:
+            raise ValueError(f"sequence {seq!r}: num_tokens must be an int >= 0, got {num_tokens!r}")
         need = -(-num_tokens // self.page_size)
         if need > self.max_pages_per_seq:
             raise ValueError(
                 f"sequence {seq!r} needs {need} pages for {num_tokens} tokens but a block table row holds "
                 f"{self.max_pages_per_seq} pages of {self.page_size}"
             )
-        if prefix and seq in self._pages:
+        if prefix and self._pages.get(seq):
             raise ValueError(f"sequence {seq!r} owns pages already: a shared prefix is for a new sequence")
+        if len(set(prefix)) != len(prefix):
+            raise ValueError(f"a prefix for {seq!r} names a page twice: {list(prefix)}")
         if any(p not in self._key_of for p in prefix):
             raise ValueError(f"a prefix for {seq!r} names pages that hold no published content: {list(prefix)}")
         missing = need - len(self._pages.get(seq, ())) - len(prefix)
@@ -371,7 +375,12 @@ class PageAllocator:
     def publish(self, seq, index: int, key: bytes) -> None:
         """Page ``index`` of ``seq`` is full and holds the content ``key`` names: later sequences may share it (the
         first page published under a key keeps it)."""
-        page = self._pages[seq][index]
+        owned = self._pages.get(seq)
+        if owned is None:
+            raise ValueError(f"publish: sequence {seq!r} owns no pages")
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(owned):
+            raise ValueError(f"publish: sequence {seq!r} owns pages 0 .. {len(owned) - 1}, not page {index!r}")
+        page = owned[index]
         if key not in self._by_key and page not in self._key_of:
             self._by_key[key], self._key_of[page] = page, key
 

@@ -207,6 +207,19 @@ def test_page_allocator_shares_published_pages_and_keeps_freed_ones_until_needed
     with pytest.raises(RuntimeError, match="out of KV pages: sequence 'e' needs 2 more pages, 0 of 6 are free"):
         alloc.reserve("e", 12, prefix=[a[0]])
     assert alloc.num_owned("e") == 0 and alloc.num_kept == 1  # (refused: nothing taken)
+    with pytest.raises(ValueError, match=r"a prefix for 'e' names a page twice: \[\d, \d\]"):
+        alloc.reserve("e", 8, prefix=[a[0], a[0]])  # (would write its second page's tokens into a shared page)
+    for bad in (-1, 9, True):
+        with pytest.raises(ValueError, match=r"publish: sequence 'd' owns pages 0 \.\. 0, not page"):
+            alloc.publish("d", bad, b"kx")
+    with pytest.raises(ValueError, match="publish: sequence 'zz' owns no pages"):
+        alloc.publish("zz", 0, b"kx")
+    with pytest.raises(ValueError, match="num_tokens must be an int >= 0, got -4"):
+        alloc.reserve("e", -4)
+    alloc.reserve("e", 0)  # a sequence that owns nothing yet may still start with a shared prefix
+    assert alloc.reserve("e", 4, prefix=[a[0]]) == [a[0]]
+    alloc.free("e")
+    alloc.check()
     alloc._refs[c[0]] += 1  # a corrupted count is caught
     with pytest.raises(AssertionError, match="page pool corrupted"):
         alloc.check()
