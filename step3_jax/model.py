@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -927,6 +928,11 @@ class Step3ForCausalLM(nnx.Module):
         return self.logits(x), new_cache
 
 
+def _readable(x) -> bool:
+    """Whether ``x``'s values can be read on the host now (not traced, and not split over other processes)."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
 def _check_cache(cache, b: int, t: int, ctx: ShardCtx) -> None:
     """Refuse a cache that cannot take these ``t`` tokens of ``b`` sequences, where it can be seen without tracing
     (an eager call: a notebook's): a cache of another batch size, ``t`` tokens past its room (a contiguous cache
@@ -934,9 +940,9 @@ def _check_cache(cache, b: int, t: int, ctx: ShardCtx) -> None:
     with data-parallel groups the pool is split between them and page ids are local to each group's share."""
     if tuple(cache.lengths.shape) != (b,):
         raise ValueError(f"the cache's lengths have shape {tuple(cache.lengths.shape)}, the batch is {b} sequences")
-    if isinstance(cache.lengths, jax.core.Tracer):
+    if not _readable(cache.lengths):
         return
-    longest = int(jnp.max(cache.lengths)) + t
+    longest = int(np.max(np.asarray(cache.lengths))) + t  # (numpy: a concrete array closed over by a jit stays so)
     if isinstance(cache, kvc.KVCache):
         if longest > cache.max_length:
             raise ValueError(
@@ -952,11 +958,12 @@ def _check_cache(cache, b: int, t: int, ctx: ShardCtx) -> None:
             f"paged KV cache overflow: {longest} tokens need more than the block table's {table.shape[1]} pages of "
             f"{cache.page_size} tokens"
         )
-    if isinstance(table, jax.core.Tracer):
+    if not _readable(table) or not table.size:
         return
     groups = kvc.num_page_groups(ctx.mesh, ctx.rules)
     local = cache.k[0].shape[0] // groups
-    lo, hi = int(jnp.min(table)), int(jnp.max(table))
+    table = np.asarray(table)
+    lo, hi = int(table.min()), int(table.max())
     if lo < 0 or hi >= local:
         where = (
             f"each of the mesh's {groups} data-parallel groups holds {local} of the {cache.k[0].shape[0]} pages, "
