@@ -163,12 +163,12 @@ class PagedKVCache:
         if lengths.shape != (b,):
             raise ValueError(f"lengths must be [batch] = ({b},) like the block table's rows, got {lengths.shape}")
         check_kv_dtype(None if dtype is None else str(jnp.dtype(dtype)), "PagedKVCache dtype")
-        concrete = not isinstance(block_table, jax.core.Tracer) and block_table.size
-        if concrete and (block_table.min() < 0 or block_table.max() >= num_pages):
-            raise ValueError(
-                f"block_table page ids span {int(block_table.min())} .. {int(block_table.max())}, outside the pool "
-                f"of {num_pages} pages"
-            )
+        if not isinstance(block_table, jax.core.Tracer) and block_table.size:  # (numpy: also under a jit's trace)
+            ids = np.asarray(block_table)
+            if ids.min() < 0 or ids.max() >= num_pages:
+                raise ValueError(
+                    f"block_table page ids span {ids.min()} .. {ids.max()}, outside the pool of {num_pages} pages"
+                )
         dtype = jnp.dtype(dtype or config.dtype)
         fp8 = dtype == jnp.dtype(jnp.float8_e4m3fn)
         g, kd, n = config.num_kv_heads, config.head_dim, config.num_hidden_layers
