@@ -1882,6 +1882,7 @@ def main(argv: list[str] | None = None) -> int:
         add_process_args,
         add_sampling_args,
         byte_tokenizer_for,
+        check_fits_context,
         check_pipeline_args,
         check_process_args,
         join_processes,
@@ -1956,12 +1957,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = args.prompt or ["Attention and FFN on different devices."] * args.batch
         prompts = [tokenizer.encode(x) for x in texts]
         microbatch_sizes(len(prompts), afd.micro_batches)
-        longest = max(map(len, prompts))
-        if longest + params.max_new_tokens > config.max_position_embedding:
-            raise ValueError(
-                f"a prompt of {longest} tokens + --max-new-tokens {params.max_new_tokens} exceeds the model's context "
-                f"of {config.max_position_embedding} tokens"
-            )
+        check_fits_context(max(map(len, prompts)), params.max_new_tokens, config)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

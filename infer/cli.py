@@ -83,6 +83,16 @@ def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
     return tuple(i for i in eos if i < config.vocab_size)
 
 
+def check_fits_context(longest: int, max_new_tokens: int, config: Step3Config) -> None:
+    """ValueError unless a prompt of ``longest`` tokens plus ``--max-new-tokens`` fits the model's context (a CLI
+    checks this before any work)."""
+    if longest + max_new_tokens > config.max_position_embedding:
+        raise ValueError(
+            f"a prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the model's context of "
+            f"{config.max_position_embedding} tokens"
+        )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (a count that 0 would not mean "the default" for)."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from infer.cli import add_sampling_args, sampling_from_args
+from infer.cli import add_sampling_args, check_fits_context, sampling_from_args
 from infer.engine import Engine, EngineConfig, summarize
 from step3_jax import get_preset, load_pretrained, save_pretrained
 from step3_jax.config import PRESETS
@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         params = sampling_from_args(args, stop_token_ids=(tokenizer.eos_id,))
         longest = max(len(tokenizer.encode(p)) for p in prompts)
-        if longest + params.max_new_tokens > config.max_position_embedding:
-            raise ValueError(
-                f"a prompt of {longest} tokens + --max-new-tokens {params.max_new_tokens} exceeds the model's "
-                f"context of {config.max_position_embedding} tokens"
-            )
+        check_fits_context(longest, params.max_new_tokens, config)
         out.mkdir(parents=True, exist_ok=True)  # (an unusable --out fails now, not after training)
         if not out.is_dir():
             raise ValueError(f"--out {out} is not a folder")

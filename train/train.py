@@ -512,7 +512,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    kept = [line for line in lines if (n := _record_step(line)) is not None and n <= step]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
