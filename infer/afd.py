@@ -60,8 +60,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
-from step3_jax.checkpoint import CheckpointReport, inspect_checkpoint, load_tensors
-from step3_jax.checkpoint.hf import _SOURCES
+from step3_jax.checkpoint import (
+    CheckpointReport,
+    checkpoint_folder,
+    inspect_checkpoint,
+    load_tensors,
+    set_checkpoint_folder,
+)
 from step3_jax.config import Step3Config
 from step3_jax.init_rng import init_key
 from step3_jax.model import Step3ForCausalLM, param_shardings
@@ -769,14 +774,16 @@ class AFDRunner:
         if not report.ok:
             raise ValueError(report.error_message())
         runner = cls(report.config, afd, checkpoint=report, progress=progress, **kw)
-        _SOURCES[runner] = report.folder  # (its tokenizer: see checkpoint_folder)
+        set_checkpoint_folder(runner, report.folder)  # (its tokenizer: see checkpoint_folder)
         return runner
 
     @classmethod
     def from_model(cls, model: Step3ForCausalLM, afd: AFDConfig, **kw) -> AFDRunner:
         """Place an existing (built or loaded) model's two halves on the two submeshes."""
         _, ffn, attn = nnx.split(model, is_ffn_param, ...)
-        return cls(model.config, afd, attention_params=attn, ffn_params=ffn, **kw)
+        runner = cls(model.config, afd, attention_params=attn, ffn_params=ffn, **kw)
+        set_checkpoint_folder(runner, checkpoint_folder(model))  # a loaded model's tokenizer goes with it
+        return runner
 
     def _view(self, mesh: Mesh) -> Step3ForCausalLM:
         return nnx.eval_shape(lambda: Step3ForCausalLM(self.config, rngs=nnx.Rngs(0), mesh=mesh, rules=self.rules))

@@ -22,6 +22,7 @@ class ByteTokenizer:
     eos_id = 2
     offset = 3
     vocab_size = 256 + offset
+    chat_template: str | None = None  # (none built in; a checkpoint folder's chat_template.jinja, or set one)
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
@@ -119,6 +120,27 @@ class StreamDecoder:
         return piece
 
 
+def check_messages(messages) -> None:
+    """``ValueError`` unless ``messages`` is a list of ``{"role": str, "content": ...}`` dicts whose content is a
+    string, a list of content parts (``{"type": "text", "text": ...}`` ..., as the template reads them) or None (an
+    assistant turn of only ``tool_calls``); other keys pass through to the template."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ValueError('chat messages must be a list of {"role": str, "content": str} dicts')
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise ValueError(f'chat message {i} is not a {{"role": str, "content": ...}} dict: {m!r:.80}')
+        content = m.get("content")
+        if not (content is None or isinstance(content, str) or _content_parts(content)):
+            raise ValueError(
+                f"chat message {i}: content must be a string, a list of content parts ({{'type': 'text', 'text': "
+                f"...}} ...) or null, got {content!r:.80}"
+            )
+
+
+def _content_parts(content) -> bool:
+    return isinstance(content, list) and all(isinstance(p, Mapping) and isinstance(p.get("type"), str) for p in content)
+
+
 def render_chat(template: str, messages: Sequence[Mapping], *, add_generation_prompt: bool = True, **context) -> str:
     """Render a Hugging Face chat template (Jinja) as ``transformers`` does: in a sandbox, with ``trim_blocks`` and
     ``lstrip_blocks``, ``raise_exception``, ``strftime_now`` and a ``tojson`` that does not escape HTML.
@@ -128,11 +150,7 @@ def render_chat(template: str, messages: Sequence[Mapping], *, add_generation_pr
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    if isinstance(messages, (str, Mapping)) or not all(
-        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
-    ):
-        raise ValueError('chat messages must be a list of {"role": str, "content": str} dicts')
+    check_messages(messages)
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -172,6 +190,13 @@ def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt
     ``eos_token`` strings), ending with the assistant's turn prompt. The template writes every special token
     itself, so no BOS is added (as ``transformers``' ``apply_chat_template`` does). ``ValueError`` if the tokenizer
     has no chat template (the byte-level one has none)."""
+    template, specials = _chat_setup(tokenizer)
+    text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
+    return tokenizer.encode(text, add_bos=False)
+
+
+def _chat_setup(tokenizer) -> tuple[str, dict]:
+    """The tokenizer's chat template and the special-token strings it is rendered with."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         where = getattr(tokenizer, "path", None)
@@ -179,10 +204,54 @@ def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt
             f"the tokenizer ({'byte-level' if where is None else where.parent}) has no chat template "
             f"(tokenizer_config.json 'chat_template', or chat_template.jinja, beside tokenizer.json)"
         )
-    specials = {f"{name}_token": tokenizer.id_to_token(getattr(tokenizer, f"{name}_id")) for name in ("bos", "eos")}
-    specials = {k: v for k, v in specials.items() if v is not None}  # (unset: undefined, which renders as "")
-    text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
-    return tokenizer.encode(text, add_bos=False)
+    specials = {}
+    for name in ("bos", "eos"):  # (unset: undefined, which renders as "")
+        i = getattr(tokenizer, f"{name}_id", None)
+        token = None if i is None or not hasattr(tokenizer, "id_to_token") else tokenizer.id_to_token(i)
+        if token is not None:
+            specials[f"{name}_token"] = token
+    return template, specials
+
+
+def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[list[int], list[bool]]:
+    """A whole conversation's token ids in the tokenizer's chat template, with a per-token flag: True for the
+    tokens the model should learn to write (every ``assistant`` turn, up to and including its last end-of-turn
+    (``eos_id``) token), False for the rest (system and user turns, the assistant's turn prompt, tool results).
+    No BOS is added: the template writes its own.
+
+    The template is rendered turn by turn (each assistant turn's prompt with ``add_generation_prompt``), and each
+    new piece of text is tokenised on its own, so no token spans two turns (with the usual templates, whose turns
+    meet at special tokens, the ids equal those of encoding the whole text).
+    ``ValueError`` if the template rewrites earlier turns as the conversation grows (e.g. one that drops earlier
+    reasoning): such a template cannot be split into turns this way."""
+    template, specials = _chat_setup(tokenizer)
+    check_messages(messages)
+    eos = getattr(tokenizer, "eos_id", None)
+    ids: list[int] = []
+    flags: list[bool] = []
+    done = ""
+
+    def extend(text: str, i: int, trained: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise ValueError(
+                f"the chat template does not render message {i} as a continuation of the messages before it "
+                f"(it rewrites earlier turns), so its assistant turns cannot be told apart for training"
+            )
+        piece = tokenizer.encode(text[len(done) :], add_bos=False) if len(text) > len(done) else []
+        ids.extend(piece)
+        # an answer is trained up to its last end-of-turn (eos) token: what the template writes after it (a
+        # newline before the next turn) is not the model's to write
+        end = len(piece) - piece[::-1].index(eos) if trained and eos in piece else len(piece) if trained else 0
+        flags.extend([True] * end + [False] * (len(piece) - end))
+        done = text
+
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            extend(render_chat(template, messages[:i], add_generation_prompt=True, **specials), i, False)
+        turn = render_chat(template, messages[: i + 1], add_generation_prompt=False, **specials)
+        extend(turn, i, m["role"] == "assistant")
+    return ids, flags
 
 
 def _chat_template(folder: Path, tc: dict) -> str | None:
@@ -210,22 +279,36 @@ def _special_token_id(tok: HFTokenizer, value) -> int | None:
     return tok.token_to_id(value) if isinstance(value, str) else None
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteTokenizer:
     """The tokenizer of a checkpoint folder: its ``tokenizer.json`` if it has one, else the built-in
-    :class:`ByteTokenizer` (also for ``path=None``)."""
+    :class:`ByteTokenizer` (also for ``path=None``), either with the folder's chat template if it has one."""
     if path is None:
         return ByteTokenizer()
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
     file = folder / "tokenizer.json"
+    tc_path = folder / "tokenizer_config.json"
+    tc = _read_json_object(tc_path) if tc_path.is_file() else {}
     if not file.is_file():
         log.info("%s has no tokenizer.json; using the byte-level tokenizer", folder)
-        return ByteTokenizer()
+        byte = ByteTokenizer()
+        template = _chat_template(folder, tc)
+        if template is not None:
+            byte.chat_template = template
+        return byte
     tok = HFTokenizer(file)
     ids = {}
-    tc_path = folder / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
     for name in ("bos", "eos", "pad"):
         ids[name] = _special_token_id(tok, tc.get(f"{name}_token"))
     if isinstance(tc.get("add_bos_token"), bool):
@@ -233,7 +316,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteT
     tok.chat_template = _chat_template(folder, tc)
     cfg_path = folder / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = _read_json_object(cfg_path)
         text_config = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
         for name in ("bos", "eos", "pad"):
             value = cfg.get(f"{name}_token_id", text_config.get(f"{name}_token_id"))

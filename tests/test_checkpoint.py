@@ -883,3 +883,11 @@ def test_engine_takes_a_loaded_checkpoints_own_tokenizer(bf16_ckpt, tmp_path):
     assert isinstance(engine.tokenizer, HFTokenizer)
     assert engine.validate("hello world", None)[0] == engine.tokenizer.encode("hello world")
     assert isinstance(Engine(bf16_ckpt[1]).tokenizer, ByteTokenizer)  # a model not loaded from a folder: bytes
+    # an AFD runner made from the loaded model keeps its folder (and so its tokenizer); forgetting it works too
+    from infer.afd import AFDConfig, AFDRunner
+    from step3_jax.checkpoint import set_checkpoint_folder
+
+    runner = AFDRunner.from_model(model, AFDConfig(attention_devices=2, ffn_devices=2))
+    assert checkpoint_folder(runner) == folder
+    set_checkpoint_folder(runner, None)
+    assert checkpoint_folder(runner) is None

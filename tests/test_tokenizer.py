@@ -6,7 +6,15 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from step3_jax.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, encode_chat, load_tokenizer, render_chat
+from step3_jax.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    StreamDecoder,
+    encode_chat,
+    encode_chat_for_training,
+    load_tokenizer,
+    render_chat,
+)
 
 TEXTS = [
     "hello world, the quick brown fox",
@@ -125,6 +133,51 @@ def test_chat_template_renders_and_encodes(tmp_path):
         encode_chat(load_tokenizer(tmp_path), chat)
     with pytest.raises(ValueError, match=r"tokenizer \(byte-level\) has no chat template"):
         encode_chat(ByteTokenizer(), chat)
+
+
+def test_conversations_for_training_mark_exactly_the_assistant_turns(tmp_path):
+    """``encode_chat_for_training``: the ids are the whole conversation's in the chat template (here equal to
+    encoding the rendered text at once), flagged True on exactly the assistant turns' tokens with their end-of-turn
+    token, so the model is trained to answer and stop; every assistant prefix is the prompt ``encode_chat`` gives at
+    inference. Content-part lists and null content reach the template; a template that rewrites earlier turns
+    and malformed messages are refused by name."""
+    _hf(tmp_path, "byte-level")
+    tc = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    tok = load_tokenizer(tmp_path)
+    chat = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "the quick fox"},
+        {"role": "user", "content": "the lazy dog"},
+        {"role": "assistant", "content": "brown dog"},
+    ]
+    ids, flags = encode_chat_for_training(tok, chat)
+    assert ids == encode_chat(tok, chat, add_generation_prompt=False) and len(flags) == len(ids)
+    spans, run = [], []
+    for i, f in zip(ids, flags, strict=True):  # the runs of trained tokens
+        if f:
+            run.append(i)
+        elif run:
+            spans, run = [*spans, run], []
+    spans += [run] if run else []
+    assert [tok.decode(s) for s in spans] == ["the quick fox", "brown dog"]
+    assert all(s[-1] == tok.eos_id for s in spans)  # each answer ends with its end-of-turn token, trained too
+    for k in (2, 4):  # the untrained prefix before each answer is the inference prompt
+        start = [n for n in range(len(ids)) if flags[n] and not flags[n - 1]][k // 2 - 1]
+        assert ids[:start] == encode_chat(tok, chat[:k])
+    parts = "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% elif m['content'] %}" \
+        "{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% else %}<call>{% endif %}|{% endfor %}"  # fmt: skip
+    multi = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+             {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]  # fmt: skip
+    assert render_chat(parts, multi) == "ab|<call>|"
+    tok.chat_template = "{{ messages[-1]['content'] }}"  # only the last turn: earlier turns are rewritten
+    with pytest.raises(ValueError, match="does not render message 1 as a continuation"):
+        encode_chat_for_training(tok, chat)
+    with pytest.raises(ValueError, match="chat message 1 is not a"):
+        encode_chat_for_training(tok, [chat[0], {"content": "no role"}])
+    with pytest.raises(ValueError, match="chat message 0: content must be a string, a list of content parts"):
+        render_chat(parts, [{"role": "user", "content": 7}])
 
 
 def test_tokenizer_files_are_read_as_transformers_reads_them(tmp_path):

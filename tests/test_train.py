@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from step3_jax import create_model, make_mesh
-from step3_jax.tokenizer import ByteTokenizer
+from step3_jax.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
 from train import lora
 from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents
 from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, lr_schedule, main, run
@@ -51,6 +51,46 @@ def test_packing_masks_documents_and_resumes_exactly():
     it2.set_state(state)
     for e in expect:
         np.testing.assert_array_equal(next(it2)["input_ids"], e)
+
+
+# a plain chat template for the byte tokenizer: roles in <>, one turn per line
+BYTE_CHAT = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
+    "{% if add_generation_prompt %}<assistant>{% endif %}"  # fmt: skip
+CHATS = [[{"role": "system", "content": "BE BRIEF"}, {"role": "user", "content": "SAY HI"},
+          {"role": "assistant", "content": "hi there"}, {"role": "user", "content": "AGAIN"},
+          {"role": "assistant", "content": "hi again"}],
+         [{"role": "user", "content": "COUNT"}, {"role": "assistant", "content": "one two three"}]]  # fmt: skip
+
+
+def test_conversations_are_packed_with_only_the_answers_as_targets(tmp_path):
+    """``{"messages": [...]}`` lines are conversations: rendered in the chat template, and only the assistant's
+    tokens (here lower case, the prompts upper case) are targets; plain texts beside them stay fully trained.
+    A conversation without an answer, a malformed message and a tokenizer without a template are refused."""
+    lines = [json.dumps({"messages": c}) for c in CHATS] + [json.dumps({"text": "plain words"})]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines * 6))
+    docs = read_documents([tmp_path / "chat.jsonl"])
+    assert docs[:3] == [*CHATS, "plain words"]
+    tok = ByteTokenizer()
+    tok.chat_template = BYTE_CHAT
+    data = pack_documents(docs, tok, 16, seed=0)
+    b = data.batch(np.arange(len(data)))
+    targets = b["targets"][b["loss_mask"] == 1]
+    assert set(targets.tolist()) <= {c + tok.offset for c in b"hi there again one two three plain words\n"} | {2}
+    assert not {b + tok.offset for b in b"<>ABCDEFGHIJKLMNOPQRSTUVWXYZ"} & set(targets.tolist())
+    # every answer's bytes with its newline, the text's bytes with its EOS; less what the rows' cuts drop
+    trained = 6 * (sum(len(c["content"]) + 1 for chat in CHATS for c in chat if c["role"] == "assistant") + 12)
+    assert 0.7 * trained <= len(targets) <= trained
+    bad = {"bad1.jsonl": ('{"messages": [{"role": "user", "content": "x"}]}', "bad1.jsonl:1: the conversation has no "
+                          "assistant turn"),
+           "bad2.jsonl": ('{"text": "ok"}\n{"messages": [{"content": "x"}]}', r"bad2.jsonl:2: chat message 0 is not"),
+           "bad3.jsonl": ('{"messages": "hi"}', r"bad3.jsonl:1: expected an object with a string field 'text' \(a "
+                          r"text\) or a list field 'messages'")}  # fmt: skip
+    for name, (text, error) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=error):
+            read_documents([tmp_path / name])
+    with pytest.raises(ValueError, match=r"tokenizer \(byte-level\) has no chat template"):
+        pack_documents(docs, ByteTokenizer(), 16)
 
 
 def test_embedded_corpus_needs_no_download():
@@ -291,6 +331,18 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--workdir", str(tmp_path / "other"), "--mesh", "data=2,fdsp=4"]) == 2
     assert "unknown axis 'fdsp' (the axes are data, fsdp, tensor, expert)" in capsys.readouterr().err
+    # chat data: the byte tokenizer has no template of its own; --chat-template gives one, and goes with --export
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": c}) for c in CHATS * 20))
+    (tmp_path / "chat.jinja").write_text(BYTE_CHAT)
+    chat = [*args[:3], str(tmp_path / "chat.jsonl"), *args[4:5], str(tmp_path / "chat"), *args[6:]]
+    assert main(chat) == 2
+    assert "the tokenizer (byte-level) has no chat template" in capsys.readouterr().err
+    assert main([*chat, "--chat-template", str(tmp_path / "chat.jinja"), "--export", str(tmp_path / "out")]) == 0
+    assert "exported the trained model" in capsys.readouterr().out
+    exported = load_tokenizer(tmp_path / "out")
+    assert exported.chat_template == BYTE_CHAT and encode_chat(exported, CHATS[1][:1]) == TOK.encode(
+        "<user>COUNT\n<assistant>", add_bos=False
+    )
 
 
 def test_cli_finetunes_a_checkpoint_and_exports_it(tmp_path, capsys, test_config):

@@ -5,6 +5,10 @@ Documents are tokenised (BOS ... EOS), shuffled once with the seed, concatenated
 never crosses documents) and ``positions`` (restarting at 0 in each document). Targets are the next token
 inside the same document; the first token of a new document is never a target of the previous one.
 
+A document may also be a conversation (a ``.jsonl`` line ``{"messages": [{"role": ..., "content": ...}, ...]}``,
+as chat finetuning sets are written): it is rendered in the tokenizer's chat template, and only the assistant's
+turns are targets (``target_mask``), so the model learns to answer, not to write the prompts.
+
 Every epoch visits the rows in a fresh permutation of ``(seed, epoch)``. The iterator's whole state is
 ``{"epoch", "index"}``: saved with a checkpoint, it resumes the exact same batch sequence. The packed
 rows are held in memory (this loader is for small-scale research corpora, up to a few hundred million
@@ -31,6 +35,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
 
 
+# A document: a text, or a conversation (a list of {"role", "content"} messages).
+Document = str | list[dict]
+
+
 def embedded_corpus() -> list[str]:
     """A corpus that ships with Python itself: the ~80 topics of the language reference (about 0.5 MB of
     English), as used by ``help()``. Needs no download."""
@@ -39,12 +47,17 @@ def embedded_corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> list[str]:
-    """Read documents: a ``.jsonl`` file gives one document per line (its ``text_field``); any other file is
-    read as plain UTF-8 text, one document per file."""
+def read_documents(
+    paths: Sequence[str | Path], *, text_field: str = "text", messages_field: str = "messages"
+) -> list[Document]:
+    """Read documents: a ``.jsonl`` file gives one document per line, its ``text_field`` (a text) or its
+    ``messages_field`` (a conversation, which must have an assistant turn); any other file is read as plain
+    UTF-8 text, one document per file."""
+    from step3_jax.tokenizer import check_messages
+
     if not paths:
         raise ValueError("no data files given")
-    docs: list[str] = []
+    docs: list[Document] = []
     for p in map(Path, paths):
         if p.is_dir():
             raise ValueError(f"data path {p} is a folder: give its files (e.g. {p}/*.jsonl)")
@@ -62,12 +75,25 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> 
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{p}:{n}: expected an object with a string field {text_field!r}")
-                docs.append(record[text_field])
+                if isinstance(record, dict) and isinstance(record.get(text_field), str):
+                    docs.append(record[text_field])
+                elif isinstance(record, dict) and isinstance(record.get(messages_field), list):
+                    messages = record[messages_field]
+                    try:
+                        check_messages(messages)
+                    except ValueError as e:
+                        raise ValueError(f"{p}:{n}: {e}") from None
+                    if not any(m["role"] == "assistant" for m in messages):
+                        raise ValueError(f"{p}:{n}: the conversation has no assistant turn to train on")
+                    docs.append(messages)
+                else:
+                    raise ValueError(
+                        f"{p}:{n}: expected an object with a string field {text_field!r} (a text) or a list field "
+                        f"{messages_field!r} (a conversation)"
+                    )
         else:
             docs.append(text)
-    docs = [d for d in docs if d.strip()]
+    docs = [d for d in docs if not isinstance(d, str) or d.strip()]
     if not docs:
         raise ValueError(f"the data files {[str(p) for p in paths]} contain no text")
     return docs
@@ -75,11 +101,13 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> 
 
 @dataclasses.dataclass
 class PackedDataset:
-    """Packed rows: tokens, segment_ids, positions, each int32 ``[rows, seq_len + 1]``."""
+    """Packed rows: tokens, segment_ids, positions, each int32 ``[rows, seq_len + 1]``; ``target_mask`` (bool, same
+    shape, or None for all True): whether a token is ever a target (False for the prompt side of conversations)."""
 
     tokens: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
+    target_mask: np.ndarray | None = None
 
     @property
     def seq_len(self) -> int:
@@ -89,33 +117,48 @@ class PackedDataset:
         return self.tokens.shape[0]
 
     def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Inputs/targets for the given row indices. ``loss_mask`` is 0 where the target starts a new document."""
+        """Inputs/targets for the given row indices. ``loss_mask`` is 0 where the target starts a new document or
+        is not a target (``target_mask``)."""
         tok, seg, pos = self.tokens[rows], self.segment_ids[rows], self.positions[rows]
+        mask = seg[:, 1:] == seg[:, :-1]
+        if self.target_mask is not None:
+            mask &= self.target_mask[rows][:, 1:]
         return {
             "input_ids": tok[:, :-1],
             "targets": tok[:, 1:],
             "segment_ids": seg[:, :-1],
             "positions": pos[:, :-1],
-            "loss_mask": (seg[:, 1:] == seg[:, :-1]).astype(np.float32),
+            "loss_mask": mask.astype(np.float32),
         }
 
 
 def pack_documents(
-    docs: Iterable[str], tokenizer: Tokenizer, seq_len: int, *, seed: int = 0, vocab_size: int | None = None
+    docs: Iterable[Document], tokenizer: Tokenizer, seq_len: int, *, seed: int = 0, vocab_size: int | None = None
 ) -> PackedDataset:
-    """Tokenise, shuffle (by ``seed``) and pack documents into rows of ``seq_len + 1`` tokens."""
+    """Tokenise, shuffle (by ``seed``) and pack documents into rows of ``seq_len + 1`` tokens. Conversations are
+    rendered in the tokenizer's chat template (:func:`~step3_jax.tokenizer.encode_chat_for_training`: it writes
+    its own special tokens; only assistant turns are targets); texts get BOS ... EOS."""
+    from step3_jax.tokenizer import encode_chat_for_training
+
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    token_docs = []
+    token_docs, target_docs = [], []
     for d in docs:
-        ids = list(tokenizer.encode(d))
-        if tokenizer.eos_id is not None:
-            ids.append(tokenizer.eos_id)
+        if isinstance(d, str):
+            ids = list(tokenizer.encode(d))
+            if tokenizer.eos_id is not None:
+                ids.append(tokenizer.eos_id)
+            targets = np.ones(len(ids), bool)
+        else:
+            ids, flags = encode_chat_for_training(tokenizer, d)
+            targets = np.asarray(flags, bool)
         token_docs.append(np.asarray(ids, np.int32))
+        target_docs.append(targets)
     if not token_docs:
         raise ValueError("no documents to pack")
     order = np.random.default_rng(seed).permutation(len(token_docs))
     tokens = np.concatenate([token_docs[i] for i in order])
+    targets = np.concatenate([target_docs[i] for i in order])
     if vocab_size is not None and tokens.max() >= vocab_size:
         raise ValueError(f"token id {int(tokens.max())} does not fit the model's vocab_size {vocab_size}")
     segs = np.concatenate([np.full(len(token_docs[i]), j, np.int32) for j, i in enumerate(order)])
@@ -130,7 +173,10 @@ def pack_documents(
     # self-contained set of documents (the first may be a suffix of a longer one).
     segs = segs[:cut].reshape(rows, row)
     pos = pos - np.where(segs == segs[:, :1], pos[:, :1], 0)
-    return PackedDataset(tokens[:cut].reshape(rows, row), segs, pos.astype(np.int32))
+    target_mask = None if targets.all() else targets[:cut].reshape(rows, row)
+    if target_mask is not None and not target_mask[:, 1:].any():
+        raise ValueError(f"no assistant token falls in the {rows} packed rows: nothing to train on")
+    return PackedDataset(tokens[:cut].reshape(rows, row), segs, pos.astype(np.int32), target_mask)
 
 
 class BatchIterator:

@@ -568,7 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", metavar="DIR",
                     help="at the end, write the trained model (LoRA: merged into the base) to DIR as a Hugging Face "
                     "checkpoint, with --init-from's tokenizer files")  # fmt: skip
-    ap.add_argument("--data", nargs="*", default=None, help="text or .jsonl files (default: the embedded corpus)")
+    ap.add_argument("--data", nargs="*", default=None,
+                    help='text or .jsonl files, one {"text": ...} or {"messages": [...]} (a conversation: only '
+                    "its assistant turns are trained) per line (default: the embedded corpus)")  # fmt: skip
+    ap.add_argument("--chat-template", metavar="FILE",
+                    help="render conversations with this Jinja chat template (default: the tokenizer's own); "
+                    "--export writes it as chat_template.jinja")  # fmt: skip
     ap.add_argument("--workdir", default="runs/tiny", help="checkpoints, metrics.jsonl, loss.png")
     ap.add_argument("--mesh", default="", help="mesh axes, e.g. data=2,expert=4 (default: one device)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
@@ -607,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             from step3_jax.tokenizer import ByteTokenizer
 
             config, tokenizer = get_preset(args.preset), ByteTokenizer()
+        if args.chat_template:
+            tokenizer.chat_template = _read_text(args.chat_template, "--chat-template")
         data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
         trainer = Trainer(config, tc, data, mesh=mesh, workdir=workdir, base_model=base, lora=lora)
         if args.resume and not trainer.restore():
@@ -636,13 +643,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{trainer.skipped} steps skipped; checkpoints in {workdir / 'checkpoints'}; curve {workdir / 'loss.png'}"
         )
     if export is not None:
-        _export(trainer, export, args.init_from, base.config.param_dtype if base is not None else None)
+        dtype = base.config.param_dtype if base is not None else None
+        _export(trainer, export, args.init_from, dtype, tokenizer.chat_template if args.chat_template else None)
     return 0
 
 
-def _export(trainer: Trainer, folder: Path, source: str | None, dtype: str | None) -> None:
+def _read_text(path: str, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} is not a file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _export(
+    trainer: Trainer, folder: Path, source: str | None, dtype: str | None, chat_template: str | None = None
+) -> None:
     """The trained model as a Hugging Face checkpoint in ``folder`` (float weights in ``dtype``, default as
-    trained), with the tokenizer files of ``source`` (the checkpoint it was finetuned from), if any."""
+    trained), with the tokenizer files of ``source`` (the checkpoint it was finetuned from), if any, and
+    ``chat_template`` (the one it was trained with) as chat_template.jinja."""
     import shutil
 
     from step3_jax.checkpoint import save_pretrained
@@ -654,6 +675,9 @@ def _export(trainer: Trainer, folder: Path, source: str | None, dtype: str | Non
         if (src / name).is_file():
             shutil.copyfile(src / name, folder / name)
             copied.append(name)
+    if chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        copied = [n for n in copied if n != "chat_template.jinja"] + ["chat_template.jinja (--chat-template)"]
     also = f" (and {', '.join(copied)})" if copied else ""
     print(f"exported the trained model to {folder}{also}")
 

@@ -8,6 +8,7 @@ from step3_jax.checkpoint.hf import (
     load_tensors,
     read_hf_config,
     save_pretrained,
+    set_checkpoint_folder,
 )
 from step3_jax.checkpoint.hf_keys import from_hf_layout, hf_name, hf_shapes, to_hf_layout
 
@@ -22,5 +23,6 @@ __all__ = [
     "load_tensors",
     "read_hf_config",
     "save_pretrained",
+    "set_checkpoint_folder",
     "to_hf_layout",
 ]

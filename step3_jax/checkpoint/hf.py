@@ -685,7 +685,7 @@ def load_pretrained(
     for p, var in nnx.to_flat_state(state):
         var.set_value(values.pop(tuple(p)))
     model = nnx.merge(graphdef, state)
-    _SOURCES[model] = report.folder
+    set_checkpoint_folder(model, report.folder)
     return model
 
 
@@ -700,6 +700,16 @@ def checkpoint_folder(model) -> Path | None:
         return _SOURCES.get(model)
     except TypeError:  # (not weakly referable)
         return None
+
+
+def set_checkpoint_folder(model, folder) -> None:
+    """Record that ``model`` (a model, or anything that runs one, such as an AFD runner) holds the weights of the
+    checkpoint in ``folder``, so that :func:`checkpoint_folder` (and so the engine's tokenizer) finds it. Held
+    weakly: forgotten with ``model``. ``folder=None`` forgets it."""
+    if folder is None:
+        _SOURCES.pop(model, None)
+    else:
+        _SOURCES[model] = Path(folder)
 
 
 # ---------------------------------------------------------------------- saving
