@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import sys
 import time
 
@@ -46,8 +45,9 @@ import numpy as np
 from flax import nnx
 
 from infer import afd
-from infer.bench_decode import _git_commit, timeit
+from infer.bench_decode import timeit
 from infer.cli import positive_int
+from pallas_kernels.bench_common import git_commit, write_json
 from step3_jax import cost_model as cm
 from step3_jax.config import STEP3, Step3Config
 from step3_jax.init_rng import init_key
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "jax": jax.__version__,
             "device": f"{device.device_kind} ({device.platform})",
-            "commit": _git_commit(),
+            "commit": git_commit(),
             "small": small,
             "kv_dtype": kv_dtypes[0],
             "attention_by_kv_dtype": attention,
@@ -495,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage_budget_us": budget,
             "estimates": estimates(fits, hardware, wire),
         }
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report)
         return report
 
     write_report()

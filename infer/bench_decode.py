@@ -6,6 +6,10 @@ one MFA attention layer (projections included) at batch 64 and 8K context agains
     python -m infer.bench_decode --small --out /tmp/bench_decode.json   # CPU: scaled-down widths, tiny sizes
     python -m infer.bench_decode --engine ...   # also the engine's decode step against the bare step
 
+The one-MFA-layer rows (issue #6's figures) come first, then the decode-step grid; ``--budget-s`` skips the grid's
+remaining rows once that many seconds have passed since the process started, and the JSON is rewritten after every
+row, so a run under a time limit keeps what it measured.
+
 What one decode step runs is exactly the engine's: ``Step3ForCausalLM`` over a ``PagedKVCache`` (shuffled pages,
 every row at the same context), the MFA decode dispatcher (the Mosaic GPU kernel on a GPU) and the sampler.
 The KV pages hold random values (the contents do not change the work). "full-model TPOT" scales the slice's step
@@ -26,9 +30,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
+import functools
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,6 +42,7 @@ from flax import nnx
 
 from infer.cli import positive_int
 from infer.sampling import request_keys, sample
+from pallas_kernels.bench_common import Budget, git_commit, write_json
 from step3_jax import kv_cache as kvc
 from step3_jax.config import STEP3, Step3Config
 from step3_jax.model import create_model
@@ -113,7 +117,7 @@ def bench_decode_step(model, batch: int, ctx: int, page_size: int, kv_dtype: str
     seeds = jnp.arange(batch, dtype=jnp.uint32)
     zeros_f, zeros_i, ones_f = jnp.zeros((batch,)), jnp.zeros((batch,), jnp.int32), jnp.ones((batch,))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1,))  # the pool is updated in place, as in the engine
     def step(state, pool, tokens):
         cache = kvc.PagedKVCache(pool["k"], pool["v"], pool["k_scale"], pool["v_scale"], table, start)
         logits, cache = nnx.merge(graphdef, state)(tokens[:, None], cache=cache)
@@ -139,7 +143,7 @@ def bench_attention_layer(model, batch: int, ctx: int, page_size: int, kv_dtype:
     x = (0.5 * jax.random.normal(jax.random.key(1), (batch, 1, d), jnp.float32)).astype(model.config.dtype)
     pos = start[:, None]
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(2, 3, 4, 5))  # the layer's pages are updated in place
     def attn(lstate, x, k, v, ks, vs):
         paged = kvc.PagedLayer(k=k, v=v, k_scale=ks, v_scale=vs, block_table=table)
         h, _, paged = nnx.merge(graphdef, lstate).attention(x, pos, paged, start)
@@ -183,15 +187,6 @@ def bench_engine(model, batch: int, ctx: int, page_size: int, kv_dtype: str, new
             "engine_step_seconds": step, "bare_step_seconds": bare, "host_overhead": step / bare - 1}  # fmt: skip
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except Exception:  # noqa: BLE001 - no git here: unknown
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infer.bench_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="narrow widths and tiny sizes (CPU)")
@@ -206,18 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=positive_int, default=None, help="timed calls per repeat")
     ap.add_argument("--engine", action="store_true",
                     help="also time the continuous-batching engine's decode steps against the bare step")  # fmt: skip
-    ap.add_argument("--out", default="bench_decode.json", help="JSON report path")
+    ap.add_argument("--out", default="bench_decode.json", help="JSON report path (rewritten after every row)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds from the process start after which the remaining decode-step rows are skipped "
+                    "(recorded as skipped), so a run under a time limit ends with its report")  # fmt: skip
     args = ap.parse_args(argv)
 
     small = args.small
     layers = args.layers or 2
-    batches = [int(b) for b in (args.batches or ("1,8" if small else "1,16,64,128")).split(",")]
-    contexts = [int(c) for c in (args.contexts or ("128,512" if small else "1024,4096,8192")).split(",")]
+    # (a GPU step of the full-width slice compiles ~20 Mosaic GPU kernels: the default grid is what fits the
+    # bench_gpu time limit; --batches / --contexts ask for more)
+    batches = [int(b) for b in (args.batches or ("1,8" if small else "64,1,128")).split(",")]
+    contexts = [int(c) for c in (args.contexts or ("128,512" if small else "8192,4096")).split(",")]
     page_size = args.page_size or (16 if small else 64)
     iters = args.iters or (3 if small else 20)
     attn_batch, attn_ctx = (8, 512) if small else (64, 8192)
     config = slice_config(small, layers, fp8=not args.no_fp8)
     device = jax.devices()[0]
+    budget = Budget(args.budget_s)
     print(
         f"decode benchmark: {'small (narrow widths) ' if small else 'Step-3 widths, '}{layers} layers "
         f"(hidden {config.hidden_size}, {config.num_attention_heads} heads x {config.head_dim}, "
@@ -227,68 +228,85 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = create_model(config, seed=0)
     moe_layers = len(config.moe_layers_enum)
-    rows = []
-    print(f"\n{'KV':>6} {'batch':>6} {'context':>8} {'step ms':>9} {'tokens/s':>10} {'per layer us':>13} "
-          f"{'est. 61-layer TPOT ms':>22}")  # fmt: skip
-    for kv_dtype in ("bfloat16", "float8_e4m3fn"):
-        for ctx in contexts:
-            for b in batches:
-                t = bench_decode_step(model, b, ctx, page_size, kv_dtype, iters)
-                per_layer = t / layers
-                row = {
-                    "kv_dtype": kv_dtype,
-                    "batch": b,
-                    "context": ctx,
-                    "step_seconds": t,
-                    "tokens_per_second": b / t,
-                    "per_layer_seconds": per_layer,
-                    # the release has 5 dense + 56 MoE layers; the slice's mix differs, so this is a rough scale
-                    "estimated_full_tpot_seconds": per_layer * FULL_LAYERS,
-                    "slice_moe_layers": moe_layers,
-                }
-                rows.append(row)
-                label = KV_LABEL[kv_dtype]
-                print(f"{label:>6} {b:>6} {ctx:>8} {t * 1e3:>9.2f} {b / t:>10.1f} {per_layer * 1e6:>13.0f} "
-                      f"{per_layer * FULL_LAYERS * 1e3:>22.1f}")  # fmt: skip
-
-    proj = "FP8" if config.quantization else "BF16"
-    print(f"\none MFA attention layer ({proj} projections included), batch {attn_batch}, context {attn_ctx}:")
-    attention = []
-    for kv_dtype in ("bfloat16", "float8_e4m3fn"):
-        t = bench_attention_layer(model, attn_batch, attn_ctx, page_size, kv_dtype, iters)
-        paper = PAPER_MFA_LAYER_US.get(attn_ctx)
-        entry = {"kv_dtype": kv_dtype, "batch": attn_batch, "context": attn_ctx, "seconds": t,
-                 "paper_h800_us": paper, "target_h200_us": TARGET_US[kv_dtype] if not small else None}  # fmt: skip
-        attention.append(entry)
-        cmp = f"  (paper, H800: {paper:.0f} us; target on H200: <= {TARGET_US[kv_dtype]:.0f} us)" if not small else ""
-        print(f"  {kv_dtype:>14} KV: {t * 1e6:10.1f} us{cmp}")
-    if small:
-        print("  (small widths on this device: not comparable with Table 9's 281 us at batch 64, 8K on H800)")
-    engine = None
-    if args.engine:
-        eb, ectx, new = (8, 128, 16) if small else (64, 1024, 32)
-        engine = bench_engine(model, eb, ectx, page_size, "bfloat16", new, iters)
-        step_ms, bare_ms = engine["engine_step_seconds"] * 1e3, engine["bare_step_seconds"] * 1e3
-        print(f"\nengine (continuous batching), batch {eb}, {ectx}-token prompts, {new} new tokens, bf16 KV: "
-              f"{step_ms:.2f} ms per decode step against {bare_ms:.2f} ms for the bare step "
-              f"(host overhead {engine['host_overhead']:+.0%})")  # fmt: skip
-
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax": jax.__version__,
         "device": f"{device.device_kind} ({device.platform})",
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "small": small,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if not isinstance(v, tuple) or len(v) < 8},
         "page_size": page_size,
-        "decode": rows,
-        "attention_layer": attention,
-        **({"engine": engine} if engine else {}),
+        "attention_layer": [],
+        "decode": [],
     }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+
+    # issue #6's figure first: one MFA attention layer (the report is written after every row, so a run stopped
+    # by its time limit keeps what it measured)
+    proj = "FP8" if config.quantization else "BF16"
+    print(f"\none MFA attention layer ({proj} projections included), batch {attn_batch}, context {attn_ctx}:")
+    for kv_dtype in ("bfloat16", "float8_e4m3fn"):
+        paper = PAPER_MFA_LAYER_US.get(attn_ctx)
+        entry = {"kv_dtype": kv_dtype, "batch": attn_batch, "context": attn_ctx,
+                 "paper_h800_us": paper, "target_h200_us": TARGET_US[kv_dtype] if not small else None}  # fmt: skip
+        try:
+            entry["seconds"] = t = bench_attention_layer(model, attn_batch, attn_ctx, page_size, kv_dtype, iters)
+            cmp = "" if small else f"  (paper, H800: {paper:.0f} us; target on H200: <= {TARGET_US[kv_dtype]:.0f} us)"
+            print(f"  {kv_dtype:>14} KV: {t * 1e6:10.1f} us{cmp}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one failure must not lose the other rows
+            entry["error"] = _short_error(e)
+            print(f"  {kv_dtype:>14} KV: error {entry['error']}", flush=True)
+        report["attention_layer"].append(entry)
+        write_json(args.out, report)
+    if small:
+        print("  (small widths on this device: not comparable with Table 9's 281 us at batch 64, 8K on H800)")
+
+    print(f"\n{'KV':>6} {'batch':>6} {'context':>8} {'step ms':>9} {'tokens/s':>10} {'per layer us':>13} "
+          f"{'est. 61-layer TPOT ms':>22}")  # fmt: skip
+    for ctx in contexts:
+        for b in batches:
+            for kv_dtype in ("bfloat16", "float8_e4m3fn"):
+                label = KV_LABEL[kv_dtype]
+                row = {"kv_dtype": kv_dtype, "batch": b, "context": ctx, "slice_moe_layers": moe_layers}
+                if budget.over():
+                    row["error"] = f"skipped: over the --budget-s of {budget.seconds:g} s"
+                    print(f"{label:>6} {b:>6} {ctx:>8}  {row['error']}", flush=True)
+                    report["decode"].append(row)
+                    continue
+                try:
+                    t = bench_decode_step(model, b, ctx, page_size, kv_dtype, iters)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = _short_error(e)
+                    print(f"{label:>6} {b:>6} {ctx:>8}  error {row['error']}", flush=True)
+                    report["decode"].append(row)
+                    write_json(args.out, report)
+                    continue
+                per_layer = t / layers
+                # the release has 5 dense + 56 MoE layers; the slice's mix differs, so the full TPOT is a rough scale
+                row.update(step_seconds=t, tokens_per_second=b / t, per_layer_seconds=per_layer,
+                           estimated_full_tpot_seconds=per_layer * FULL_LAYERS)  # fmt: skip
+                report["decode"].append(row)
+                write_json(args.out, report)
+                print(f"{label:>6} {b:>6} {ctx:>8} {t * 1e3:>9.2f} {b / t:>10.1f} {per_layer * 1e6:>13.0f} "
+                      f"{per_layer * FULL_LAYERS * 1e3:>22.1f}", flush=True)  # fmt: skip
+
+    if args.engine:
+        eb, ectx, new = (8, 128, 16) if small else (64, 1024, 32)
+        engine = bench_engine(model, eb, ectx, page_size, "bfloat16", new, iters)
+        report["engine"] = engine
+        step_ms, bare_ms = engine["engine_step_seconds"] * 1e3, engine["bare_step_seconds"] * 1e3
+        print(f"\nengine (continuous batching), batch {eb}, {ectx}-token prompts, {new} new tokens, bf16 KV: "
+              f"{step_ms:.2f} ms per decode step against {bare_ms:.2f} ms for the bare step "
+              f"(host overhead {engine['host_overhead']:+.0%})")  # fmt: skip
+    report["elapsed_s"] = budget.elapsed()
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
-    return 0
+    failed = [r for r in report["attention_layer"] + report["decode"] if "error" in r and "skipped" not in r["error"]]
+    return 1 if failed else 0
+
+
+def _short_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ def render_mfa_decode(data: dict) -> list[str]:
         lines += [f"Read ceiling measured in the same run (`jnp.sum`): {ceiling / 1e12:.2f} TB/s.", ""]
     rows = []
     for r in data["rows"]:
-        err = r.get("error")
         rows.append(
             [
                 f"{r['batch']} x {r['context']}",
@@ -64,7 +63,7 @@ def render_mfa_decode(data: dict) -> list[str]:
                 _fmt(r.get("tb_s"), ".2f"),
                 "-" if r.get("frac_ceiling") is None else f"{100 * r['frac_ceiling']:.0f}%",
                 _fmt(r.get("rel_err"), ".1e"),
-                (err or "").replace("|", "/")[:80],
+                _note(r),
             ]
         )
     header = ["B x context", "KV", "implementation", "time us", "TB/s", "of ceiling", "rel err", "note"]
@@ -75,12 +74,12 @@ def render_fp8_gmm(data: dict) -> list[str]:
     lines = _heading("FP8 grouped GEMM (`pallas_kernels.bench_fp8_gmm`)", _meta(data))
     ceilings = data.get("ceilings") or {}
     if ceilings:
-        lines += ["Ceilings measured in the same run: " + ", ".join(f"{k} {v:.3g}" for k, v in ceilings.items()), ""]
+        lines += ["Ceilings measured in the same run: " + ", ".join(f"{k} {_cell(v)}" for k, v in ceilings.items()), ""]
     rows = [
         [
-            r["gemm"],
-            str(r["tokens"]),
-            str(r["rows"]),
+            r.get("gemm", "-"),  # (a row of a failure before its shape was known has only variant and note)
+            str(r.get("tokens", "-")),
+            str(r.get("rows", "-")),
             r["variant"],
             _fmt(r.get("time_us"), ".1f"),
             _fmt(r.get("TFLOPs"), ".1f"),
@@ -101,27 +100,29 @@ def render_decode(data: dict) -> list[str]:
             r["kv_dtype"],
             str(r["batch"]),
             str(r["context"]),
-            f"{1e3 * r['step_seconds']:.2f}",
-            f"{r['tokens_per_second']:.0f}",
-            f"{1e6 * r['per_layer_seconds']:.0f}",
-            f"{1e3 * r['estimated_full_tpot_seconds']:.1f}",
+            _scaled(r.get("step_seconds"), 1e3, ".2f"),
+            _fmt(r.get("tokens_per_second"), ".0f"),
+            _scaled(r.get("per_layer_seconds"), 1e6, ".0f"),
+            _scaled(r.get("estimated_full_tpot_seconds"), 1e3, ".1f"),
+            _note(r),
         ]
         for r in data["decode"]
     ]
-    header = ["KV", "batch", "context", "step ms", "tokens/s", "per layer us", "est. 61-layer TPOT ms"]
+    header = ["KV", "batch", "context", "step ms", "tokens/s", "per layer us", "est. 61-layer TPOT ms", "note"]
     lines += _table(header, rows) + [""]
     rows = [
         [
             r["kv_dtype"],
             str(r["batch"]),
             str(r["context"]),
-            f"{1e6 * r['seconds']:.1f}",
+            _scaled(r.get("seconds"), 1e6, ".1f"),
             _fmt(r.get("paper_h800_us"), ".0f"),
             _fmt(r.get("target_h200_us"), ".0f"),
+            _note(r),
         ]
         for r in data["attention_layer"]
     ]
-    header = ["KV", "batch", "context", "one MFA layer us", "paper (H800) us", "target (H200) us"]
+    header = ["KV", "batch", "context", "one MFA layer us", "paper (H800) us", "target (H200) us", "note"]
     lines += _table(header, rows)
     if data.get("engine"):
         e = data["engine"]
@@ -147,6 +148,15 @@ def render_generic(data: dict) -> list[str]:
 
 # Benchmarks rendered by render_generic (their JSON names itself with a "benchmark" field).
 TITLES = {"afd_layers": "AFD attention / FFN per-layer step times (`infer.bench_afd_layers`)"}
+
+
+def _scaled(value, factor: float, spec: str) -> str:
+    return "-" if value is None else format(value * factor, spec)
+
+
+def _note(r: dict) -> str:
+    """A row's error (or skip reason), safe inside a table cell."""
+    return (r.get("error") or "").replace("|", "/")[:80]
 
 
 def _cell(v) -> str:
@@ -227,12 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sections: dict[str, str] = {}
     sources: dict[str, Path] = {}
+    broken = []  # (the others are still rendered and written: one bad file loses no other table)
     for path, data in results:
         try:
             name, body = render(data)
         except (KeyError, TypeError, ValueError) as e:
             print(f"error: {path} is not a complete benchmark result ({type(e).__name__}: {e})", file=sys.stderr)
-            return 2
+            broken.append(path)
+            continue
         print(f"<!-- from {path} -->\n{body}")
         if args.update and _meta(data)["cpu"] and not args.allow_cpu:
             print(f"error: {path} is a CPU smoke run; not writing it into {args.update}", file=sys.stderr)
@@ -242,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         sections[name], sources[name] = body, path
-    if args.update:
+    if args.update and sections:
         try:
             args.update.write_text(update_markdown(args.update.read_text(), sections))
         except (OSError, ValueError) as e:
             print(f"error: {args.update}: {e}", file=sys.stderr)
             return 2
         print(f"updated {', '.join(sections)} in {args.update}", file=sys.stderr)
-    return 0
+    return 2 if broken else 0
 
 
 if __name__ == "__main__":

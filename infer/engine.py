@@ -64,7 +64,7 @@ from infer.sampling import SamplingParams, param_rows, request_keys, sample, tok
 from step3_jax import kv_cache as kvc
 from step3_jax.checkpoint import checkpoint_folder
 from step3_jax.model import Step3ForCausalLM
-from step3_jax.tokenizer import ByteTokenizer, StreamDecoder, load_tokenizer
+from step3_jax.tokenizer import ByteTokenizer, StreamDecoder, encode_chat, load_tokenizer
 
 if TYPE_CHECKING:
     from infer.afd import AFDRunner
@@ -442,7 +442,9 @@ class Engine:
     # ------------------------------------------------------------------ submission
 
     def validate(self, prompt, params=None) -> tuple[list[int], SamplingParams]:
-        """Check one request; returns (prompt ids, SamplingParams) or raises ValueError naming the bad field."""
+        """Check one request; returns (prompt ids, SamplingParams) or raises ValueError naming the bad field.
+        ``prompt``: text, token ids, or a conversation (``[{"role": "user", "content": ...}, ...]``, rendered in the
+        tokenizer's chat template up to the assistant's turn prompt, :func:`~step3_jax.tokenizer.encode_chat`)."""
         if params is None:
             params = SamplingParams()
         elif isinstance(params, Mapping):
@@ -463,6 +465,10 @@ class Engine:
             if not prompt:
                 raise ValueError("prompt is empty: it needs at least one token")
             ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a conversation but the engine has no tokenizer to render it")
+            ids = encode_chat(self.tokenizer, prompt)  # (ValueError: no chat template, or a malformed message)
         elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
             ids = list(prompt.tolist() if isinstance(prompt, np.ndarray) else prompt)
             for t in ids:
@@ -470,7 +476,9 @@ class Engine:
                     raise ValueError(f"prompt token ids must be ints, got {type(t).__name__} {t!r}")
             ids = [int(t) for t in ids]
         else:
-            raise ValueError(f"prompt must be text or a sequence of token ids, got {type(prompt).__name__}")
+            raise ValueError(
+                f"prompt must be text, a sequence of token ids or a list of chat messages, got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError("prompt is empty: it needs at least one token")
         bad = [t for t in ids if not 0 <= t < vocab]

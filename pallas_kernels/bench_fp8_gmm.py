@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import subprocess
 import sys
 import time
 import traceback
@@ -36,6 +35,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import fp8_gmm
+from pallas_kernels.bench_common import Budget, git_commit, write_json
 from step3_jax.quant import dequantize_activations, dequantize_blockwise, quantize_activations, quantize_blockwise
 
 f32 = jnp.float32
@@ -94,13 +94,6 @@ def timeit(fn, *args, reps: int = 5) -> tuple[float, object]:
         jax.block_until_ready(o)
         times.append((time.perf_counter() - t0) / inner)
     return float(np.median(times)), out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def dot_nt(a, b):
@@ -214,8 +207,17 @@ def peer_fns(small: bool, interpret_cfg):
     return fns
 
 
-def run(problem: Problem, small: bool, reps: int, out_path: str | None, budget_s: float) -> dict:
-    t_start = time.time()
+# What a peer's figure means, where it is not what its name says.
+PEER_NOTES = {
+    # (XLA's GPU rewriter turns ragged_dot into a dense dot over a masked copy of the rows: every expert's weights
+    # against every row, ~E x the useful FLOPs; the TFLOP/s column counts the useful ones)
+    "xla_ragged_bf16": "XLA: dense masked dot over all experts",
+    "mgpu_fp8_noscale": "no scales, fp8 out",
+}
+
+
+def run(problem: Problem, small: bool, reps: int, out_path: str | None, budget_s: float | None) -> dict:
+    budget = Budget(budget_s)
     dev = jax.devices()[0]
     num_sms = int(getattr(dev, "core_count", 132) or 132)
     if small:
@@ -269,7 +271,7 @@ def run(problem: Problem, small: bool, reps: int, out_path: str | None, budget_s
 
             # ours: every candidate tiling; the best one is the "fp8_gmm" row
             best = None
-            over_budget = time.time() - t_start > budget_s
+            over_budget = budget.over()
             for cfg in configs[:1] if over_budget else configs:
                 name = config_name(cfg)
                 try:
@@ -301,7 +303,7 @@ def run(problem: Problem, small: bool, reps: int, out_path: str | None, budget_s
                 try:
                     t, out = timeit(jax.jit(fn), x_q, x_s_t, x_bf16, w_q, w_s, w_bf16, gs, reps=reps)
                     err = rel_err(out, ref_rows, ref) if compare else None
-                    record(name, t, err, note="" if compare else "no scales, fp8 out", weight_bytes=wbytes)
+                    record(name, t, err, note=PEER_NOTES.get(name, ""), weight_bytes=wbytes)
                     del out
                 except Exception as e:  # noqa: BLE001
                     record(name, note=short_error(e))
@@ -315,30 +317,45 @@ def run(problem: Problem, small: bool, reps: int, out_path: str | None, budget_s
                     record(name, t, note="dense, one weight matrix", weight_bytes=jnp.dtype(dt).itemsize / used)
                 except Exception as e:  # noqa: BLE001
                     record(name, note=short_error(e))
-            if out_path:
-                write(report, out_path)
+            write_json(out_path, report)
         del w_q, w_s, w_bf16
 
-    ffn_rows(problem, small, reps, report, ours_impl, configs[0])
-    report["elapsed_s"] = time.time() - t_start
-    if out_path:
-        write(report, out_path)
+    ffn_rows(problem, small, reps, report, ours_impl, configs[0], budget, out_path)
+    report["elapsed_s"] = budget.elapsed()
+    write_json(out_path, report)
     return report
 
 
-def ffn_rows(problem: Problem, small: bool, reps: int, report: dict, impl: str, cfg) -> None:
-    """The whole FP8 expert FFN (gate|up fused) per token count; on --small also its error vs the BF16 path."""
+def ffn_rows(
+    problem: Problem, small: bool, reps: int, report: dict, impl: str, cfg, budget: Budget, out_path: str | None
+) -> None:
+    """The whole FP8 expert FFN (gate|up fused) per token count; on --small also its error vs the BF16 path.
+    Past the time budget the remaining token counts are recorded as skipped."""
     e, d, f = problem.experts, problem.hidden, problem.ffn
     key = jax.random.key(1)
+
+    def skip(tokens: int) -> None:
+        r = {"gemm": "ffn", "tokens": tokens, "rows": tokens * problem.top_k, "variant": "ffn_fp8",
+             "note": "skipped: over the time budget"}  # fmt: skip
+        report["results"].append(r)
+        print(format_row(r), flush=True)
+
+    if budget.over():
+        for tokens in problem.tokens:
+            skip(tokens)
+        return
     try:
         kg, kd = jax.random.split(key)
         gu_q, gu_s, _ = make_weights(kg, e, 2 * f, d)
         dn_q, dn_s, _ = make_weights(kd, e, d, f)
     except Exception as ex:  # noqa: BLE001
-        report["results"].append({"variant": "ffn_fp8", "note": short_error(ex)})
+        report["results"].append({"gemm": "ffn", "variant": "ffn_fp8", "note": short_error(ex)})
         return
     rng = np.random.default_rng(1)
     for tokens in problem.tokens:
+        if budget.over():
+            skip(tokens)
+            continue
         logits = rng.normal(size=(tokens, e)) + rng.normal(0, 0.8, e)
         probs = jax.nn.softmax(jnp.asarray(logits, f32), -1)
         weights, ids = lax.top_k(probs, problem.top_k)
@@ -359,11 +376,7 @@ def ffn_rows(problem: Problem, small: bool, reps: int, report: dict, impl: str, 
             r = dict(base, variant="ffn_fp8", note=short_error(ex))
         report["results"].append(r)
         print(format_row(r), flush=True)
-
-
-def write(report: dict, path: str) -> None:
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=1)
+        write_json(out_path, report)
 
 
 HEADER = (
@@ -399,7 +412,9 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="tiny shapes; the kernel runs in interpret mode (CPU)")
     p.add_argument("--tokens", type=int, nargs="*", help="token counts (default: 4096 1024 256 64)")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=300.0, help="after this, sweep no more tilings, skip XLA")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="seconds from the process start after which no more tilings are swept and the XLA peer and "
+                   "the FFN rows are skipped (the report is written after every shape)")  # fmt: skip
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     problem = SMALL if args.small else STEP3

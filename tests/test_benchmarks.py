@@ -34,14 +34,30 @@ def test_gpu_benchmark_script_runs_end_to_end_at_cpu_sizes(tmp_path):
     assert all(f"<!-- from {tmp_path / n}.json -->" in report for n in names), report[:2000]
 
 
+def test_benchmark_budget_counts_from_the_process_start_and_reports_are_replaced_whole(tmp_path):
+    from pallas_kernels.bench_common import Budget, process_age_s, write_json
+
+    assert Budget(0).over() and not Budget(None).over() and not Budget(1e9).over()
+    assert 0 < process_age_s() < 24 * 3600  # (this process has run the tests before this one)
+    path = tmp_path / "r.json"
+    write_json(path, {"rows": [1]})
+    write_json(path, {"rows": [1, 2]})
+    assert json.loads(path.read_text()) == {"rows": [1, 2]} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
 def test_decode_benchmark_times_the_engine_against_the_bare_step(tmp_path):
     """``infer.bench_decode --engine``: the continuous-batching engine's decode step next to the bare jitted step
     at the same batch and context (the engine's host overhead), in the JSON and the report."""
     from infer import bench_decode, bench_report
 
     out = tmp_path / "decode.json"
-    assert bench_decode.main(["--small", "--engine", "--batches", "1", "--contexts", "128", "--out", str(out)]) == 0
-    engine = json.loads(out.read_text())["engine"]
+    args = ["--small", "--engine", "--batches", "1", "--contexts", "128", "--budget-s", "0", "--out", str(out)]
+    assert bench_decode.main(args) == 0
+    result = json.loads(out.read_text())
+    # past the budget (0 s) the decode-step rows are recorded as skipped; the attention layer and engine still run
+    assert [r["error"] for r in result["decode"]] == ["skipped: over the --budget-s of 0 s"] * 2
+    assert all(r["seconds"] > 0 for r in result["attention_layer"]) and not out.with_suffix(".json.partial").exists()
+    engine = result["engine"]
     assert engine["batch"] == 8 and engine["context"] == 128 and engine["new_tokens"] == 16
     assert engine["engine_step_seconds"] > 0 and engine["bare_step_seconds"] > 0
     assert engine["host_overhead"] == engine["engine_step_seconds"] / engine["bare_step_seconds"] - 1

@@ -103,6 +103,35 @@ def test_bench_report_names_a_bad_file(tmp_path, capsys):
     assert "are both mfa_decode results" in capsys.readouterr().err and "old" in doc.read_text()
 
 
+def test_bench_report_renders_failed_and_skipped_rows_and_keeps_the_good_files(tmp_path, capsys):
+    """What a GPU run can write when something fails: a ceiling that could not be measured (its error as a
+    string), a row of a failure before its shape was known, decode rows skipped past the time budget. They render
+    as notes in their tables; and a broken file beside good ones fails the run without losing the good tables."""
+    gpu = {"date": "2026-01-01T00:00:00+00:00", "jax": "0.11.2", "commit": "abc1234", "small": False}
+    ceilings = {"fp8_tflops": 1200.5, "bf16_tflops_error": "XlaRuntimeError"}
+    gmm = dict(gpu, device="gpu: NVIDIA H200", ceilings=ceilings,
+               results=[{"gemm": "gate_up", "tokens": 64, "rows": 192, "variant": "fp8_gmm", "time_us": 50.0},
+                        {"gemm": "ffn", "variant": "ffn_fp8", "note": "RESOURCE_EXHAUSTED: no memory"}])  # fmt: skip
+    name, text = bench_report.render(gmm)
+    assert name == "fp8_gmm" and "bf16_tflops_error XlaRuntimeError" in text and "RESOURCE_EXHAUSTED" in text
+    decode = dict(gpu, device="NVIDIA H200 (gpu)", attention_layer=[
+        {"kv_dtype": "bfloat16", "batch": 64, "context": 8192, "seconds": 2e-4, "paper_h800_us": 281.0},
+        {"kv_dtype": "float8_e4m3fn", "batch": 64, "context": 8192, "error": "ValueError: bad | thing"}],
+        decode=[{"kv_dtype": "bfloat16", "batch": 1, "context": 4096, "error": "skipped: over budget"}])  # fmt: skip
+    name, text = bench_report.render(decode)
+    lines = text.splitlines()
+    assert name == "decode" and "200.0" in next(line for line in lines if line.startswith("| bfloat16 | 64"))
+    assert "bad / thing" in next(line for line in lines if line.startswith("| float8_e4m3fn | 64"))
+    assert "skipped: over budget" in text
+    (tmp_path / "gmm.json").write_text(json.dumps(gmm))
+    (tmp_path / "mfa.json").write_text(json.dumps(dict(MFA, rows=[{"batch": 1}])))
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- bench:fp8_gmm -->\nold\n<!-- /bench:fp8_gmm -->\n")
+    assert bench_report.main([str(tmp_path), "--update", str(doc)]) == 2
+    assert "mfa.json is not a complete benchmark result" in capsys.readouterr().err
+    assert "old" not in doc.read_text() and "ffn_fp8" in doc.read_text()
+
+
 def test_benchmarks_page_has_a_block_for_every_benchmark_in_the_gpu_script():
     script = (ROOT / "scripts" / "bench_gpu").read_text()
     names = re.findall(r"^bench (\w+) ", script, re.M)

@@ -459,6 +459,8 @@ BAD_REQUESTS = [
     ([1, 2], {"stop_token_ids": (999,)}, r"outside the vocabulary \[0, 263\)"),
     ([1, 2], {"temprature": 0.5}, "unknown sampling parameter"),
     ([1, 999], None, r"outside \[0, 263\)"),
+    ([{"role": "user", "content": "hi"}], None, r"tokenizer \(byte-level\) has no chat template"),
+    ({"role": "user"}, None, "prompt must be text, a sequence of token ids or a list of chat messages, got dict"),
 ]
 
 
@@ -482,6 +484,22 @@ def test_bad_requests_are_rejected_per_request_while_others_continue(engine):
         assert out.finish_reason == "error" and out.token_ids == [] and re_search(msg, out.error)
     with pytest.raises(ValueError, match="prompt 1: .*prompt is empty"):
         engine.generate(["hi", ""], SamplingParams(max_new_tokens=2))
+
+
+def test_a_conversation_prompt_is_rendered_in_the_chat_template(engine, monkeypatch):
+    """A prompt given as chat messages runs as the ids ``encode_chat`` gives (up to the assistant's turn prompt);
+    a malformed message is refused by position."""
+    from step3_jax.tokenizer import encode_chat
+
+    monkeypatch.setattr(engine.tokenizer, "chat_template", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                        "\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    params = SamplingParams(max_new_tokens=4)
+    out = engine.generate_outputs([chat], params)[0]
+    assert out.prompt_ids == engine.tokenizer.encode("<system>be brief\n<user>hi\n<assistant>", add_bos=False)
+    assert out.token_ids == alone(engine, encode_chat(engine.tokenizer, chat), params)
+    with pytest.raises(ValueError, match="chat message 1 is not a"):
+        engine.submit([chat[0], {"content": "no role"}])
 
 
 def test_fp8_kv_pages_default_to_what_the_gpu_decode_kernel_takes():

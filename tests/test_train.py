@@ -14,7 +14,7 @@ from flax import nnx
 from step3_jax import create_model, make_mesh
 from step3_jax.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
 from train import lora
-from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents
+from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents, split_documents
 from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, lr_schedule, main, run
 
 TOK = ByteTokenizer()
@@ -91,6 +91,39 @@ def test_conversations_are_packed_with_only_the_answers_as_targets(tmp_path):
             read_documents([tmp_path / name])
     with pytest.raises(ValueError, match=r"tokenizer \(byte-level\) has no chat template"):
         pack_documents(docs, ByteTokenizer(), 16)
+
+
+def test_held_out_evaluation_scores_every_row_once(test_config):
+    """``Trainer.evaluate``: the mean cross-entropy per target token over every held-out row, in micro-batches
+    whose last one is filled up with masked rows (which count for nothing: the mean over 9 rows is the token-weighted
+    mean of the first 8 and the 9th alone); ``run`` records it every ``eval_every`` steps and at the end, and it
+    falls as the model learns. ``split_documents`` holds whole documents out, by seed."""
+    from train.data import PackedDataset
+
+    tc = small_tc(eval_every=2)
+    held_out = pack_documents(DOCS * 3, TOK, tc.seq_len, seed=5)
+    assert len(held_out) > tc.batch_size
+
+    def rows(index):
+        return PackedDataset(held_out.tokens[index], held_out.segment_ids[index], held_out.positions[index])
+
+    trainer = Trainer(test_config, tc, data_for(tc), eval_data=rows(np.arange(9)))
+    nine, eight, ninth = trainer.evaluate(), trainer.evaluate(rows(np.arange(8))), trainer.evaluate(rows([8]))
+    assert nine["eval_tokens"] == eight["eval_tokens"] + ninth["eval_tokens"] == int(rows(np.arange(9)).batch(
+        np.arange(9))["loss_mask"].sum())  # fmt: skip
+    weighted = (eight["eval_loss"] * eight["eval_tokens"] + ninth["eval_loss"] * ninth["eval_tokens"]) / (
+        nine["eval_tokens"]
+    )
+    np.testing.assert_allclose(nine["eval_loss"], weighted, rtol=1e-5)
+    before = nine
+    history = run(trainer, progress=False)
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+    assert history[-1]["eval_loss"] < before["eval_loss"]
+    train_docs, eval_docs = split_documents([str(i) for i in range(10)], 0.3, seed=1)
+    assert len(eval_docs) == 3 and sorted(train_docs + eval_docs, key=int) == [str(i) for i in range(10)]
+    assert split_documents([str(i) for i in range(10)], 0.3, seed=1) == (train_docs, eval_docs)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        split_documents(["only one"], 0.5)
 
 
 def test_embedded_corpus_needs_no_download():
@@ -323,10 +356,15 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
         "--compute-dtype",
         "float32",
     ]
-    assert main(args) == 0
+    assert main([*args, "--eval-fraction", "0.25", "--eval-every", "2"]) == 0
     out = capsys.readouterr().out
     assert "final loss" in out and (tmp_path / "run" / "loss.png").exists()
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert re.search(r"\d+ held-out rows", out) and re.search(r"eval loss \d+\.\d+ \(perplexity", out)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and ["eval_loss" in r for r in records] == [False, True, True]
+    with pytest.raises(SystemExit):
+        main([*args, "--eval-fraction", "1.5"])
+    assert "--eval-fraction must be in [0, 1)" in capsys.readouterr().err
     assert main(args) == 2  # checkpoints exist and no --resume
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--workdir", str(tmp_path / "other"), "--mesh", "data=2,fdsp=4"]) == 2

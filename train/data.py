@@ -99,6 +99,22 @@ def read_documents(
     return docs
 
 
+def split_documents(docs: Sequence[Document], fraction: float, *, seed: int = 0) -> tuple[list, list]:
+    """(training documents, held-out documents): ``fraction`` of them (at least one), chosen by ``seed``, held
+    out whole, so no held-out text is ever trained on. ``ValueError`` if either side would be empty."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    n_eval = max(1, round(fraction * len(docs)))
+    if n_eval >= len(docs):
+        raise ValueError(
+            f"holding out {fraction:g} of {len(docs)} document(s) leaves none to train on: give more documents, or "
+            f"held-out files of their own"
+        )
+    order = np.random.default_rng((seed, 1)).permutation(len(docs))
+    held = set(order[:n_eval].tolist())
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
 @dataclasses.dataclass
 class PackedDataset:
     """Packed rows: tokens, segment_ids, positions, each int32 ``[rows, seq_len + 1]``; ``target_mask`` (bool, same

@@ -40,7 +40,14 @@ from step3_jax.model import SCALE_SUFFIX, Step3ForCausalLM, count_params, create
 from step3_jax.quant import FP8_DTYPE
 from step3_jax.sharding import DEFAULT_RULES, ShardingRules, mesh_from_spec
 from train import lora as lora_lib
-from train.data import BatchIterator, PackedDataset, embedded_corpus, pack_documents, read_documents
+from train.data import (
+    BatchIterator,
+    PackedDataset,
+    embedded_corpus,
+    pack_documents,
+    read_documents,
+    split_documents,
+)
 from train.lora import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,7 @@ class TrainConfig:
     keep: int = 3
     max_bad_steps: int = 5
     log_every: int = 10
+    eval_every: int = 0  # with held-out data: evaluate every this many steps (0: only after the last step)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "keep", "max_bad_steps", "log_every"):
@@ -88,8 +96,8 @@ class TrainConfig:
             )
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"TrainConfig.compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
-        if self.warmup_steps < 0 or self.save_every < 0:
-            raise ValueError("TrainConfig.warmup_steps and save_every must be >= 0")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.eval_every < 0:
+            raise ValueError("TrainConfig.warmup_steps, save_every and eval_every must be >= 0")
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -188,6 +196,16 @@ def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: in
     return total, {"loss": ce, "aux_loss": aux, "z_loss": z, "expert_load": load}
 
 
+def eval_sums(trainable, frozen, graphdef, batch, tc: TrainConfig, combine=_full_params):
+    """(sum of the target tokens' cross-entropy, number of target tokens) of one batch: the model in ``tc``'s
+    compute dtype, as the training loss sees it, without the router losses."""
+    params = combine(trainable, frozen)
+    model = nnx.merge(graphdef, _to_compute_dtype(params, jnp.dtype(tc.compute_dtype)))
+    logits, _ = forward_with_router(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    return jnp.sum(ce * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -264,12 +282,17 @@ class Trainer:
         workdir: str | Path | None = None,
         base_model: Step3ForCausalLM | None = None,
         lora: LoraConfig | None = None,
+        eval_data: PackedDataset | None = None,
     ):
         """Train ``model_config`` from scratch, or from ``base_model``'s weights (e.g. ``load_pretrained``);
         with ``lora``, only LoRA adapters on ``base_model`` (or a fresh model) are trained. A block-FP8 model
-        (``quantization="fp8"``) trains LoRA adapters only; its FP8 targets are dequantised on the fly."""
-        if data.seq_len != train_config.seq_len:
-            raise ValueError(f"data rows have seq_len {data.seq_len}, the train config says {train_config.seq_len}")
+        (``quantization="fp8"``) trains LoRA adapters only; its FP8 targets are dequantised on the fly.
+        ``eval_data``: held-out rows that :meth:`evaluate` (and :func:`run`, every ``eval_every`` steps) scores."""
+        for what, rows in (("data", data), ("eval_data", eval_data)):
+            if rows is not None and rows.seq_len != train_config.seq_len:
+                raise ValueError(
+                    f"{what} rows have seq_len {rows.seq_len}, the train config says {train_config.seq_len}"
+                )
         if train_config.seq_len > model_config.max_position_embedding:
             raise ValueError(
                 f"seq_len {train_config.seq_len} exceeds the model's max_position_embedding "
@@ -281,6 +304,7 @@ class Trainer:
                 "adapters on it (lora=LoraConfig(...)), or train a float copy (load_pretrained(..., quantization=None))"
             )
         self.tc, self.data, self.mesh, self.rules, self.lora = train_config, data, mesh, rules, lora
+        self.eval_data = eval_data
         self.workdir = Path(workdir) if workdir is not None else None
         if base_model is not None:
             if base_model.config != model_config:
@@ -327,6 +351,7 @@ class Trainer:
             make_train_step(self.graphdef, self.tx, train_config, self.model_config.moe_num_experts, combine),
             donate_argnums=(0, 1),
         )
+        self._eval_fn = jax.jit(lambda p, f, b: eval_sums(p, f, self.graphdef, b, train_config, combine))
         self.manager = None
         if self.workdir is not None:
             self.manager = ocp.CheckpointManager(
@@ -433,6 +458,24 @@ class Trainer:
             self.save()
         return metrics
 
+    def evaluate(self, data: PackedDataset | None = None) -> dict[str, float]:
+        """Mean cross-entropy per target token over every row of ``data`` (default: the trainer's ``eval_data``),
+        and its perplexity, with the current parameters. Rows go through in micro-batches of the training step's
+        size; the last is filled up with masked rows, so every row counts exactly once."""
+        data = self.eval_data if data is None else data
+        if data is None:
+            raise ValueError("no evaluation data: pass eval_data to the Trainer, or data to evaluate()")
+        rows = self.tc.batch_size // self.tc.grad_accum
+        total, count = 0.0, 0.0
+        for start in range(0, len(data), rows):
+            index = np.arange(start, start + rows)
+            batch = data.batch(np.minimum(index, len(data) - 1))
+            batch["loss_mask"] = batch["loss_mask"] * (index < len(data))[:, None]
+            s, n = jax.device_get(self._eval_fn(self.params, self.frozen, self._device_batch(batch)))
+            total, count = total + float(s), count + float(n)
+        loss = total / max(count, 1.0)
+        return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 80.0))), "eval_tokens": int(count)}
+
     def close(self) -> None:
         if self.manager is not None:
             self.manager.wait_until_finished()
@@ -467,6 +510,7 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
         _drop_records_after(log_path, trainer.step)
     log_file = log_path.open("a") if log_path else None
     bar = tqdm(total=tc.steps, initial=trainer.step, disable=not progress, desc="train", dynamic_ncols=True)
+    last_eval = None
     try:
         while trainer.step < tc.steps:
             t0 = time.perf_counter()
@@ -485,14 +529,24 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
                 "mfu": (fpt * tokens / dt / (peak * n_dev)) if peak else None,
                 "expert_load": np.round(np.asarray(m["expert_load"]), 4).tolist(),
             }
+            if trainer.eval_data is not None and (
+                trainer.step == tc.steps or (tc.eval_every and trainer.step % tc.eval_every == 0)
+            ):
+                record.update(trainer.evaluate())
+                if not progress:
+                    log.info("step %d/%d: eval loss %.4f (perplexity %.4g)", trainer.step, tc.steps,
+                             record["eval_loss"], record["eval_ppl"])  # fmt: skip
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
             if on_metrics:
                 on_metrics(record)
             bar.update(1)
+            if "eval_loss" in record:
+                last_eval = record["eval_loss"]
             if trainer.step % tc.log_every == 0 or trainer.step == tc.steps:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                shown = {} if last_eval is None else {"eval": f"{last_eval:.3f}"}
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{record['tokens_per_s']:.0f}")
                 if not progress:
                     log.info(
                         "step %d/%d: loss %.4f, grad norm %.3g, lr %.3g, %.0f tokens/s", trainer.step, tc.steps,
@@ -537,6 +591,9 @@ def plot_loss(history: list[dict], path: Path | None = None):
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
     ax.plot(steps, [h["loss"] for h in history], label="cross-entropy")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -571,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", nargs="*", default=None,
                     help='text or .jsonl files, one {"text": ...} or {"messages": [...]} (a conversation: only '
                     "its assistant turns are trained) per line (default: the embedded corpus)")  # fmt: skip
+    ap.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
+                    help="held-out text / .jsonl files, scored every --eval-every steps "
+                    "(0: after the last)")  # fmt: skip
+    ap.add_argument("--eval-fraction", type=float, default=0.0,
+                    help="hold out this fraction of the --data documents (chosen by --seed) for evaluation "
+                    "instead")  # fmt: skip
     ap.add_argument("--chat-template", metavar="FILE",
                     help="render conversations with this Jinja chat template (default: the tokenizer's own); "
                     "--export writes it as chat_template.jinja")  # fmt: skip
@@ -585,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lora-rank must be >= 0 (0: train every weight), got {args.lora_rank}")
     if not args.lora_rank and (args.lora_experts or args.lora_shared_expert):
         ap.error("--lora-experts and --lora-shared-expert need --lora-rank")
+    if not 0 <= args.eval_fraction < 1:
+        ap.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.eval_fraction and args.eval_data:
+        ap.error("give --eval-data or --eval-fraction, not both")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -599,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--export {export} already holds a checkpoint; choose another folder")
         mesh = mesh_from_spec(args.mesh) if args.mesh else None
         docs = read_documents(args.data) if args.data else embedded_corpus()
+        eval_docs = read_documents(args.eval_data) if args.eval_data else None
+        if args.eval_fraction:
+            docs, eval_docs = split_documents(docs, args.eval_fraction, seed=tc.seed)
         base, what = None, f"preset {args.preset!r}"
         if args.init_from:
             from step3_jax.checkpoint import load_pretrained
@@ -615,16 +685,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat_template:
             tokenizer.chat_template = _read_text(args.chat_template, "--chat-template")
         data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
-        trainer = Trainer(config, tc, data, mesh=mesh, workdir=workdir, base_model=base, lora=lora)
+        eval_data = None
+        if eval_docs is not None:
+            try:
+                eval_data = pack_documents(eval_docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"evaluation data: {e}") from None
+        trainer = Trainer(config, tc, data, mesh=mesh, workdir=workdir, base_model=base, lora=lora, eval_data=eval_data)
         if args.resume and not trainer.restore():
             print(f"no checkpoint in {workdir}; starting from the start", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     how = f"LoRA rank {lora.rank} adapters of" if lora else "every weight of"
+    held_out = f", {len(eval_data)} held-out rows" if eval_data is not None else ""
     print(
         f"training {how} {what}: {count_params(config)['total'] / 1e6:.1f}M parameters, "
-        f"{len(data)} rows of {tc.seq_len} tokens, batch {tc.batch_size}, {tc.steps} steps"
+        f"{len(data)} rows of {tc.seq_len} tokens{held_out}, batch {tc.batch_size}, {tc.steps} steps"
     )
     try:
         history = run(trainer, progress=not args.no_progress, log_path=workdir / "metrics.jsonl")
@@ -638,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_loss(history, workdir / "loss.png")
         last = history[-1]
         mean_tps = float(np.mean([h["tokens_per_s"] for h in history[len(history) // 2 :]]))
+        evals = [h for h in history if "eval_loss" in h]
+        if evals:
+            print(f"eval loss {evals[-1]['eval_loss']:.3f} (perplexity {evals[-1]['eval_ppl']:.4g}) on "
+                  f"{evals[-1]['eval_tokens']} held-out tokens")  # fmt: skip
         print(
             f"final loss {last['loss']:.3f} (first {history[0]['loss']:.3f}); {mean_tps:.0f} tokens/s; "
             f"{trainer.skipped} steps skipped; checkpoints in {workdir / 'checkpoints'}; curve {workdir / 'loss.png'}"
