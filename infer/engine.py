@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infer.cli import stop_ids
 from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
 from step3_jax import kv_cache as kvc
 from step3_jax.checkpoint import checkpoint_folder
@@ -261,6 +262,8 @@ class Engine:
             if isinstance(tokenizer, ByteTokenizer) and mc.vocab_size < ByteTokenizer.vocab_size:
                 tokenizer = None
         self.tokenizer = tokenizer
+        # what ends a request besides its own stop tokens (unless it sets ignore_eos), as in other engines
+        self.eos_token_ids: tuple[int, ...] = stop_ids(tokenizer, mc)
         if self.afd is not None:
             mesh, rules = self.afd.attn_mesh, self.afd.rules
         else:
@@ -832,7 +835,7 @@ class Engine:
         req.logprobs.append(logprob)
         self.stats["generated_tokens"] += 1
         reason = None
-        if token in req.params.stop_token_ids:
+        if token in req.params.stop_token_ids or (not req.params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         elif len(req.output) >= req.params.max_new_tokens or req.length >= self.max_seq_len:
             reason = "length"

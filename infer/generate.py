@@ -91,7 +91,9 @@ def generate_ids(
     *,
     on_token=None,
 ) -> GenerationResult:
-    """Generate up to ``params.max_new_tokens`` tokens after each prompt (lists of token ids).
+    """Generate up to ``params.max_new_tokens`` tokens after each prompt (lists of token ids): the model-level
+    reference (a contiguous cache, every prompt in one batch). A sequence ends only at ``params.stop_token_ids``:
+    this takes no tokenizer, so unlike the engine it adds no end-of-sequence token of its own.
 
     ``on_token(step, tokens)`` is called with the numpy array of the batch's new tokens after every step.
     """

@@ -30,6 +30,9 @@ class SamplingParams:
     seed: int = 0
     max_new_tokens: int = 32
     stop_token_ids: tuple[int, ...] = ()
+    # the engine also ends a request at its end-of-sequence token(s) (the tokenizer's, else the model config's),
+    # unless this is set (then only stop_token_ids and max_new_tokens end it)
+    ignore_eos: bool = False
 
     def __post_init__(self):
         t = self.temperature
@@ -61,6 +64,8 @@ class SamplingParams:
                     f"{s!r} in {self.stop_token_ids!r}"
                 )
         object.__setattr__(self, "stop_token_ids", stops)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

@@ -372,7 +372,9 @@ def test_500_requests_under_load_all_complete_once_with_bounded_memory(model):
     pool_shapes = [x.shape for x in eng._pool["k"]]
     rng = random.Random(7)
     reqs = [
-        (random_prompt(rng, rng.randint(1, 20)), SamplingParams(max_new_tokens=rng.randint(1, 16))) for _ in range(500)
+        # (ignore_eos: every request runs to its own length, the load this test sets up)
+        (random_prompt(rng, rng.randint(1, 20)), SamplingParams(max_new_tokens=rng.randint(1, 16), ignore_eos=True))
+        for _ in range(500)
     ]
     schedule = {}
     for i, r in enumerate(reqs):  # 25 waves of 20 arrivals, every 10 steps
@@ -484,6 +486,21 @@ def test_bad_requests_are_rejected_per_request_while_others_continue(engine):
         assert out.finish_reason == "error" and out.token_ids == [] and re_search(msg, out.error)
     with pytest.raises(ValueError, match="prompt 1: .*prompt is empty"):
         engine.generate(["hi", ""], SamplingParams(max_new_tokens=2))
+
+
+def test_requests_end_at_the_end_of_sequence_token_unless_told_to_ignore_it(engine, monkeypatch):
+    """As in other engines, a request ends ("stop") at the tokenizer's EOS without naming it in stop_token_ids;
+    ``ignore_eos=True`` runs it on to max_new_tokens."""
+    assert engine.eos_token_ids == (engine.tokenizer.eos_id,)
+    free = engine.generate_outputs([[1, 40, 41]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    monkeypatch.setattr(engine, "eos_token_ids", (free.token_ids[2],))  # (what this random model writes third)
+    first = free.token_ids.index(free.token_ids[2])
+    stopped = engine.generate_outputs([[1, 40, 41]], SamplingParams(max_new_tokens=8))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: first + 1]
+    again = engine.generate_outputs([[1, 40, 41]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    assert again.finish_reason == "length" and again.token_ids == free.token_ids
+    with pytest.raises(ValueError, match="ignore_eos must be True or False"):
+        SamplingParams(ignore_eos="yes")
 
 
 def test_a_conversation_prompt_is_rendered_in_the_chat_template(engine, monkeypatch):
