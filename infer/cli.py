@@ -78,9 +78,12 @@ def load_checkpoint(args: argparse.Namespace, mesh=None):
 
 
 def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
-    """Stop tokens: the tokenizer's end-of-sequence id if it has one, else the config's, within the vocabulary."""
-    eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None) or tuple(config.eos_token_ids)
-    return tuple(i for i in eos if i < config.vocab_size)
+    """Stop tokens: the tokenizer's end-of-generation ids (its EOS, and a checkpoint's generation_config.json
+    list) if it has any, else the config's ``eos_token_id``, within the vocabulary."""
+    eos = getattr(tokenizer, "eos_ids", None)
+    if eos is None:
+        eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None)
+    return tuple(i for i in (tuple(eos) or config.eos_token_ids) if i < config.vocab_size)
 
 
 def check_fits_context(longest: int, max_new_tokens: int, config: Step3Config) -> None:

@@ -23,6 +23,7 @@ class ByteTokenizer:
     offset = 3
     vocab_size = 256 + offset
     chat_template: str | None = None  # (none built in; a checkpoint folder's chat_template.jinja, or set one)
+    eos_ids = (eos_id,)  # every token that ends a generation
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
@@ -59,6 +60,14 @@ class HFTokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = True  # tokenizer_config.json's add_bos_token, when it says
         self.chat_template: str | None = None  # Jinja source (tokenizer_config.json / chat_template.jinja)
+        # more tokens that end a generation (generation_config.json's eos_token_id list: e.g. an end-of-turn token)
+        self.extra_eos_ids: tuple[int, ...] = ()
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generation: ``eos_id`` and generation_config.json's ``eos_token_id`` (an id or a
+        list of them, as chat models list their end-of-turn token there), each once."""
+        return tuple(dict.fromkeys(i for i in (self.eos_id, *self.extra_eos_ids) if i is not None))
 
     @property
     def vocab_size(self) -> int:
@@ -291,7 +300,8 @@ def _read_json_object(path: Path) -> dict:
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteTokenizer:
     """The tokenizer of a checkpoint folder: its ``tokenizer.json`` if it has one, else the built-in
-    :class:`ByteTokenizer` (also for ``path=None``), either with the folder's chat template if it has one."""
+    :class:`ByteTokenizer` (also for ``path=None``), either with the folder's chat template if it has one; an HF
+    tokenizer also takes the end-of-generation ids of generation_config.json (``eos_ids``)."""
     if path is None:
         return ByteTokenizer()
     folder = Path(path)
@@ -326,4 +336,9 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> HFTokenizer | ByteT
             if ids.get(name) is None and f"{name}_token" not in tc and isinstance(value, int):
                 ids[name] = value
     tok.bos_id, tok.eos_id, tok.pad_id = ids.get("bos"), ids.get("eos"), ids.get("pad")
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        value = _read_json_object(gen_path).get("eos_token_id")
+        values = value if isinstance(value, list) else [value]
+        tok.extra_eos_ids = tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0)
     return tok

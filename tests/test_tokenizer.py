@@ -207,3 +207,13 @@ def test_tokenizer_files_are_read_as_transformers_reads_them(tmp_path):
     assert neox_like.encode("hello") == tok.encode("hello")
     template = "{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
     assert render_chat(template, [{"role": "user", "content": "hi"}]) == "[hi]"
+    # generation_config.json's eos_token_id list (a chat model's end-of-turn token) ends generations too
+    from infer.cli import stop_ids
+    from step3_jax import get_preset
+
+    eos = neox_like.eos_id
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 7, 9000]}))
+    chat_like = load_tokenizer(tmp_path)
+    assert chat_like.eos_ids == (eos, 7, 9000)
+    assert stop_ids(chat_like, get_preset("test")) == (eos, 7)  # (within the test model's vocabulary of 263)
+    assert stop_ids(ByteTokenizer(), get_preset("test")) == (2,)
