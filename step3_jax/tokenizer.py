@@ -224,8 +224,8 @@ def _chat_setup(tokenizer) -> tuple[str, dict]:
 
 def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[list[int], list[bool]]:
     """A whole conversation's token ids in the tokenizer's chat template, with a per-token flag: True for the
-    tokens the model should learn to write (every ``assistant`` turn, up to and including its last end-of-turn
-    (``eos_id``) token), False for the rest (system and user turns, the assistant's turn prompt, tool results).
+    tokens the model should learn to write (every ``assistant`` turn, up to and including its last end-of-generation
+    token, ``eos_ids``), False for the rest (system and user turns, the assistant's turn prompt, tool results).
     No BOS is added: the template writes its own.
 
     The template is rendered turn by turn (each assistant turn's prompt with ``add_generation_prompt``), and each
@@ -235,7 +235,7 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
     reasoning): such a template cannot be split into turns this way."""
     template, specials = _chat_setup(tokenizer)
     check_messages(messages)
-    eos = getattr(tokenizer, "eos_id", None)
+    eos = set(getattr(tokenizer, "eos_ids", None) or (getattr(tokenizer, "eos_id", None),)) - {None}
     ids: list[int] = []
     flags: list[bool] = []
     done = ""
@@ -251,7 +251,8 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
         ids.extend(piece)
         # an answer is trained up to its last end-of-turn (eos) token: what the template writes after it (a
         # newline before the next turn) is not the model's to write
-        end = len(piece) - piece[::-1].index(eos) if trained and eos in piece else len(piece) if trained else 0
+        ends = [n + 1 for n, t in enumerate(piece) if t in eos]
+        end = (ends[-1] if ends else len(piece)) if trained else 0
         flags.extend([True] * end + [False] * (len(piece) - end))
         done = text
 

@@ -171,6 +171,15 @@ def test_conversations_for_training_mark_exactly_the_assistant_turns(tmp_path):
     multi = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
              {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]  # fmt: skip
     assert render_chat(parts, multi) == "ab|<call>|"
+    # a template that ends turns with another special token: trained up to it when generation_config.json lists it
+    tok.chat_template = CHAT_TEMPLATE.replace("{{ eos_token }}", "<unk>")
+    unk = tok.token_to_id("<unk>")
+    answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "brown dog"}]
+    ids, flags = encode_chat_for_training(tok, answer)
+    assert tok.decode([i for i, f in zip(ids, flags, strict=True) if f]) == "brown dog\n"  # (no end token known)
+    tok.extra_eos_ids = (unk,)
+    ids, flags = encode_chat_for_training(tok, answer)
+    assert [i for i, f in zip(ids, flags, strict=True) if f][-1] == unk and not flags[-1]  # (the newline after it)
     tok.chat_template = "{{ messages[-1]['content'] }}"  # only the last turn: earlier turns are rewritten
     with pytest.raises(ValueError, match="does not render message 1 as a continuation"):
         encode_chat_for_training(tok, chat)
