@@ -521,6 +521,8 @@ class Engine:
     def _reject(self, request_id: str, prompt, error: str) -> RequestOutput:
         now = self.clock()
         ids = list(prompt) if isinstance(prompt, (list, tuple)) else []
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            ids = []  # (a conversation, or ids that were not ints: no prompt ids to report)
         out = RequestOutput(request_id, ids, [], None, "error", error=error, arrival_time=now, finish_time=now)
         self.stats["rejected"] += 1
         self._pending_events.append(StreamEvent(request_id, None, "", True, out))

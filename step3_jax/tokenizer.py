@@ -4,10 +4,12 @@ template (``encode_chat``)."""
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class ByteTokenizer:
-    """pad = 0, bos = 1, eos = 2, byte b -> b + 3 (vocab 259). Needs a model with vocab_size >= 259."""
+    """pad = 0, bos = 1, eos = 2, byte b -> b + 3 (vocab 259). Needs a model with vocab_size >= 259.
+
+    The special tokens are written ``<pad>``, ``<s>`` and ``</s>``: in text (a chat template's ``{{ eos_token }}``)
+    they encode as their ids, as a Hugging Face tokenizer's special tokens do, and decode to nothing."""
 
     pad_id = 0
     bos_id = 1
@@ -24,10 +29,36 @@ class ByteTokenizer:
     vocab_size = 256 + offset
     chat_template: str | None = None  # (none built in; a checkpoint folder's chat_template.jinja, or set one)
     eos_ids = (eos_id,)  # every token that ends a generation
+    SPECIAL_TOKENS = {"<pad>": pad_id, "<s>": bos_id, "</s>": eos_id}
+    _SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        ids = [b + self.offset for b in text.encode("utf-8")]
+        ids = self.encode_with_offsets(text)[0]
         return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` (no BOS) and the character each token starts at."""
+        ids: list[int] = []
+        offsets: list[int] = []
+        pos = 0
+        for match in [*self._SPECIAL.finditer(text), None]:
+            end = match.start() if match else len(text)
+            for j in range(pos, end):
+                data = text[j].encode("utf-8", errors="surrogatepass")
+                ids += [b + self.offset for b in data]
+                offsets += [j] * len(data)
+            if match:
+                ids.append(self.SPECIAL_TOKENS[match.group()])
+                offsets.append(match.start())
+                pos = match.end()
+        return ids, offsets
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.SPECIAL_TOKENS.get(token)
+
+    def id_to_token(self, i: int | None) -> str | None:
+        """The special tokens' strings (the chat template's ``bos_token`` / ``eos_token``); None for bytes."""
+        return {v: k for k, v in self.SPECIAL_TOKENS.items()}.get(i)
 
     def decode(self, ids) -> str:
         data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.offset + 256)
@@ -85,6 +116,11 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` (no BOS) and the character each token starts at."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [start for start, _ in enc.offsets]
 
 
 class StreamDecoder:
@@ -192,6 +228,8 @@ def render_chat(template: str, messages: Sequence[Mapping], *, add_generation_pr
         )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template: {e}") from e
+    except Exception as e:  # noqa: BLE001 - e.g. a template that adds a string to the messages' content-part list
+        raise ValueError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
 
 
 def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt: bool = True) -> list[int]:
@@ -228,32 +266,28 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
     token, ``eos_ids``), False for the rest (system and user turns, the assistant's turn prompt, tool results).
     No BOS is added: the template writes its own.
 
-    The template is rendered turn by turn (each assistant turn's prompt with ``add_generation_prompt``), and each
-    new piece of text is tokenised on its own, so no token spans two turns (with the usual templates, whose turns
-    meet at special tokens, the ids equal those of encoding the whole text).
-    ``ValueError`` if the template rewrites earlier turns as the conversation grows (e.g. one that drops earlier
-    reasoning): such a template cannot be split into turns this way."""
+    The ids are those of the whole rendered text (``encode_chat(..., add_generation_prompt=False)``): the template
+    is rendered turn by turn (each assistant turn's prompt with ``add_generation_prompt``) only to find where each
+    turn's text begins, and a token belongs to the turn its first character is in (a tokenizer's character
+    offsets). ``ValueError`` if the template rewrites earlier turns as the conversation grows (e.g. one that drops
+    earlier reasoning): such a template cannot be split into turns this way."""
     template, specials = _chat_setup(tokenizer)
     check_messages(messages)
     eos = set(getattr(tokenizer, "eos_ids", None) or (getattr(tokenizer, "eos_id", None),)) - {None}
-    ids: list[int] = []
-    flags: list[bool] = []
+    starts: list[int] = []  # where each turn's text begins, and whether it is an answer
+    trained: list[bool] = []
     done = ""
 
-    def extend(text: str, i: int, trained: bool) -> None:
+    def extend(text: str, i: int, answer: bool) -> None:
         nonlocal done
         if not text.startswith(done):
             raise ValueError(
                 f"the chat template does not render message {i} as a continuation of the messages before it "
                 f"(it rewrites earlier turns), so its assistant turns cannot be told apart for training"
             )
-        piece = tokenizer.encode(text[len(done) :], add_bos=False) if len(text) > len(done) else []
-        ids.extend(piece)
-        # an answer is trained up to its last end-of-turn (eos) token: what the template writes after it (a
-        # newline before the next turn) is not the model's to write
-        ends = [n + 1 for n, t in enumerate(piece) if t in eos]
-        end = (ends[-1] if ends else len(piece)) if trained else 0
-        flags.extend([True] * end + [False] * (len(piece) - end))
+        if len(text) > len(done):
+            starts.append(len(done))
+            trained.append(answer)
         done = text
 
     for i, m in enumerate(messages):
@@ -261,6 +295,24 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
             extend(render_chat(template, messages[:i], add_generation_prompt=True, **specials), i, False)
         turn = render_chat(template, messages[: i + 1], add_generation_prompt=False, **specials)
         extend(turn, i, m["role"] == "assistant")
+    if hasattr(tokenizer, "encode_with_offsets"):
+        ids, offsets = tokenizer.encode_with_offsets(done)
+        turn_of = [max(bisect.bisect_right(starts, o) - 1, 0) for o in offsets]
+    else:  # (a tokenizer without character offsets: each turn's text encoded on its own)
+        ids, turn_of = [], []
+        for t, (a, b) in enumerate(zip(starts, [*starts[1:], len(done)], strict=True)):
+            piece = tokenizer.encode(done[a:b], add_bos=False)
+            ids += piece
+            turn_of += [t] * len(piece)
+    flags = [trained[t] for t in turn_of]
+    # an answer is trained up to its last end-of-generation token: what the template writes after it (a newline
+    # before the next turn) is not the model's to write
+    for t in range(len(starts)):
+        mine = [n for n, k in enumerate(turn_of) if k == t]
+        ends = [n for n in mine if ids[n] in eos]
+        for n in mine:
+            if ends and n > ends[-1]:
+                flags[n] = False
     return ids, flags
 
 

@@ -508,8 +508,10 @@ def test_a_conversation_prompt_is_rendered_in_the_chat_template(engine, monkeypa
     a malformed message is refused by position."""
     from step3_jax.tokenizer import encode_chat
 
-    monkeypatch.setattr(engine.tokenizer, "chat_template", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-                        "\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    # (ChatML-style: joins each turn with +, as many templates do)
+    template = "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\n' }}{% endfor %}" \
+        "{% if add_generation_prompt %}<assistant>{% endif %}"  # fmt: skip
+    monkeypatch.setattr(engine.tokenizer, "chat_template", template)
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     params = SamplingParams(max_new_tokens=4)
     out = engine.generate_outputs([chat], params)[0]
@@ -517,6 +519,11 @@ def test_a_conversation_prompt_is_rendered_in_the_chat_template(engine, monkeypa
     assert out.token_ids == alone(engine, encode_chat(engine.tokenizer, chat), params)
     with pytest.raises(ValueError, match="chat message 1 is not a"):
         engine.submit([chat[0], {"content": "no role"}])
+    # content parts this template cannot join: that request is an error output, the others run
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    bad, good = engine.generate_outputs([parts, chat], params)
+    assert bad.finish_reason == "error" and "chat template failed on these messages: TypeError" in bad.error
+    assert bad.prompt_ids == [] and good.ok and good.token_ids == out.token_ids
 
 
 def test_fp8_kv_pages_default_to_what_the_gpu_decode_kernel_takes():

@@ -42,12 +42,13 @@ def kernel_env(workdir: Path) -> dict[str, str]:
 
 
 def test_examples_exist():
-    assert [p.name for p in NOTEBOOKS][:5] == [
+    assert [p.name for p in NOTEBOOKS][:6] == [
         "01_quickstart.ipynb",
         "02_inside_mfa.ipynb",
         "03_moe.ipynb",
         "04_afd.ipynb",
         "05_cost_model.ipynb",
+        "06_chat_finetuning.ipynb",
     ]
 
 

@@ -171,6 +171,19 @@ def test_conversations_for_training_mark_exactly_the_assistant_turns(tmp_path):
     multi = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
              {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]  # fmt: skip
     assert render_chat(parts, multi) == "ab|<call>|"
+    # SentencePiece-style "▁" only before the first word (Llama / Mistral tokenizer.json files): the ids are still
+    # those of the whole text, so the answers are trained as the model will see them after the inference prompt
+    (tmp_path / "sp").mkdir()
+    sp = _hf(tmp_path / "sp", "metaspace")
+    spec = json.loads((tmp_path / "sp" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["prepend_scheme"] = "first"
+    (tmp_path / "sp" / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "sp" / "tokenizer_config.json").write_text(json.dumps(tc))
+    sp = load_tokenizer(tmp_path / "sp")
+    ids, flags = encode_chat_for_training(sp, chat)
+    assert ids == encode_chat(sp, chat, add_generation_prompt=False)
+    answers = [sp.decode([i for i, f in zip(ids, flags, strict=True) if f and i != sp.eos_id])]
+    assert answers[0].replace(" ", "") == "thequickfoxbrowndog"
     # a template that ends turns with another special token: trained up to it when generation_config.json lists it
     tok.chat_template = CHAT_TEMPLATE.replace("{{ eos_token }}", "<unk>")
     unk = tok.token_to_id("<unk>")

@@ -93,21 +93,22 @@ def test_conversations_are_packed_with_only_the_answers_as_targets(tmp_path):
         pack_documents(docs, ByteTokenizer(), 16)
 
 
-def test_held_out_evaluation_scores_every_row_once(test_config):
+def test_held_out_evaluation_scores_every_row_once(test_config, tmp_path):
     """``Trainer.evaluate``: the mean cross-entropy per target token over every held-out row, in micro-batches
     whose last one is filled up with masked rows (which count for nothing: the mean over 9 rows is the token-weighted
     mean of the first 8 and the 9th alone); ``run`` records it every ``eval_every`` steps and at the end, and it
-    falls as the model learns. ``split_documents`` holds whole documents out, by seed."""
+    falls as the model learns; a run killed while evaluating resumes with no step's record lost (the checkpoint of
+    a step is written after its record). ``split_documents`` holds whole documents out, by seed."""
     from train.data import PackedDataset
 
-    tc = small_tc(eval_every=2)
+    tc = small_tc(eval_every=2, save_every=1)
     held_out = pack_documents(DOCS * 3, TOK, tc.seq_len, seed=5)
     assert len(held_out) > tc.batch_size
 
     def rows(index):
         return PackedDataset(held_out.tokens[index], held_out.segment_ids[index], held_out.positions[index])
 
-    trainer = Trainer(test_config, tc, data_for(tc), eval_data=rows(np.arange(9)))
+    trainer = Trainer(test_config, tc, data_for(tc), eval_data=rows(np.arange(9)), workdir=tmp_path)
     nine, eight, ninth = trainer.evaluate(), trainer.evaluate(rows(np.arange(8))), trainer.evaluate(rows([8]))
     assert nine["eval_tokens"] == eight["eval_tokens"] + ninth["eval_tokens"] == int(rows(np.arange(9)).batch(
         np.arange(9))["loss_mask"].sum())  # fmt: skip
@@ -116,8 +117,20 @@ def test_held_out_evaluation_scores_every_row_once(test_config):
     )
     np.testing.assert_allclose(nine["eval_loss"], weighted, rtol=1e-5)
     before = nine
-    history = run(trainer, progress=False)
-    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
+
+    def killed():
+        raise KeyboardInterrupt("killed while evaluating")
+
+    trainer.evaluate = killed
+    with pytest.raises(KeyboardInterrupt):
+        run(trainer, progress=False, log_path=tmp_path / "metrics.jsonl")
+    trainer.close()
+    trainer = Trainer(test_config, tc, data_for(tc), eval_data=rows(np.arange(9)), workdir=tmp_path)
+    assert trainer.restore() and trainer.step == 1  # (step 2's checkpoint was never written)
+    history = run(trainer, progress=False, log_path=tmp_path / "metrics.jsonl")
+    trainer.close()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
     assert history[-1]["eval_loss"] < before["eval_loss"]
     train_docs, eval_docs = split_documents([str(i) for i in range(10)], 0.3, seed=1)
     assert len(eval_docs) == 3 and sorted(train_docs + eval_docs, key=int) == [str(i) for i in range(10)]
@@ -164,10 +177,16 @@ def test_sharded_training_matches_single_device(test_config, axes):
 
 
 def test_grad_accumulation_matches_one_big_batch(test_config):
+    """Also when the micro-batches hold very different numbers of targets (conversations train only their
+    answers): every target token weighs the same, as in the one big batch."""
     tc = small_tc(steps=2)
-    one = run(Trainer(test_config, tc, data_for(tc)), progress=False)
-    acc = run(Trainer(test_config, dataclasses.replace(tc, grad_accum=4), data_for(tc)), progress=False)
-    np.testing.assert_allclose([h["loss"] for h in acc], [h["loss"] for h in one], rtol=1e-4)
+    tok = ByteTokenizer()
+    tok.chat_template = BYTE_CHAT
+    for data in (data_for(tc), pack_documents((CHATS + DOCS) * 8, tok, tc.seq_len, seed=0)):
+        one = run(Trainer(test_config, tc, data), progress=False)
+        acc = run(Trainer(test_config, dataclasses.replace(tc, grad_accum=4), data), progress=False)
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose([h[key] for h in acc], [h[key] for h in one], rtol=1e-4)
 
 
 def test_kill_and_resume_continues_the_same_trajectory(test_config, tmp_path):

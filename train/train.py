@@ -180,19 +180,36 @@ def _to_float32(params):
     return jax.tree.map(lambda p: p.astype(jnp.float32) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def loss_fn(trainable, frozen, graphdef, batch, tc: TrainConfig, num_experts: int, combine=_full_params, coefs=None):
+def loss_fn(
+    trainable,
+    frozen,
+    graphdef,
+    batch,
+    tc: TrainConfig,
+    num_experts: int,
+    combine=_full_params,
+    coefs=None,
+    targets: jax.Array | None = None,
+    parts: int = 1,
+):
     """``combine(trainable, frozen)`` gives the model's parameters (identity for full training, base + adapters
     for LoRA); only ``trainable`` is differentiated. ``coefs``: (load-balancing, z-loss) coefficients as arrays
-    (the train step passes them so they are not compiled in), by default ``tc``'s."""
+    (the train step passes them so they are not compiled in), by default ``tc``'s.
+
+    The cross-entropy is summed over the batch's target tokens and divided by ``targets`` (default: their count
+    here): a micro-batch of ``parts`` passes the whole batch's count, and its router losses count 1 / ``parts``,
+    so the micro-batches' losses add up to the whole batch's, however the targets fall among them (conversations
+    train only their answers, so micro-batches can hold very different numbers of targets)."""
     params = combine(trainable, frozen)
     model = nnx.merge(graphdef, _to_compute_dtype(params, jnp.dtype(tc.compute_dtype)))
     logits, router = forward_with_router(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
-    ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    count = jnp.sum(mask) if targets is None else targets
+    ce = jnp.sum(ce * mask) / jnp.maximum(count, 1.0)
     aux, z, load = balance_losses(router, num_experts)
     aux_coef, z_coef = (tc.aux_loss_coef, tc.z_loss_coef) if coefs is None else coefs
-    total = ce + aux_coef * aux + z_coef * z
+    total = ce + (aux_coef * aux + z_coef * z) / parts
     return total, {"loss": ce, "aux_loss": aux, "z_loss": z, "expert_load": load}
 
 
@@ -216,26 +233,29 @@ def make_train_step(graphdef, tx, tc: TrainConfig, num_experts: int, combine=_fu
     coefficients as float32 scalars."""
 
     def step(params, opt_state, frozen, batch, coefs):
-        def grad_fn(params, frozen, batch):
+        def grad_fn(params, frozen, batch, targets=None):
             loss = jax.value_and_grad(loss_fn, has_aux=True)
-            return loss(params, frozen, graphdef, batch, tc, num_experts, combine, coefs)
+            return loss(params, frozen, graphdef, batch, tc, num_experts, combine, coefs, targets, tc.grad_accum)
 
         if tc.grad_accum == 1:
             (_, metrics), grads = grad_fn(params, frozen, batch)
         else:
+            # every micro-batch's cross-entropy is divided by the whole batch's target count: the summed gradients
+            # are then the whole batch's (router losses: the mean over micro-batches)
+            targets = jnp.sum(batch["loss_mask"])
             micro = jax.tree.map(lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:]), batch)
 
             def body(acc, mb):
-                (_, m), g = grad_fn(params, frozen, mb)
+                (_, m), g = grad_fn(params, frozen, mb, targets)
                 return jax.tree.map(jnp.add, acc, (g, m)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             first = jax.tree.map(lambda x: x[0], micro)
-            m0 = jax.eval_shape(lambda: grad_fn(params, frozen, first)[0][1])
+            m0 = jax.eval_shape(lambda: grad_fn(params, frozen, first, targets)[0][1])
             init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0))
             (grads, metrics), _ = jax.lax.scan(body, init, micro)
-            grads = jax.tree.map(lambda g: g / tc.grad_accum, grads)
-            metrics = jax.tree.map(lambda m: m / tc.grad_accum, metrics)
+            # ("loss" is already the sum of token-weighted parts; the router metrics are averaged)
+            metrics = {k: v if k == "loss" else v / tc.grad_accum for k, v in metrics.items()}
         finite = jnp.isfinite(metrics["loss"]) & _all_finite(grads)
         updates, new_opt = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -308,7 +328,14 @@ class Trainer:
         self.workdir = Path(workdir) if workdir is not None else None
         if base_model is not None:
             if base_model.config != model_config:
-                raise ValueError("base_model.config differs from model_config")
+                diff = [
+                    f"{f.name} ({getattr(base_model.config, f.name)!r} vs {getattr(model_config, f.name)!r})"
+                    for f in dataclasses.fields(model_config)
+                    if getattr(base_model.config, f.name) != getattr(model_config, f.name)
+                ]
+                raise ValueError(
+                    f"base_model.config differs from model_config in {', '.join(diff)}: pass base_model.config"
+                )
             self.model_config = model_config
             model = base_model
             if lora is None and model_config.param_dtype != "float32":
@@ -433,7 +460,9 @@ class Trainer:
             k: jax.device_put(v, self.rules.sharding(self.mesh, ("act_batch", None), v.shape)) for k, v in batch.items()
         }
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self, *, save: bool = True) -> dict[str, Any]:
+        """One optimizer step on the next batch; its metrics. With ``save`` (the default) it then writes the
+        checkpoint when ``save_every`` says so (:func:`run` saves itself, after the step's metrics are logged)."""
         batch = self._device_batch(next(self.iterator))
         # the learning rate of this update (skipped updates do not advance the schedule), where the last one was
         hyper = self.opt_state[1].hyperparams
@@ -454,9 +483,14 @@ class Trainer:
                 )
         else:
             self.bad_in_row = 0
+        if save:
+            self.save_if_due()
+        return metrics
+
+    def save_if_due(self) -> None:
+        """Write a checkpoint if this step is one of every ``save_every`` (and there is a workdir)."""
         if self.manager is not None and self.tc.save_every and self.step % self.tc.save_every == 0:
             self.save()
-        return metrics
 
     def evaluate(self, data: PackedDataset | None = None) -> dict[str, float]:
         """Mean cross-entropy per target token over every row of ``data`` (default: the trainer's ``eval_data``),
@@ -514,7 +548,7 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
     try:
         while trainer.step < tc.steps:
             t0 = time.perf_counter()
-            m = trainer.train_step()
+            m = trainer.train_step(save=False)
             dt = time.perf_counter() - t0
             tokens = tc.batch_size * tc.seq_len
             record = {
@@ -539,6 +573,10 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            # the checkpoint of a step comes after its record (evaluation included): a run killed in between
+            # resumes from the checkpoint before, and the log is cut back to it, so no step's record is lost
+            trainer.save_if_due()
             if on_metrics:
                 on_metrics(record)
             bar.update(1)
