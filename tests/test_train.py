@@ -15,6 +15,7 @@ from step3_jax import create_model, make_mesh
 from step3_jax.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
 from train import lora
 from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents, split_documents
+from train.lora import LoraConfig
 from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, lr_schedule, main, run
 
 TOK = ByteTokenizer()
@@ -174,6 +175,11 @@ def test_sharded_training_matches_single_device(test_config, axes):
     )
     assert all(jax.tree.leaves(same))
     assert trainer._step_fn._cache_size() == 1
+    # LoRA on the mesh (the adapters replicated over it; the base sharded by the rules) = LoRA on one device
+    adapters = LoraConfig(rank=4, experts=True)
+    single = run(Trainer(config, tc, data_for(tc), lora=adapters), progress=False)
+    sharded = run(Trainer(config, tc, data_for(tc), mesh=make_mesh(**axes), lora=adapters), progress=False)
+    np.testing.assert_allclose([h["loss"] for h in sharded], [h["loss"] for h in single], rtol=1e-4)
 
 
 def test_grad_accumulation_matches_one_big_batch(test_config):

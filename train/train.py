@@ -356,6 +356,8 @@ class Trainer:
         else:
             self.frozen = state
             self.params = lora_lib.init_lora(state, lora, init_key(train_config.seed + 1))
+            if mesh is not None:  # (the adapters are small: a copy on every device of the mesh)
+                self.params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
 
             def combine(adapters, base):
                 return lora_lib.apply_lora(base, adapters, lora)
