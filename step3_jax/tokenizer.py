@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 class ByteTokenizer:
     """pad = 0, bos = 1, eos = 2, byte b -> b + 3 (vocab 259). Needs a model with vocab_size >= 259.
 
-    The special tokens are written ``<pad>``, ``<s>`` and ``</s>``: in text (a chat template's ``{{ eos_token }}``)
-    they encode as their ids, as a Hugging Face tokenizer's special tokens do, and decode to nothing."""
+    The special tokens are written ``<pad>``, ``<s>`` and ``</s>`` (a chat template's ``bos_token`` /
+    ``eos_token``): in rendered chat text (``special=True``, as :func:`encode_chat` encodes) they are their ids;
+    in any other text they are plain bytes. They decode to nothing."""
 
     pad_id = 0
     bos_id = 1
@@ -32,20 +33,25 @@ class ByteTokenizer:
     SPECIAL_TOKENS = {"<pad>": pad_id, "<s>": bos_id, "</s>": eos_id}
     _SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        ids = self.encode_with_offsets(text)[0]
+    def encode(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        ids = self.encode_with_offsets(text, special=True)[0] if special else self._bytes(text)
         return [self.bos_id, *ids] if add_bos else ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """Token ids of ``text`` (no BOS) and the character each token starts at."""
+    def _bytes(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]  # (strict: a lone surrogate is a UnicodeEncodeError)
+
+    def encode_with_offsets(self, text: str, *, special: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` (no BOS) and the character each token starts at; ``special``: the special tokens'
+        strings are their ids."""
         ids: list[int] = []
         offsets: list[int] = []
         pos = 0
-        for match in [*self._SPECIAL.finditer(text), None]:
+        matches = list(self._SPECIAL.finditer(text)) if special else []
+        for match in [*matches, None]:
             end = match.start() if match else len(text)
             for j in range(pos, end):
-                data = text[j].encode("utf-8", errors="surrogatepass")
-                ids += [b + self.offset for b in data]
+                data = self._bytes(text[j])
+                ids += data
                 offsets += [j] * len(data)
             if match:
                 ids.append(self.SPECIAL_TOKENS[match.group()])
@@ -239,6 +245,14 @@ def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt
     has no chat template (the byte-level one has none)."""
     template, specials = _chat_setup(tokenizer)
     text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
+    return _encode_rendered(tokenizer, text)
+
+
+def _encode_rendered(tokenizer, text: str) -> list[int]:
+    """Rendered chat text: the special tokens' strings the template wrote are those tokens (a Hugging Face
+    tokenizer always reads them so; the byte-level one only here)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode(text, add_bos=False, special=True)
     return tokenizer.encode(text, add_bos=False)
 
 
@@ -295,24 +309,27 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
             extend(render_chat(template, messages[:i], add_generation_prompt=True, **specials), i, False)
         turn = render_chat(template, messages[: i + 1], add_generation_prompt=False, **specials)
         extend(turn, i, m["role"] == "assistant")
-    if hasattr(tokenizer, "encode_with_offsets"):
+    if isinstance(tokenizer, ByteTokenizer):
+        ids, offsets = tokenizer.encode_with_offsets(done, special=True)
+    elif hasattr(tokenizer, "encode_with_offsets"):
         ids, offsets = tokenizer.encode_with_offsets(done)
-        turn_of = [max(bisect.bisect_right(starts, o) - 1, 0) for o in offsets]
     else:  # (a tokenizer without character offsets: each turn's text encoded on its own)
-        ids, turn_of = [], []
-        for t, (a, b) in enumerate(zip(starts, [*starts[1:], len(done)], strict=True)):
+        ids, offsets = [], []
+        for a, b in zip(starts, [*starts[1:], len(done)], strict=True):
             piece = tokenizer.encode(done[a:b], add_bos=False)
             ids += piece
-            turn_of += [t] * len(piece)
+            offsets += [a] * len(piece)
+    turn_of = [max(bisect.bisect_right(starts, o) - 1, 0) for o in offsets]
     flags = [trained[t] for t in turn_of]
     # an answer is trained up to its last end-of-generation token: what the template writes after it (a newline
     # before the next turn) is not the model's to write
-    for t in range(len(starts)):
-        mine = [n for n, k in enumerate(turn_of) if k == t]
-        ends = [n for n in mine if ids[n] in eos]
-        for n in mine:
-            if ends and n > ends[-1]:
-                flags[n] = False
+    last_end = {}
+    for n, (t, i) in enumerate(zip(turn_of, ids, strict=True)):
+        if i in eos:
+            last_end[t] = n
+    for n, t in enumerate(turn_of):
+        if t in last_end and n > last_end[t]:
+            flags[n] = False
     return ids, flags
 
 

@@ -135,6 +135,24 @@ def test_chat_template_renders_and_encodes(tmp_path):
         encode_chat(ByteTokenizer(), chat)
 
 
+def test_byte_tokenizer_special_strings_are_tokens_only_in_chat_text():
+    """``<s>`` / ``</s>`` in a user's text (HTML, say) stay bytes; in rendered chat text (what a template's
+    ``{{ eos_token }}`` writes) they are the BOS / EOS ids. Text that is not valid Unicode is refused, not
+    silently turned into invalid UTF-8."""
+    tok = ByteTokenizer()
+    text = "<s>old</s> price"
+    assert tok.encode(text, add_bos=False) == [b + 3 for b in text.encode()]
+    assert tok.decode(tok.encode(text)) == text
+    old, price = [b + 3 for b in b"old"], [b + 3 for b in b" price"]
+    assert tok.encode(text, add_bos=False, special=True) == [1, *old, 2, *price]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    # (as with a Hugging Face tokenizer, the strings count wherever they sit in the rendered text)
+    assert encode_chat(tok, [{"role": "user", "content": "a</s>"}]) == [b + 3 for b in b"a"] + [2, 2]
+    with pytest.raises(UnicodeEncodeError):
+        tok.encode("a\ud800b")
+    assert issubclass(UnicodeEncodeError, ValueError)  # (so the CLIs report it as a bad input)
+
+
 def test_conversations_for_training_mark_exactly_the_assistant_turns(tmp_path):
     """``encode_chat_for_training``: the ids are the whole conversation's in the chat template (here equal to
     encoding the rendered text at once), flagged True on exactly the assistant turns' tokens with their end-of-turn

@@ -73,14 +73,21 @@ def test_conversations_are_packed_with_only_the_answers_as_targets(tmp_path):
     assert docs[:3] == [*CHATS, "plain words"]
     tok = ByteTokenizer()
     tok.chat_template = BYTE_CHAT
-    data = pack_documents(docs, tok, 16, seed=0)
+    data = pack_documents(docs, tok, 128, seed=0)
     b = data.batch(np.arange(len(data)))
     targets = b["targets"][b["loss_mask"] == 1]
     assert set(targets.tolist()) <= {c + tok.offset for c in b"hi there again one two three plain words\n"} | {2}
     assert not {b + tok.offset for b in b"<>ABCDEFGHIJKLMNOPQRSTUVWXYZ"} & set(targets.tolist())
-    # every answer's bytes with its newline, the text's bytes with its EOS; less what the rows' cuts drop
+    # every answer's bytes with its newline, the text's bytes with its EOS: none lost to a row's cut
     trained = 6 * (sum(len(c["content"]) + 1 for chat in CHATS for c in chat if c["role"] == "assistant") + 12)
-    assert 0.7 * trained <= len(targets) <= trained
+    assert len(targets) == trained
+    # conversations are never split over rows: each starts at position 0 with its first turn; padding after them
+    for tokens, segs, pos in zip(data.tokens, data.segment_ids, data.positions, strict=True):
+        for seg in set(segs.tolist()) - {-1}:
+            where = np.flatnonzero(segs == seg)
+            assert pos[where[0]] == 0 and tok.decode(tokens[where]).startswith(("<system>", "<user>", "plain"))
+    with pytest.raises(ValueError, match="fewer than one row"):
+        pack_documents(["plain"], tok, 128)
     bad = {"bad1.jsonl": ('{"messages": [{"role": "user", "content": "x"}]}', "bad1.jsonl:1: the conversation has no "
                           "assistant turn"),
            "bad2.jsonl": ('{"text": "ok"}\n{"messages": [{"content": "x"}]}', r"bad2.jsonl:2: chat message 0 is not"),

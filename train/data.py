@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):
@@ -151,14 +154,18 @@ class PackedDataset:
 def pack_documents(
     docs: Iterable[Document], tokenizer: Tokenizer, seq_len: int, *, seed: int = 0, vocab_size: int | None = None
 ) -> PackedDataset:
-    """Tokenise, shuffle (by ``seed``) and pack documents into rows of ``seq_len + 1`` tokens. Conversations are
+    """Tokenise, shuffle (by ``seed``) and pack documents into rows of ``seq_len + 1`` tokens.
+
+    Texts get BOS ... EOS and are packed back to back (a long one runs on into the next rows). Conversations are
     rendered in the tokenizer's chat template (:func:`~step3_jax.tokenizer.encode_chat_for_training`: it writes
-    its own special tokens; only assistant turns are targets); texts get BOS ... EOS."""
+    its own special tokens; only assistant turns are targets) and are never split: each goes whole into a row,
+    as many as fit, the rest of the row padded (not trained), so every answer is trained with its whole
+    conversation before it. A conversation longer than a row is cut to one row (a warning counts them)."""
     from step3_jax.tokenizer import encode_chat_for_training
 
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    token_docs, target_docs = [], []
+    token_docs, target_docs, chat = [], [], []
     for d in docs:
         if isinstance(d, str):
             ids = list(tokenizer.encode(d))
@@ -170,29 +177,86 @@ def pack_documents(
             targets = np.asarray(flags, bool)
         token_docs.append(np.asarray(ids, np.int32))
         target_docs.append(targets)
+        chat.append(not isinstance(d, str))
     if not token_docs:
         raise ValueError("no documents to pack")
+    top = max(int(t.max()) for t in token_docs if len(t))
+    if vocab_size is not None and top >= vocab_size:
+        raise ValueError(f"token id {top} does not fit the model's vocab_size {vocab_size}")
     order = np.random.default_rng(seed).permutation(len(token_docs))
-    tokens = np.concatenate([token_docs[i] for i in order])
-    targets = np.concatenate([target_docs[i] for i in order])
-    if vocab_size is not None and tokens.max() >= vocab_size:
-        raise ValueError(f"token id {int(tokens.max())} does not fit the model's vocab_size {vocab_size}")
-    segs = np.concatenate([np.full(len(token_docs[i]), j, np.int32) for j, i in enumerate(order)])
-    pos = np.concatenate([np.arange(len(token_docs[i]), dtype=np.int32) for i in order])
     row = seq_len + 1
+    texts, chats = [i for i in order if not chat[i]], [i for i in order if chat[i]]
+    pad = getattr(tokenizer, "pad_id", 0)
+    parts = [
+        # (texts that do not fill one row between them, beside conversations: kept whole too, not dropped)
+        _pack_stream(texts, token_docs, target_docs, row)
+        or (_pack_whole(texts, token_docs, target_docs, row, pad) if chats else None),
+        _pack_whole(chats, token_docs, target_docs, row, pad),
+    ]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        n = sum(len(t) for t in token_docs)
+        raise ValueError(f"the corpus has {n} tokens, fewer than one row of seq_len + 1 = {row}")
+    tokens, segs, pos, targets = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    target_mask = None if targets.all() else targets
+    if target_mask is not None and not target_mask[:, 1:].any():
+        raise ValueError(f"no assistant token falls in the {len(tokens)} packed rows: nothing to train on")
+    return PackedDataset(tokens, segs, pos.astype(np.int32), target_mask)
+
+
+def _pack_stream(order: list[int], token_docs, target_docs, row: int):
+    """Documents back to back, cut into rows (the remainder dropped); None if not one row."""
+    if not order:
+        return None
+    tokens = np.concatenate([token_docs[i] for i in order])
     rows = len(tokens) // row
     if rows == 0:
-        raise ValueError(f"the corpus has {len(tokens)} tokens, fewer than one row of seq_len + 1 = {row}")
+        return None
     cut = rows * row
+    targets = np.concatenate([target_docs[i] for i in order])[:cut].reshape(rows, row)
+    segs = np.concatenate([np.full(len(token_docs[i]), j, np.int32) for j, i in enumerate(order)])
+    pos = np.concatenate([np.arange(len(token_docs[i]), dtype=np.int32) for i in order])
     pos = pos[:cut].reshape(rows, row)
     # A row that starts inside a document keeps counting positions from the row start, so every row is a
     # self-contained set of documents (the first may be a suffix of a longer one).
     segs = segs[:cut].reshape(rows, row)
     pos = pos - np.where(segs == segs[:, :1], pos[:, :1], 0)
-    target_mask = None if targets.all() else targets[:cut].reshape(rows, row)
-    if target_mask is not None and not target_mask[:, 1:].any():
-        raise ValueError(f"no assistant token falls in the {rows} packed rows: nothing to train on")
-    return PackedDataset(tokens[:cut].reshape(rows, row), segs, pos.astype(np.int32), target_mask)
+    return tokens[:cut].reshape(rows, row), segs, pos, targets
+
+
+def _pack_whole(order: list[int], token_docs, target_docs, row: int, pad_id: int | None):
+    """Documents kept whole, as many per row as fit in order, each row padded (segment -1, never a target)."""
+    if not order:
+        return None
+    pad = 0 if pad_id is None else pad_id
+    rows: list[tuple] = []
+    fill: list[tuple] = []
+    used = cut = 0
+
+    def close():
+        nonlocal fill, used
+        if fill:
+            t, s, p, m = (np.concatenate(x) for x in zip(*fill, strict=True))
+            n = row - len(t)
+            rows.append((np.pad(t, (0, n), constant_values=pad), np.pad(s, (0, n), constant_values=-1),
+                         np.pad(p, (0, n)), np.pad(m, (0, n))))  # fmt: skip
+        fill, used = [], 0
+
+    for seg, i in enumerate(order):
+        t, m = token_docs[i], target_docs[i]
+        if len(t) > row:
+            t, m, cut = t[:row], m[:row], cut + 1
+        if used + len(t) > row:
+            close()
+        fill.append((t, np.full(len(t), seg, np.int32), np.arange(len(t), dtype=np.int32), m))
+        used += len(t)
+    close()
+    if cut:
+        log.warning(
+            "%d of %d conversations are longer than a row of seq_len + 1 = %d tokens and were cut to it (their "
+            "later turns are not trained): a longer seq_len keeps them whole", cut, len(order), row,
+        )  # fmt: skip
+    return tuple(np.stack(x) for x in zip(*rows, strict=True))
 
 
 class BatchIterator:
