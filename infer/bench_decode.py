@@ -42,7 +42,7 @@ from flax import nnx
 
 from infer.cli import positive_int
 from infer.sampling import request_keys, sample
-from pallas_kernels.bench_common import Budget, git_commit, write_json
+from pallas_kernels.bench_common import Budget, git_commit, short_error, write_json
 from step3_jax import kv_cache as kvc
 from step3_jax.config import STEP3, Step3Config
 from step3_jax.model import create_model
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             cmp = "" if small else f"  (paper, H800: {paper:.0f} us; target on H200: <= {TARGET_US[kv_dtype]:.0f} us)"
             print(f"  {kv_dtype:>14} KV: {t * 1e6:10.1f} us{cmp}", flush=True)
         except Exception as e:  # noqa: BLE001 - one failure must not lose the other rows
-            entry["error"] = _short_error(e)
+            entry["error"] = short_error(e)
             print(f"  {kv_dtype:>14} KV: error {entry['error']}", flush=True)
         report["attention_layer"].append(entry)
         write_json(args.out, report)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     t = bench_decode_step(model, b, ctx, page_size, kv_dtype, iters)
                 except Exception as e:  # noqa: BLE001
-                    row["error"] = _short_error(e)
+                    row["error"] = short_error(e)
                     print(f"{label:>6} {b:>6} {ctx:>8}  error {row['error']}", flush=True)
                     report["decode"].append(row)
                     write_json(args.out, report)
@@ -302,11 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}")
     failed = [r for r in report["attention_layer"] + report["decode"] if "error" in r and "skipped" not in r["error"]]
     return 1 if failed else 0
-
-
-def _short_error(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters: what a table's note says of a failure."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def write_json(path: str | os.PathLike | None, report: dict) -> None:
     """Write ``report`` to ``path`` (if any) whole or not at all: into a temporary file, then renamed over it, so
     a process killed mid-write leaves the previous complete report."""

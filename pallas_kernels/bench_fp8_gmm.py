@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import fp8_gmm
-from pallas_kernels.bench_common import Budget, git_commit, write_json
+from pallas_kernels.bench_common import Budget, git_commit, short_error, write_json
 from step3_jax.quant import dequantize_activations, dequantize_blockwise, quantize_activations, quantize_blockwise
 
 f32 = jnp.float32
@@ -103,11 +103,6 @@ def dot_nt(a, b):
 
 def config_name(c: fp8_gmm.GmmConfig) -> str:
     return f"fp8_gmm[{c.wg_m}x2,{c.block_n}/{c.sub_n},s{c.stages},d{c.grid_minor_dim}w{c.grid_tile_width}]"
-
-
-def short_error(e: BaseException) -> str:
-    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
-    return msg[:160]
 
 
 def measure_ceilings(small: bool, reps: int) -> dict[str, float]:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mfa_decode as md
-from pallas_kernels.bench_common import Budget, git_commit, write_json
+from pallas_kernels.bench_common import Budget, git_commit, short_error, write_json
 from step3_jax.quant import quantize_per_token
 
 HEADS, DIM = 64, 256
@@ -186,7 +186,7 @@ def run(
                         time_us=t * 1e6, tb_s=case["kv_bytes"] / t / 1e12, frac_ceiling=case["kv_bytes"] / t / ceiling
                     )
                 except Exception as e:  # noqa: BLE001 - one failing peer must not abort the table
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
+                    row["error"] = short_error(e, 90)
                 rows.append(row)
                 _print_row(row)
                 if on_row is not None:

@@ -50,6 +50,18 @@ def embedded_corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+def read_utf8(path: str | Path, what: str = "file") -> str:
+    """A text file's contents; a byte-order mark (as some editors write) is not text. ``FileNotFoundError`` or
+    ``ValueError`` naming ``what`` and the path when it is missing, not a file, or not UTF-8."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} {'is not a file' if p.exists() else 'does not exist'}")
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_documents(
     paths: Sequence[str | Path], *, text_field: str = "text", messages_field: str = "messages"
 ) -> list[Document]:
@@ -64,12 +76,7 @@ def read_documents(
     for p in map(Path, paths):
         if p.is_dir():
             raise ValueError(f"data path {p} is a folder: give its files (e.g. {p}/*.jsonl)")
-        if not p.is_file():
-            raise FileNotFoundError(f"data file {p} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8-sig")  # (a byte-order mark, as some editors write, is not text)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = read_utf8(p, "data file")
         if p.suffix.lower() == ".jsonl":
             for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: U+2028 may sit in a string)
                 if not line.strip():

@@ -46,6 +46,7 @@ from train.data import (
     embedded_corpus,
     pack_documents,
     read_documents,
+    read_utf8,
     split_documents,
 )
 from train.lora import LoraConfig
@@ -723,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config, tokenizer = get_preset(args.preset), ByteTokenizer()
         if args.chat_template:
-            tokenizer.chat_template = _read_text(args.chat_template, "--chat-template")
+            tokenizer.chat_template = read_utf8(args.chat_template, "--chat-template")
         data = pack_documents(docs, tokenizer, tc.seq_len, seed=tc.seed, vocab_size=config.vocab_size)
         eval_data = None
         if eval_docs is not None:
@@ -767,16 +768,6 @@ def main(argv: list[str] | None = None) -> int:
         dtype = base.config.param_dtype if base is not None else None
         _export(trainer, export, args.init_from, dtype, tokenizer.chat_template if args.chat_template else None)
     return 0
-
-
-def _read_text(path: str, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {p} is not a file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what} {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _export(
