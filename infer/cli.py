@@ -9,7 +9,7 @@ import math
 
 from infer.sampling import SamplingParams
 from step3_jax.config import PRESETS, Step3Config, get_preset
-from step3_jax.tokenizer import ByteTokenizer
+from step3_jax.tokenizer import ByteTokenizer, end_of_generation_ids
 
 
 def add_model_args(ap: argparse.ArgumentParser, *, preset: str = "tiny", checkpoint: bool = True) -> None:
@@ -80,10 +80,7 @@ def load_checkpoint(args: argparse.Namespace, mesh=None):
 def stop_ids(tokenizer, config: Step3Config) -> tuple[int, ...]:
     """Stop tokens: the tokenizer's end-of-generation ids (its EOS, and a checkpoint's generation_config.json
     list) if it has any, else the config's ``eos_token_id``, within the vocabulary."""
-    eos = getattr(tokenizer, "eos_ids", None)
-    if eos is None:
-        eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None)
-    return tuple(i for i in (tuple(eos) or config.eos_token_ids) if i < config.vocab_size)
+    return tuple(i for i in (end_of_generation_ids(tokenizer) or config.eos_token_ids) if i < config.vocab_size)
 
 
 def check_fits_context(longest: int, max_new_tokens: int, config: Step3Config) -> None:

@@ -274,6 +274,14 @@ def _chat_setup(tokenizer) -> tuple[str, dict]:
     return template, specials
 
 
+def end_of_generation_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that end a generation: the tokenizer's ``eos_ids`` if it has them, else its ``eos_id`` (if any)."""
+    ids = getattr(tokenizer, "eos_ids", None)
+    if ids is None:
+        ids = (getattr(tokenizer, "eos_id", None),)
+    return tuple(i for i in ids if i is not None)
+
+
 def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[list[int], list[bool]]:
     """A whole conversation's token ids in the tokenizer's chat template, with a per-token flag: True for the
     tokens the model should learn to write (every ``assistant`` turn, up to and including its last end-of-generation
@@ -287,7 +295,7 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
     earlier reasoning): such a template cannot be split into turns this way."""
     template, specials = _chat_setup(tokenizer)
     check_messages(messages)
-    eos = set(getattr(tokenizer, "eos_ids", None) or (getattr(tokenizer, "eos_id", None),)) - {None}
+    eos = set(end_of_generation_ids(tokenizer))
     starts: list[int] = []  # where each turn's text begins, and whether it is an answer
     trained: list[bool] = []
     done = ""
