@@ -245,15 +245,24 @@ def encode_chat(tokenizer, messages: Sequence[Mapping], *, add_generation_prompt
     has no chat template (the byte-level one has none)."""
     template, specials = _chat_setup(tokenizer)
     text = render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
-    return _encode_rendered(tokenizer, text)
+    return _encode_rendered(tokenizer, text)[0]
 
 
-def _encode_rendered(tokenizer, text: str) -> list[int]:
-    """Rendered chat text: the special tokens' strings the template wrote are those tokens (a Hugging Face
-    tokenizer always reads them so; the byte-level one only here)."""
+def _encode_rendered(tokenizer, text: str, starts: Sequence[int] = (0,)) -> tuple[list[int], list[int]]:
+    """Token ids of rendered chat text and the character each token starts at. The special tokens' strings the
+    template wrote are those tokens (a Hugging Face tokenizer always reads them so; the byte-level one only here).
+    A tokenizer without character offsets encodes the text from each of ``starts`` to the next on its own."""
     if isinstance(tokenizer, ByteTokenizer):
-        return tokenizer.encode(text, add_bos=False, special=True)
-    return tokenizer.encode(text, add_bos=False)
+        return tokenizer.encode_with_offsets(text, special=True)
+    if hasattr(tokenizer, "encode_with_offsets"):
+        return tokenizer.encode_with_offsets(text)
+    ids: list[int] = []
+    offsets: list[int] = []
+    for a, b in zip(starts, [*starts[1:], len(text)], strict=True):
+        piece = tokenizer.encode(text[a:b], add_bos=False)
+        ids += piece
+        offsets += [a] * len(piece)
+    return ids, offsets
 
 
 def _chat_setup(tokenizer) -> tuple[str, dict]:
@@ -317,16 +326,7 @@ def encode_chat_for_training(tokenizer, messages: Sequence[Mapping]) -> tuple[li
             extend(render_chat(template, messages[:i], add_generation_prompt=True, **specials), i, False)
         turn = render_chat(template, messages[: i + 1], add_generation_prompt=False, **specials)
         extend(turn, i, m["role"] == "assistant")
-    if isinstance(tokenizer, ByteTokenizer):
-        ids, offsets = tokenizer.encode_with_offsets(done, special=True)
-    elif hasattr(tokenizer, "encode_with_offsets"):
-        ids, offsets = tokenizer.encode_with_offsets(done)
-    else:  # (a tokenizer without character offsets: each turn's text encoded on its own)
-        ids, offsets = [], []
-        for a, b in zip(starts, [*starts[1:], len(done)], strict=True):
-            piece = tokenizer.encode(done[a:b], add_bos=False)
-            ids += piece
-            offsets += [a] * len(piece)
+    ids, offsets = _encode_rendered(tokenizer, done, starts or [0])
     turn_of = [max(bisect.bisect_right(starts, o) - 1, 0) for o in offsets]
     flags = [trained[t] for t in turn_of]
     # an answer is trained up to its last end-of-generation token: what the template writes after it (a newline

@@ -181,6 +181,18 @@ def test_conversations_for_training_mark_exactly_the_assistant_turns(tmp_path):
     spans += [run] if run else []
     assert [tok.decode(s) for s in spans] == ["the quick fox", "brown dog"]
     assert all(s[-1] == tok.eos_id for s in spans)  # each answer ends with its end-of-turn token, trained too
+
+    class NoOffsets:  # a tokenizer without character offsets: each turn's text is encoded on its own
+        eos_id, chat_template, encode, decode, id_to_token = (
+            tok.eos_id,
+            tok.chat_template,
+            tok.encode,
+            tok.decode,
+            tok.id_to_token,
+        )
+
+    ids2, flags2 = encode_chat_for_training(NoOffsets(), chat)
+    assert tok.decode([i for i, f in zip(ids2, flags2, strict=True) if f]) == "the quick foxbrown dog"
     for k in (2, 4):  # the untrained prefix before each answer is the inference prompt
         start = [n for n in range(len(ids)) if flags[n] and not flags[n - 1]][k // 2 - 1]
         assert ids[:start] == encode_chat(tok, chat[:k])
