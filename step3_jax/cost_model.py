@@ -82,9 +82,19 @@ def _check_context(context: Any) -> int:
     return int(context)
 
 
+# ====================================================================== layer groups
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _LayerGroup:
+    """``layer_step``: the group's layers are every ``layer_step``-th layer (1-based: layers k, 2k, ...), as
+    Hugging Face configs interleave them (``interleave_moe_layer_step``, Llama 4's global-attention layers); a
+    group without it takes the remaining layers in listed order."""
+
+    layer_step: int | None = None
+
+
 # ====================================================================== attention designs
 @dataclasses.dataclass(frozen=True)
-class GQAAttention:
+class GQAAttention(_LayerGroup):
     """Softmax attention with shared K/V heads: MHA, GQA, MQA, and MFA (a low-rank, normalised query).
 
     ``window`` caps the attended length (chunked/sliding layers; the paper charges the full chunk).
@@ -136,7 +146,7 @@ class GQAAttention:
 
 
 @dataclasses.dataclass(frozen=True)
-class MLAAttention:
+class MLAAttention(_LayerGroup):
     """DeepSeek multi-head latent attention, decoded with the up-projections absorbed.
 
     The cache holds ``kv_lora_rank + qk_rope_head_dim`` values per token per layer. Core FLOPs follow the
@@ -185,7 +195,7 @@ class MLAAttention:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearAttention:
+class LinearAttention(_LayerGroup):
     """Linear (recurrent-state) attention, e.g. MiniMax's lightning attention: a fixed head_dim^2 state per head.
 
     ``state_accesses`` counts how often the state moves per token (2 = read + write) and
@@ -234,7 +244,7 @@ AttentionGroup = GQAAttention | MLAAttention | LinearAttention
 
 # ====================================================================== FFN designs
 @dataclasses.dataclass(frozen=True)
-class DenseFFN:
+class DenseFFN(_LayerGroup):
     """SwiGLU FFN (gate, up, down)."""
 
     num_layers: int
@@ -253,7 +263,7 @@ class DenseFFN:
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEFFN:
+class MoEFFN(_LayerGroup):
     """Routed SwiGLU experts (top_k of num_experts) plus always-on shared experts; router not counted."""
 
     num_layers: int
@@ -337,6 +347,8 @@ class ModelSpec:
         n_ffn = sum(g.num_layers for g in self.ffn)
         if n_attn != n_ffn:
             raise _fail(where, f"attention groups cover {n_attn} layers but FFN groups cover {n_ffn}")
+        for side, groups in (("attention", self.attention), ("FFN", self.ffn)):
+            layer_order(groups, where=f"{where} {side}")
 
     @property
     def num_layers(self) -> int:
@@ -401,6 +413,7 @@ _ATTN_TYPES["linear"] = LinearAttention
 _FFN_TYPES: dict[str, type] = {"dense": DenseFFN, "moe": MoEFFN}
 _INT_FIELDS = {
     "num_layers",
+    "layer_step",
     "num_heads",
     "num_kv_heads",
     "head_dim",
@@ -1063,8 +1076,28 @@ class AFDEstimate:
         return self.total_batch / (self.setup.tpot_s * self.setup.total_gpus)
 
 
-def _expand(groups: Sequence[Any]) -> list[Any]:
-    return [g for g in groups for _ in range(g.num_layers)]
+def layer_order(groups: Sequence[Any], *, where: str = "layer groups") -> list[Any]:
+    """The group of each layer, first to last: groups with a ``layer_step`` on their layers (every k-th), the
+    others filling the remaining layers in listed order. ``ValueError`` if a stepped group's ``num_layers`` is not
+    the number of such layers, or two stepped groups claim the same layer."""
+    n = sum(g.num_layers for g in groups)
+    slots: list[Any] = [None] * n
+    for i, g in enumerate(groups):
+        if g.layer_step is None:
+            continue
+        layers = range(g.layer_step - 1, n, g.layer_step)
+        if len(layers) != g.num_layers:
+            raise _fail(
+                f"{where} group {i}",
+                f"'layer_step' {g.layer_step} places it on {len(layers)} of the {n} layers, but 'num_layers' is "
+                f"{g.num_layers}",
+            )
+        for layer in layers:
+            if slots[layer] is not None:
+                raise _fail(f"{where} group {i}", f"layer {layer + 1} is already another group's ('layer_step')")
+            slots[layer] = g
+    rest = iter([g for g in groups if g.layer_step is None for _ in range(g.num_layers)])
+    return [g if g is not None else next(rest) for g in slots]
 
 
 def afd_layer_times(
@@ -1079,8 +1112,8 @@ def afd_layer_times(
 ) -> list[LayerTimes]:
     """Per-layer attention / communication / FFN stage times (us) for one micro-batch of ``micro_batch`` tokens.
 
-    Layers pair the attention and FFN groups in their listed order; exact whenever one side is uniform over
-    layers (true for all nine paper models).
+    Layer ``i``'s attention group meets layer ``i``'s FFN group (:func:`layer_order`: listed order, or every
+    ``layer_step``-th layer, as Llama 4 interleaves its global-attention and MoE layers).
     """
     context = _check_context(context)
     g = setup.gpus_per_instance
@@ -1108,7 +1141,7 @@ def afd_layer_times(
     comm_us = comm * 1e6
 
     out = []
-    for attn, ffn in zip(_expand(spec.attention), _expand(spec.ffn), strict=True):
+    for attn, ffn in zip(layer_order(spec.attention), layer_order(spec.ffn), strict=True):
         if kernel_times is not None:
             attn_us = kernel_times.attention_us(tok_gpu, context)
         else:

@@ -361,6 +361,7 @@ def test_bad_model_specs():
             "'top_k' (8) exceeds 'num_experts'",
         ),
         (lambda d: d.update(hiden_size=1), "unknown field(s) ['hiden_size']"),
+        (lambda d: d["ffn"][0].update(layer_step=3), "'layer_step' 3 places it on 21 of the 64 layers"),
     ]
     for mutate, message in cases:
         d = json.loads(json.dumps(good))
@@ -373,6 +374,25 @@ def test_bad_model_specs():
 
 
 # ---------------------------------------------------------------- AFD throughput
+def test_interleaved_layers_meet_their_own_ffn(models, hw):
+    """Llama 4 Maverick puts global attention on every 4th layer and MoE on every 2nd (``layer_step``), so every
+    global-attention layer is a MoE layer: the AFD pipeline pairs them so, not in listed order."""
+    spec = models["llama4-maverick"]
+    attn, ffn = cm.layer_order(spec.attention), cm.layer_order(spec.ffn)
+    assert [i for i, a in enumerate(attn) if a.window is None] == list(range(3, 48, 4))
+    assert [i for i, f in enumerate(ffn) if f.kind == "moe"] == list(range(1, 48, 2))
+    h800 = hw["H800"]
+    layers = cm.afd_layer_times(spec, 131072, 3000, h800, h800, cm.AFDSetup(2, 2))
+    moe_us = {lt.ffn_us for lt, f in zip(layers, ffn, strict=True) if f.kind == "moe"}
+    slowest = max(lt.attention_us for lt in layers)  # (the global layers: BF16 KV over the whole context)
+    assert {lt.ffn_us for lt in layers if lt.attention_us == slowest} == moe_us and len(moe_us) == 1
+    clash = json.loads((cm.MODELS_DIR / "llama4-maverick.json").read_text())
+    chunked = clash["attention"][1]
+    clash["attention"][1:] = [{**chunked, "num_layers": 24, "layer_step": 2}, {**chunked, "num_layers": 12}]
+    with pytest.raises(ValueError, match="attention group 1: layer 4 is already another group's"):
+        cm.model_spec_from_dict(clash)  # (every 4th layer is also every 2nd)
+
+
 def test_afd_estimate_is_the_largest_feasible_batch(hw):
     spec, h800 = cm.step3_spec(), hw["H800"]
     setup = cm.AFDSetup(2, 2)
