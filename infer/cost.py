@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,9 +29,12 @@ def parse_context(text: str) -> int:
     if scale != 1:
         t = t[:-1]
     try:
-        value = int(float(t) * scale)
+        exact = float(t) * scale
+        value = int(exact)
     except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"bad context length {text!r}; use e.g. 8192 or 8K") from None
+    if value != exact:
+        raise argparse.ArgumentTypeError(f"context length {text!r} is not a whole number of tokens ({exact:g})")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"context length must be positive, got {text!r}")
     return value
@@ -270,23 +274,27 @@ def main_pareto(argv: list[str]) -> int:
 
 
 def _parse_deployment(text: str) -> tuple[int, int]:
-    t = text.upper()
-    try:
-        a, f = t.rstrip("F").split("A")
-        return int(a), int(f)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"deployment must look like 2A2F, got {text!r}") from None
+    match = re.fullmatch(r"(\d+)A(\d+)F", text.strip().upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"deployment must look like 2A2F, got {text!r}")
+    return int(match[1]), int(match[2])
 
 
-def _check_kernel_times(kt: cm.KernelTimes, spec, attn_hw) -> None:
-    """Kernel times measured for another card or model than the estimate's would mix two machines: refused.
-    (A file that names no known card or model, e.g. a CPU smoke run, is taken as it is.)"""
-    if kt.hardware in cm.default_hardware() and kt.hardware.lower() != attn_hw.name.lower():
+def _check_kernel_times(kt: cm.KernelTimes, spec, attn_hw, cards) -> None:
+    """Kernel times measured for another card or model than the estimate's would mix two machines: refused
+    (names in any case; ``cards``: every known card, --hardware-file's included). A file that names no known card
+    or model, e.g. a CPU smoke run, is taken as it is."""
+    hardware = str(kt.hardware or "")
+    if hardware.lower() in {n.lower() for n in cards} and hardware.lower() != attn_hw.name.lower():
         raise ValueError(
-            f"the kernel times ({kt.source}) were measured on {kt.hardware}, but the attention side is {attn_hw.name}: "
-            f"pass --attn-hw {kt.hardware}"
+            f"the kernel times ({kt.source}) were measured on {hardware}, but the attention side is {attn_hw.name}: "
+            f"pass --attn-hw {hardware}"
         )
-    if kt.model in cm.available_models() and kt.model != spec.name:
+    try:
+        model = cm.get_model(str(kt.model)).name if kt.model else None
+    except ValueError:  # (not a known model)
+        model = None
+    if model is not None and model != spec.name:
         raise ValueError(f"the kernel times ({kt.source}) are for model {kt.model!r}, not {spec.name!r}")
 
 
@@ -301,7 +309,12 @@ def main_afd(argv: list[str]) -> int:
     p.add_argument("--gpus-per-instance", type=int, default=8)
     p.add_argument("--tpot-ms", type=float, default=cm.PAPER_TPOT_S * 1e3)
     p.add_argument("--stages", type=int, default=cm.PAPER_STAGES)
-    p.add_argument("--bf16-attention", action="store_true", help="core attention math in BF16 instead of FP8")
+    p.add_argument(
+        "--bf16-attention",
+        action="store_true",
+        help="core attention math at the BF16 FLOP rate instead of FP8 (the KV cache stays FP8; it matters only "
+        "where attention is compute-bound)",
+    )
     p.add_argument("--batch", type=positive_int, default=None, help="evaluate this total batch instead of searching")
     p.add_argument("--efficiency", choices=("ideal", "calibrated"), default="calibrated")
     p.add_argument("--eff", nargs="*", default=[], metavar="FIELD=VALUE", help="override Efficiency fields")
@@ -320,9 +333,13 @@ def main_afd(argv: list[str]) -> int:
     overrides = {}
     for item in args.eff:
         key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(cm.Efficiency)}:
-            p.error(f"unknown efficiency field {key!r}")
-        overrides[key] = float(value)
+        fields = [f.name for f in dataclasses.fields(cm.Efficiency)]
+        if key not in fields:
+            p.error(f"--eff: unknown efficiency field {key!r}; known: {', '.join(fields)}")
+        try:
+            overrides[key] = float(value)
+        except ValueError:
+            p.error(f"--eff {key}: needs a number, as {key}=0.8, got {value!r}")
     eff = dataclasses.replace(eff, **overrides)
     kt = None
     if args.kernel_times:
@@ -337,7 +354,7 @@ def main_afd(argv: list[str]) -> int:
         attention_fp8=not args.bf16_attention,
     )
     if kt is not None:
-        _check_kernel_times(kt, spec, attn_hw)
+        _check_kernel_times(kt, spec, attn_hw, {**cm.default_hardware(), **(extra or {})})
     if args.batch is not None:
         est = cm.evaluate_afd(spec, args.context, args.batch, attn_hw, ffn_hw, setup, eff, kt)
     else:
@@ -351,6 +368,7 @@ def main_afd(argv: list[str]) -> int:
         "ffn_hardware": ffn_hw.name,
         "method": est.method,
         "efficiency": dataclasses.asdict(eff),
+        "feasible": est.feasible,
         "micro_batch": est.micro_batch,
         "total_batch": est.total_batch,
         "tpot_ms": est.tpot_s * 1e3,
@@ -370,16 +388,24 @@ def main_afd(argv: list[str]) -> int:
         f"attention {attn_hw.name}, FFN {ffn_hw.name}), TPOT target {args.tpot_ms:g} ms, {setup.stages} stages"
     )
     print(f"method: {est.method}; efficiency: {dataclasses.asdict(eff)}")
-    print(f"batch: {est.total_batch} ({setup.stages} x {est.micro_batch:g}); limit: {est.bottleneck}")
+    if not est.micro_batch:
+        print(
+            f"no feasible batch: even one sequence per attention card ({setup.stages} x "
+            f"{setup.attention_instances * setup.gpus_per_instance}) is over: {est.bottleneck}; the figures below "
+            f"are for that batch"
+        )
+    else:
+        print(f"batch: {est.total_batch} ({setup.stages} x {est.micro_batch:g}); limit: {est.bottleneck}")
     lt = est.mean_layer
     print(
         f"per layer per micro-batch: attention {lt.attention_us:.0f} us, communication {lt.communication_us:.0f} us,"
         f" FFN {lt.ffn_us:.0f} us (budget {out['stage_budget_us']:.0f} us)"
     )
     print(f"memory per card: attention {out['attention_card_gb']:.1f} GB, FFN {out['ffn_card_gb']:.1f} GB")
+    at_target = est.tokens_per_gpu_s_at_target
     print(
-        f"TPOT {est.tpot_s * 1e3:.1f} ms -> {est.tokens_per_gpu_s:,.0f} tokens/GPU/s "
-        f"({est.tokens_per_gpu_s_at_target:,.0f} if run at exactly the TPOT target)"
+        f"TPOT {est.tpot_s * 1e3:.1f} ms -> {est.tokens_per_gpu_s:,.0f} tokens/GPU/s"
+        + (f" ({at_target:,.0f} if run at exactly the TPOT target)" if at_target is not None else "")
     )
     return 0
 

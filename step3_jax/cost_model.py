@@ -594,7 +594,9 @@ def get_model(name: str) -> ModelSpec:
     """A model by name (file stem), display name (e.g. 'DSv3') or a path to a spec JSON; case-insensitive."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if name.endswith(".json") and Path(name).exists():
+    if name.endswith(".json"):
+        if not Path(name).is_file():
+            raise ValueError(f"model spec file {name!r} does not exist")
         return load_model_spec(name)
     key = name.lower()
     if key in ("step3", "step-3"):
@@ -929,7 +931,8 @@ class KernelTimes:
     """Per-layer kernel times fitted from benchmark records (microseconds).
 
     attention_us = a + b x tokens_per_gpu + c x tokens_per_gpu x context (a column is dropped when the
-    records cannot identify it, e.g. a single batch size); ffn_us = a + b x tokens (per FFN instance).
+    records cannot identify it: with a single batch size, b; with a single context, the fit holds at that context
+    only); ffn_us = a + b x tokens (per FFN instance).
     """
 
     hardware: str | None
@@ -937,16 +940,33 @@ class KernelTimes:
     attention_coef: tuple[float, float, float]
     ffn_coef: tuple[float, float] | None = None
     source: str = ""
+    contexts: tuple[int, ...] = ()  # the contexts the attention records were measured at
 
     def attention_us(self, tokens_per_gpu: float, context: int) -> float:
+        """The fitted time; ``ValueError`` at another context than the only one measured (one context cannot tell
+        per-token from per-KV-position time), or where the fit goes negative (records that are not affine)."""
+        if len(self.contexts) == 1 and context != self.contexts[0]:
+            raise ValueError(
+                f"kernel times {self.source!r}: every attention record is at context {self.contexts[0]}, which "
+                f"cannot say how the time grows with context; ask for context {self.contexts[0]}, or measure at "
+                f"two or more contexts for context {context}"
+            )
         a, b, c = self.attention_coef
-        return a + b * tokens_per_gpu + c * tokens_per_gpu * context
+        return self._positive(a + b * tokens_per_gpu + c * tokens_per_gpu * context, "attention", tokens_per_gpu)
 
     def ffn_us(self, tokens: float) -> float | None:
         if self.ffn_coef is None:
             return None
         a, b = self.ffn_coef
-        return a + b * tokens
+        return self._positive(a + b * tokens, "FFN", tokens)
+
+    def _positive(self, t: float, what: str, tokens: float) -> float:
+        if t <= 0:
+            raise ValueError(
+                f"kernel times {self.source!r}: the fitted {what} time at {tokens:g} tokens is {t:.3g} us; the "
+                f"records are not close to affine in the tokens over this range (measure nearer to it)"
+            )
+        return t
 
 
 _RECORD_KEYS = {"component", "tokens_per_gpu", "tokens", "context", "time_us", "gpus", "note"}
@@ -960,7 +980,8 @@ def kernel_times_from_records(
     where = f"kernel times{f' {source!r}' if source else ''}"
     attn: list[tuple[float, float, float]] = []
     ffn: list[tuple[float, float]] = []
-    for i, rec in enumerate(records):
+    rows = list(records)
+    for i, rec in enumerate(rows):
         w = f"{where} record {i}"
         if not isinstance(rec, Mapping):
             raise _fail(w, f"must be an object, got {type(rec).__name__}")
@@ -1000,7 +1021,8 @@ def kernel_times_from_records(
             raise _fail(where, "needs ffn records at two or more different token counts (or none)")
         coef = np.linalg.lstsq(np.column_stack([np.ones(len(f)), f[:, 0]]), f[:, 1], rcond=None)[0]
         ffn_coef = (float(coef[0]), float(coef[1]))
-    return KernelTimes(hardware, model, attention_coef, ffn_coef, source)
+    contexts = tuple(sorted({int(rec["context"]) for rec in rows if rec.get("component") == "attention"}))
+    return KernelTimes(hardware, model, attention_coef, ffn_coef, source, contexts)
 
 
 def load_kernel_times(path: Path | str) -> KernelTimes:
@@ -1020,6 +1042,7 @@ PAPER_TABLE9_MFA_US["A800"] = {8192: 531.0, 32768: 1484.0}
 
 def paper_table9_kernel_times(hardware: str = "H800") -> KernelTimes:
     """Kernel times from the paper's Table 9 MFA rows (one attention layer, 64 sequences per card) for ``hardware``."""
+    hardware = next((k for k in PAPER_TABLE9_MFA_US if k.lower() == str(hardware).lower()), hardware)
     if hardware not in PAPER_TABLE9_MFA_US:
         raise ValueError(f"paper Table 9 has no MFA timing for {hardware!r}; it has {sorted(PAPER_TABLE9_MFA_US)}")
     records = [
@@ -1051,8 +1074,10 @@ class AFDEstimate:
     attention_hardware: str
     ffn_hardware: str
     setup: AFDSetup
-    micro_batch: float  # sequences per micro-batch, all attention instances together
-    tpot_s: float  # achieved time per output token at that batch (<= setup.tpot_s)
+    micro_batch: float  # sequences per micro-batch, all attention instances together (0: no batch is feasible)
+    # achieved time per output token at that batch (<= setup.tpot_s when feasible); with no feasible batch, the
+    # TPOT, layer times and memory are those of the smallest batch tried (one sequence per attention card)
+    tpot_s: float
     bottleneck: str  # what stops a larger batch
     mean_layer: LayerTimes  # per-layer stage times averaged over layers
     attention_memory_bytes: float  # per attention card: weights + KV of all micro-batches
@@ -1071,8 +1096,16 @@ class AFDEstimate:
         return self.total_batch / (self.tpot_s * self.setup.total_gpus)
 
     @property
-    def tokens_per_gpu_s_at_target(self) -> float:
-        """Throughput if the step ran exactly at the TPOT target (the SLA-bound figure)."""
+    def feasible(self) -> bool:
+        """Whether the batch meets the TPOT target and fits in memory."""
+        return bool(self.micro_batch) and not self.bottleneck.startswith("violates")
+
+    @property
+    def tokens_per_gpu_s_at_target(self) -> float | None:
+        """Throughput if the step ran exactly at the TPOT target (the SLA-bound figure); None for a batch that
+        misses the target or does not fit (it cannot run at the target)."""
+        if not self.feasible:
+            return None
         return self.total_batch / (self.setup.tpot_s * self.setup.total_gpus)
 
 

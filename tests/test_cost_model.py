@@ -292,9 +292,15 @@ def test_custom_hardware_json_changes_exactly_what_it_should(tmp_path, hw, model
     # Network only moves the sparsity limit.
     assert cm.attention_cost(spec, cards["fastnet"], ctx) == h800
     assert cm.min_moe_sparsity(cards["fastnet"], 7168, 61) == pytest.approx(cm.min_moe_sparsity(base, 7168, 61) / 4)
-    # A card that is better on everything and as cheap becomes the AFD choice for both parts.
-    best = cm.best_afd(spec, {**hw, **{"fastmem": cards["fastmem"]}}, ctx)
-    assert best.attn_hardware in ("fastmem", "H20")
+    # A card at least as good as every card on every term and as cheap as the cheapest is the AFD choice for
+    # both parts.
+    top = {f: max(getattr(h, f) for h in hw.values() if getattr(h, f)) for f in ("bf16_flops", "fp8_flops")}
+    top |= {f: max(getattr(h, f) for h in hw.values()) for f in ("memory_bandwidth", "network_bandwidth")}
+    cheapest = min(h.price_per_hour for h in hw.values())
+    ideal = cm.hardware_from_dict(_h800_dict(hw, name="ideal", price_per_hour=cheapest, **top))
+    for name in (spec.name, "deepseek-v3"):
+        best = cm.best_afd(models[name], {**hw, "ideal": ideal}, ctx)
+        assert (best.attn_hardware, best.ffn_hardware) == ("ideal", "ideal"), name
 
 
 def test_bundled_extra_cards_have_sources(hw):
@@ -448,6 +454,18 @@ def test_bad_afd_inputs(tmp_path, hw):
         cm.load_kernel_times(path)
     with pytest.raises(ValueError, match="no MFA timing for 'B200'"):
         cm.paper_table9_kernel_times("B200")
+    assert cm.paper_table9_kernel_times("h800").hardware == "H800"
+    # records all at one context: used at that context only (one context cannot tell per-token from per-position
+    # time); a fit that goes negative where it is asked is refused
+    one = [{"component": "attention", "tokens_per_gpu": n, "context": 4096, "time_us": 100 + n} for n in (64, 128)]
+    kt = cm.kernel_times_from_records(one, source="one context")
+    assert kt.attention_us(96, 4096) == pytest.approx(196)
+    with pytest.raises(ValueError, match="every attention record is at context 4096.*for context 8192"):
+        kt.attention_us(64, 8192)
+    falling = [{"component": "attention", "tokens_per_gpu": 64, "context": c, "time_us": t} for c, t in
+               ((4096, 500), (8192, 300))]  # fmt: skip
+    with pytest.raises(ValueError, match="fitted attention time at 64 tokens is -"):
+        cm.kernel_times_from_records(falling, source="falling").attention_us(64, 65536)
 
 
 # ---------------------------------------------------------------- CLI
@@ -480,6 +498,20 @@ def test_cli_tables_pareto_afd_and_errors(capsys, tmp_path):
     assert cli.main(["afd", "--json", "--paper-table9", "H800", "--batch", "6144"]) == 0
     afd = json.loads(capsys.readouterr().out)
     assert afd["total_batch"] == 6144 and afd["deployment"] == "2A2F" and afd["gpus"] == 32
+    # a batch that misses the TPOT target has no "at the target" figure (it cannot run at the target)
+    assert not afd["feasible"] and afd["tokens_per_gpu_s_at_target"] is None and afd["tpot_ms"] > 50
+    assert cli.main(["afd", "--tpot-ms", "1"]) == 0
+    assert "no feasible batch: even one sequence per attention card" in capsys.readouterr().out
+    h20 = tmp_path / "h20.json"  # (a card named in another case is still that card)
+    rows = [{"component": "attention", "tokens_per_gpu": 64, "context": c, "time_us": t}
+            for c, t in cm.PAPER_TABLE9_MFA_US["H20"].items()]  # fmt: skip
+    h20.write_text(json.dumps({"hardware": "h20", "model": "Step3", "records": rows}))
+    assert cli.main(["afd", "--kernel-times", str(h20)]) == 2
+    assert "measured on h20, but the attention side is H800" in capsys.readouterr().err
+    assert cli.main(["afd", "--kernel-times", str(h20), "--attn-hw", "H20", "--model", "deepseek-v3"]) == 2
+    assert "are for model 'Step3', not 'deepseek-v3'" in capsys.readouterr().err
+    assert cli.main(["--models", str(tmp_path / "mine.json")]) == 2
+    assert f"model spec file '{tmp_path / 'mine.json'}' does not exist" in capsys.readouterr().err
     assert cli.main(["--models", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert cli.main(["pareto", "--out", str(tmp_path / "pareto_8K.png"), "--models", "step3"]) == 2  # a file
@@ -489,7 +521,15 @@ def test_cli_tables_pareto_afd_and_errors(capsys, tmp_path):
     assert "measured on H20, but the attention side is H800: pass --attn-hw H20" in capsys.readouterr().err
     assert cli.main(["afd", "--paper-table9", "H800", "--model", "deepseek-v3"]) == 2
     assert "are for model 'step3', not 'deepseek-v3'" in capsys.readouterr().err
-    for bad, message in [(["--batch", "0"], "--batch: must be at least 1"), (["--context", "inf"], "bad context")]:
+    bad_args = [
+        (["--batch", "0"], "--batch: must be at least 1"),
+        (["--context", "inf"], "bad context"),
+        (["--context", "0.4K"], "'0.4K' is not a whole number of tokens (409.6)"),
+        (["--deployment", "2A2"], "deployment must look like 2A2F, got '2A2'"),
+        (["--eff", "network=abc"], "--eff network: needs a number, as network=0.8, got 'abc'"),
+        (["--eff", "netwrk=0.5"], "--eff: unknown efficiency field 'netwrk'; known: "),
+    ]
+    for bad, message in bad_args:
         with pytest.raises(SystemExit):
             cli.main(["afd", *bad])
         assert message in capsys.readouterr().err
