@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import re
 
 import jax
@@ -16,7 +17,7 @@ from step3_jax.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
 from train import lora
 from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents, split_documents
 from train.lora import LoraConfig
-from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, lr_schedule, main, run
+from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, log_to_stderr, lr_schedule, main, run
 
 TOK = ByteTokenizer()
 DOCS = ["the quick brown fox jumps over the lazy dog. " * 3, "pack my box with five dozen liquor jugs! " * 3]
@@ -242,13 +243,20 @@ def test_resume_with_another_model_shape_is_refused(test_config, tmp_path):
     t.close()
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     other = dataclasses.replace(test_config, hidden_size=48)
-    with pytest.raises(ValueError, match=r"different model.*\(differs in: model\.hidden_size\).*nothing was"):
+    with pytest.raises(ValueError, match=r"holds another run \(differs in: model\.hidden_size\).*nothing was"):
         Trainer(other, tc, data_for(tc), workdir=tmp_path)
-    with pytest.raises(ValueError, match=r"LoRA setting \(differs in: lora\)"):
+    with pytest.raises(ValueError, match=r"\(differs in: lora\)"):
         Trainer(test_config, tc, data_for(tc), workdir=tmp_path, lora=lora.LoraConfig(rank=4))
     longer = dataclasses.replace(tc, seq_len=64)
-    with pytest.raises(ValueError, match=r"\(differs in: seq_len\)"):
+    with pytest.raises(ValueError, match=r"\(differs in: seq_len, data "):
         Trainer(test_config, longer, data_for(longer), workdir=tmp_path)
+    # the data iterator's saved position means nothing for other rows, another batch size or seed
+    with pytest.raises(ValueError, match=r"\(differs in: data \(the packed rows: other files"):
+        Trainer(test_config, tc, pack_documents(DOCS * 30, TOK, tc.seq_len), workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"\(differs in: batch_size, seed\)"):
+        Trainer(test_config, dataclasses.replace(tc, batch_size=4, seed=1), data_for(tc), workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"\(differs in: base \(the run started from None\)\)"):
+        Trainer(test_config, tc, data_for(tc), workdir=tmp_path, base_model=create_model(test_config))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
@@ -397,6 +405,27 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--eval-fraction", "1.5"])
     assert "--eval-fraction must be in [0, 1)" in capsys.readouterr().err
+    # resuming a finished run says so; the curve and the summary are the whole run's (metrics.jsonl)
+    assert main([*args, "--eval-fraction", "0.25", "--eval-every", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 3 of 3: nothing to train" in out and f"(first {records[0]['loss']:.3f})" in out
+    # another seed or more data would resume the iterator on other rows: refused (--data given twice adds files)
+    for changed in (["--seed", "1"], ["--data", str(tmp_path / "d.jsonl")]):
+        assert main([*args, "--eval-fraction", "0.25", "--resume", "--steps", "4", *changed]) == 2
+        assert "holds another run (differs in: data (the packed rows" in capsys.readouterr().err
+    assert main([*args, "--workdir", str(tmp_path / "new"), "--clip-norm", "-1"]) == 2
+    assert "TrainConfig.clip_norm must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main([*args, "--workdir", str(tmp_path / "new"), "--export", str(tmp_path / "afile")]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    root = logging.getLogger()  # the command line logs at INFO whatever importing orbax did to the root logger
+    saved = root.handlers[:], root.level
+    try:
+        log_to_stderr()
+        assert logging.getLogger("train.train").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
     assert main(args) == 2  # checkpoints exist and no --resume
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--workdir", str(tmp_path / "other"), "--mesh", "data=2,fdsp=4"]) == 2
@@ -447,6 +476,15 @@ def test_cli_finetunes_a_checkpoint_and_exports_it(tmp_path, capsys, test_config
 
     assert main([*args, "--workdir", str(tmp_path / "again"), "--export", str(tmp_path / "b")]) == 2
     assert re.search(r"--export .*/b already holds a checkpoint", capsys.readouterr().err)
+    # --resume finds the base the run started from (run.json); another base is refused
+    no_base = [a for a in args if a not in ("--init-from", str(tmp_path / "base"))]
+    assert main([*no_base, "--workdir", str(tmp_path / "lora"), "--lora-rank", "4", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming on the base the run started from: {(tmp_path / 'base').resolve()}" in out
+    assert "training LoRA rank 4 adapters of checkpoint" in out and "already at step 2 of 2" in out
+    other = [*no_base, "--init-from", str(tmp_path / "a"), "--workdir", str(tmp_path / "lora"), "--lora-rank", "4"]
+    assert main([*other, "--resume"]) == 2
+    assert "(differs in: base (the run started from" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--lora-experts"])
     assert "--lora-experts and --lora-shared-expert need --lora-rank" in capsys.readouterr().err

@@ -18,6 +18,7 @@ tokens).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -141,6 +142,13 @@ class PackedDataset:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def fingerprint(self) -> str:
+        """A short hash of the rows (tokens, segments, positions, target mask): equal for the same packed data."""
+        h = hashlib.sha256()
+        for a in (self.tokens, self.segment_ids, self.positions, self.target_mask):
+            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
+        return h.hexdigest()[:16]
 
     def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs/targets for the given row indices. ``loss_mask`` is 0 where the target starts a new document or

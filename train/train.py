@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,40 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
         if self.warmup_steps < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("TrainConfig.warmup_steps, save_every and eval_every must be >= 0")
+        if not math.isfinite(self.lr):
+            raise ValueError(f"TrainConfig.lr must be finite, got {self.lr}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "clip_norm", "aux_loss_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v}")
+
+
+# The command line's help for TrainConfig's fields (``--seq-len`` ...).
+TRAIN_FLAG_HELP = {
+    "seq_len": "tokens per training row",
+    "batch_size": "rows per optimizer step (all --grad-accum micro-batches together)",
+    "grad_accum": "split each step's batch into this many micro-batches",
+    "steps": "optimizer steps of the whole run",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule ends at lr x this",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (not on norms and biases)",
+    "b1": "AdamW beta1",
+    "b2": "AdamW beta2",
+    "clip_norm": "clip gradients to this global norm (0: no clipping)",
+    "aux_loss_coef": "MoE load-balancing loss weight",
+    "z_loss_coef": "router z-loss weight",
+    "compute_dtype": "bfloat16 or float32 forward",
+    "seed": "model init, packing, batch order and --eval-fraction split",
+    "save_every": "checkpoint every this many steps (0: only at the end)",
+    "keep": "checkpoints kept",
+    "max_bad_steps": "stop after this many non-finite steps in a row",
+    "log_every": "log line / progress-bar update every this many steps",
+    "eval_every": "with held-out data, evaluate every this many steps (0: after the last)",
+}
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -116,7 +151,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     step serves any learning rate, schedule length or warm-up (changing them in a notebook does not recompile)."""
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     return optax.chain(
-        optax.clip_by_global_norm(tc.clip_norm),
+        optax.clip_by_global_norm(tc.clip_norm) if tc.clip_norm else optax.identity(),
         adamw(learning_rate=tc.lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=_decay_mask),
     )
 
@@ -325,6 +360,12 @@ class Trainer:
                 "adapters on it (lora=LoraConfig(...)), or train a float copy (load_pretrained(..., quantization=None))"
             )
         self.tc, self.data, self.mesh, self.rules, self.lora = train_config, data, mesh, rules, lora
+        self._base = None  # where the base weights came from (run.json)
+        if base_model is not None:
+            from step3_jax.checkpoint import checkpoint_folder
+
+            folder = checkpoint_folder(base_model)
+            self._base = str(folder.resolve()) if folder is not None else "(a model without a checkpoint folder)"
         self.eval_data = eval_data
         self.workdir = Path(workdir) if workdir is not None else None
         if base_model is not None:
@@ -392,22 +433,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _run_metadata(self) -> dict[str, Any]:
+        """What a resumed run must share with the one in the workdir to continue it exactly: the model, the base
+        weights (their checkpoint folder), the LoRA setting, the packed training rows and how they are drawn."""
         lora = dataclasses.asdict(self.lora) if self.lora else None
-        return {"model": self.model_config.to_hf_config(), "seq_len": self.tc.seq_len, "lora": lora}
+        return {
+            "model": self.model_config.to_hf_config(),
+            "seq_len": self.tc.seq_len,
+            "lora": lora,
+            "base": self._base,
+            "data": self.data.fingerprint(),
+            "batch_size": self.tc.batch_size,
+            "grad_accum": self.tc.grad_accum,
+            "seed": self.tc.seed,
+        }
 
     def _check_run_metadata(self) -> None:
         meta_path = self.workdir / "run.json"
         if meta_path.exists():
             saved, now = json.loads(meta_path.read_text()), json.loads(json.dumps(self._run_metadata()))
-            if saved != now:
-                diff = [k for k in ("seq_len", "lora") if saved.get(k) != now[k]]
-                old_model, new_model = saved.get("model") or {}, now["model"]
-                diff += sorted(
-                    f"model.{k}" for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k)
-                )
+            # (a key the saved run does not have, from an older version, is not compared)
+            diff = [k for k in now if k != "model" and k in saved and saved[k] != now[k]]
+            old_model, new_model = saved.get("model") or {}, now["model"]
+            diff += sorted(
+                f"model.{k}" for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k)
+            )
+            if diff:
+                named = {"data": "data (the packed rows: other files, --seed or --eval-fraction)",
+                         "base": f"base (the run started from {saved.get('base')})"}  # fmt: skip
                 raise ValueError(
-                    f"{self.workdir} holds a run of a different model, sequence length or LoRA setting (differs in: "
-                    f"{', '.join(diff)}); use another --workdir, nothing was overwritten"
+                    f"{self.workdir} holds another run (differs in: {', '.join(named.get(k, k) for k in diff)}): "
+                    f"resume it as it was started, or use another --workdir (to go on with other data or settings, "
+                    f"start a new run from an --export of this one); nothing was overwritten"
                 )
         else:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -600,6 +656,31 @@ def run(trainer: Trainer, *, progress: bool = True, log_path: Path | None = None
     return history
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The step records of a run's ``metrics.jsonl`` (as :func:`run` writes them), in order; a line cut short by a
+    crash is left out, and a missing file is an empty list."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if _record_step(line) is not None]
+
+
+def _saved_base(workdir: Path) -> str | None:
+    """The checkpoint folder the run in ``workdir`` started from (its run.json), if any."""
+    try:
+        base = json.loads((workdir / "run.json").read_text()).get("base")
+    except (OSError, ValueError):
+        return None
+    if base is not None and not Path(base).is_dir():
+        raise ValueError(
+            f"the run in {workdir} started from {base}, which is not a checkpoint folder now: pass --init-from with "
+            f"that checkpoint"
+        )
+    if base is not None:
+        print(f"resuming on the base the run started from: {base}")
+    return base
+
+
 def _drop_records_after(path: Path, step: int) -> None:
     """Cut a metrics log back to the records of steps <= ``step`` (a resumed run redoes the steps after its
     checkpoint; their old records would stand beside the new ones) and drop a line cut short by a crash. Replaced
@@ -666,10 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", metavar="DIR",
                     help="at the end, write the trained model (LoRA: merged into the base) to DIR as a Hugging Face "
                     "checkpoint, with --init-from's tokenizer files")  # fmt: skip
-    ap.add_argument("--data", nargs="*", default=None,
+    ap.add_argument("--data", nargs="+", action="extend", default=None, metavar="FILE",
                     help='text or .jsonl files, one {"text": ...} or {"messages": [...]} (a conversation: only '
                     "its assistant turns are trained) per line (default: the embedded corpus)")  # fmt: skip
-    ap.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
+    ap.add_argument("--eval-data", nargs="+", action="extend", default=None, metavar="FILE",
                     help="held-out text / .jsonl files, scored every --eval-every steps "
                     "(0: after the last)")  # fmt: skip
     ap.add_argument("--eval-fraction", type=float, default=0.0,
@@ -683,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every --log-every steps")
     for f in dataclasses.fields(TrainConfig):
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                        help=f"{TRAIN_FLAG_HELP.get(f.name, '')} (default {f.default})".strip())  # fmt: skip
     args = ap.parse_args(argv)
     if args.lora_rank < 0:
         ap.error(f"--lora-rank must be >= 0 (0: train every weight), got {args.lora_rank}")
@@ -693,7 +775,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     if args.eval_fraction and args.eval_data:
         ap.error("give --eval-data or --eval-fraction, not both")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         lora = None
@@ -705,6 +786,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{workdir} already has checkpoints: pass --resume to continue, or another --workdir")
         if export is not None and (export / "config.json").exists():
             raise ValueError(f"--export {export} already holds a checkpoint; choose another folder")
+        if export is not None and export.exists() and not export.is_dir():
+            raise ValueError(f"--export {export} is a file, not a folder")
+        if args.resume and not args.init_from:  # (a run started from a checkpoint resumes on the same base)
+            args.init_from = _saved_base(workdir)
         mesh = mesh_from_spec(args.mesh) if args.mesh else None
         docs = read_documents(args.data) if args.data else embedded_corpus()
         eval_docs = read_documents(args.eval_data) if args.eval_data else None
@@ -744,14 +829,17 @@ def main(argv: list[str] | None = None) -> int:
         f"training {how} {what}: {count_params(config)['total'] / 1e6:.1f}M parameters, "
         f"{len(data)} rows of {tc.seq_len} tokens{held_out}, batch {tc.batch_size}, {tc.steps} steps"
     )
+    if trainer.step >= tc.steps:
+        print(f"the run in {workdir} is already at step {trainer.step} of {tc.steps}: nothing to train (more: --steps)")
     try:
-        history = run(trainer, progress=not args.no_progress, log_path=workdir / "metrics.jsonl")
+        run(trainer, progress=not args.no_progress, log_path=workdir / "metrics.jsonl")
         trainer.save(wait=True)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         trainer.close()
+    history = read_metrics(workdir / "metrics.jsonl")  # (the whole run, the steps before a resume included)
     if history:
         plot_loss(history, workdir / "loss.png")
         last = history[-1]
@@ -794,5 +882,12 @@ def _export(
     print(f"exported the trained model to {folder}{also}")
 
 
+def log_to_stderr() -> None:
+    """The command line's log lines (INFO and up: progress without a bar, "resumed from step N", evaluations) on
+    stderr. ``force``: importing orbax has already given the root logger a handler, at WARNING, through absl."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+
+
 if __name__ == "__main__":
+    log_to_stderr()
     sys.exit(main())
