@@ -28,10 +28,11 @@ def short_error(e: BaseException, limit: int = 160) -> str:
 
 def write_json(path: str | os.PathLike | None, report: dict) -> None:
     """Write ``report`` to ``path`` (if any) whole or not at all: into a temporary file, then renamed over it, so
-    a process killed mid-write leaves the previous complete report."""
+    a process killed mid-write leaves the previous complete report. Missing parent folders are made."""
     if path is None:
         return
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as fh:
         json.dump(report, fh, indent=1)

@@ -941,10 +941,14 @@ class KernelTimes:
     ffn_coef: tuple[float, float] | None = None
     source: str = ""
     contexts: tuple[int, ...] = ()  # the contexts the attention records were measured at
+    max_tokens_per_gpu: float = math.inf  # the largest attention record's tokens
+    max_ffn_tokens: float = math.inf  # the largest FFN record's tokens
 
     def attention_us(self, tokens_per_gpu: float, context: int) -> float:
         """The fitted time; ``ValueError`` at another context than the only one measured (one context cannot tell
-        per-token from per-KV-position time), or where the fit goes negative (records that are not affine)."""
+        per-token from per-KV-position time), or where the fit, extrapolated past the measured sizes, goes
+        negative (it falls as the work grows: records far from affine). Below the measured sizes a negative value
+        (a fit's intercept under zero, from noise) is taken as 0."""
         if len(self.contexts) == 1 and context != self.contexts[0]:
             raise ValueError(
                 f"kernel times {self.source!r}: every attention record is at context {self.contexts[0]}, which "
@@ -952,21 +956,25 @@ class KernelTimes:
                 f"two or more contexts for context {context}"
             )
         a, b, c = self.attention_coef
-        return self._positive(a + b * tokens_per_gpu + c * tokens_per_gpu * context, "attention", tokens_per_gpu)
+        t = a + b * tokens_per_gpu + c * tokens_per_gpu * context
+        beyond = tokens_per_gpu > self.max_tokens_per_gpu or context > max(self.contexts, default=math.inf)
+        return self._not_negative(t, "attention", f"{tokens_per_gpu:g} tokens x context {context}", beyond)
 
     def ffn_us(self, tokens: float) -> float | None:
         if self.ffn_coef is None:
             return None
         a, b = self.ffn_coef
-        return self._positive(a + b * tokens, "FFN", tokens)
+        return self._not_negative(a + b * tokens, "FFN", f"{tokens:g} tokens", tokens > self.max_ffn_tokens)
 
-    def _positive(self, t: float, what: str, tokens: float) -> float:
-        if t <= 0:
+    def _not_negative(self, t: float, what: str, where: str, beyond: bool) -> float:
+        if t > 0:
+            return t
+        if beyond:
             raise ValueError(
-                f"kernel times {self.source!r}: the fitted {what} time at {tokens:g} tokens is {t:.3g} us; the "
-                f"records are not close to affine in the tokens over this range (measure nearer to it)"
+                f"kernel times {self.source!r}: the fitted {what} time at {where}, past the measured sizes, is "
+                f"{t:.3g} us: the records are far from affine (measure nearer to this size)"
             )
-        return t
+        return 0.0
 
 
 _RECORD_KEYS = {"component", "tokens_per_gpu", "tokens", "context", "time_us", "gpus", "note"}
@@ -1022,7 +1030,8 @@ def kernel_times_from_records(
         coef = np.linalg.lstsq(np.column_stack([np.ones(len(f)), f[:, 0]]), f[:, 1], rcond=None)[0]
         ffn_coef = (float(coef[0]), float(coef[1]))
     contexts = tuple(sorted({int(rec["context"]) for rec in rows if rec.get("component") == "attention"}))
-    return KernelTimes(hardware, model, attention_coef, ffn_coef, source, contexts)
+    most_ffn = max((n for n, _ in ffn), default=math.inf)
+    return KernelTimes(hardware, model, attention_coef, ffn_coef, source, contexts, float(a[:, 0].max()), most_ffn)
 
 
 def load_kernel_times(path: Path | str) -> KernelTimes:

@@ -39,10 +39,10 @@ def test_benchmark_budget_counts_from_the_process_start_and_reports_are_replaced
 
     assert Budget(0).over() and not Budget(None).over() and not Budget(1e9).over()
     assert 0 < process_age_s() < 24 * 3600  # (this process has run the tests before this one)
-    path = tmp_path / "r.json"
+    path = tmp_path / "new" / "r.json"  # (a folder that is not there yet is made)
     write_json(path, {"rows": [1]})
     write_json(path, {"rows": [1, 2]})
-    assert json.loads(path.read_text()) == {"rows": [1, 2]} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert json.loads(path.read_text()) == {"rows": [1, 2]} and [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
 def test_decode_benchmark_times_the_engine_against_the_bare_step(tmp_path):

@@ -456,7 +456,7 @@ def test_bad_afd_inputs(tmp_path, hw):
         cm.paper_table9_kernel_times("B200")
     assert cm.paper_table9_kernel_times("h800").hardware == "H800"
     # records all at one context: used at that context only (one context cannot tell per-token from per-position
-    # time); a fit that goes negative where it is asked is refused
+    # time); a fit that goes negative past the measured sizes is refused
     one = [{"component": "attention", "tokens_per_gpu": n, "context": 4096, "time_us": 100 + n} for n in (64, 128)]
     kt = cm.kernel_times_from_records(one, source="one context")
     assert kt.attention_us(96, 4096) == pytest.approx(196)
@@ -464,8 +464,10 @@ def test_bad_afd_inputs(tmp_path, hw):
         kt.attention_us(64, 8192)
     falling = [{"component": "attention", "tokens_per_gpu": 64, "context": c, "time_us": t} for c, t in
                ((4096, 500), (8192, 300))]  # fmt: skip
-    with pytest.raises(ValueError, match="fitted attention time at 64 tokens is -"):
-        cm.kernel_times_from_records(falling, source="falling").attention_us(64, 65536)
+    falls = cm.kernel_times_from_records(falling, source="falling")
+    with pytest.raises(ValueError, match="attention time at 64 tokens x context 65536, past the measured sizes, is -"):
+        falls.attention_us(64, 65536)
+    assert falls.attention_us(64, 8192) == pytest.approx(300)
 
 
 # ---------------------------------------------------------------- CLI
