@@ -165,9 +165,11 @@ def quantize_rows(
 
 @dataclasses.dataclass(frozen=True)
 class GmmConfig:
-    """Tiling of the kernel. A CTA computes a ``(2 * wg_m) x block_n`` output tile with two compute warpgroups of
-    ``wg_m`` rows each; one wgmma covers ``wg_m x sub_n`` (its f32 partial lives in registers next to the
-    accumulator, so ``wg_m * (block_n + sub_n) / 128`` registers per thread go to them)."""
+    """Tiling of the kernel. With ``split="m"`` a CTA computes a ``(2 * wg_m) x block_n`` output tile with two
+    compute warpgroups of ``wg_m`` rows each; with ``split="n"`` a ``wg_m x block_n`` tile, each warpgroup taking
+    ``block_n / 2`` of the columns (the decode shape: few rows per expert, so a CTA streams a wider weight tile per
+    activation tile). One wgmma covers ``wg_m x sub_n`` (its f32 partial lives in registers next to the
+    accumulator, so ``wg_m * (wg_n + sub_n) / 128`` registers per thread go to them)."""
 
     wg_m: int = 64
     block_n: int = 128
@@ -176,10 +178,17 @@ class GmmConfig:
     grid_minor_dim: int = 0  # 0: consecutive tiles walk down the rows (share the weight tile), 1: along N
     grid_tile_width: int = 8
     num_sms: int = 132  # H100 / H200 SXM
+    split: str = "m"  # how the two compute warpgroups share the CTA tile: "m" (rows) or "n" (columns)
 
     @property
     def block_m(self) -> int:
-        return NUM_COMPUTE_WGS * self.wg_m
+        """Rows of the CTA tile."""
+        return NUM_COMPUTE_WGS * self.wg_m if self.split == "m" else self.wg_m
+
+    @property
+    def wg_n(self) -> int:
+        """Columns of one compute warpgroup's part of the CTA tile."""
+        return self.block_n if self.split == "m" else self.block_n // NUM_COMPUTE_WGS
 
     def smem_bytes(self, out_dtype=jnp.bfloat16) -> int:
         per_stage = self.block_m * BLOCK + self.block_n * BLOCK + self.block_m * 4  # x, w (fp8), x scales (f32)
@@ -193,7 +202,14 @@ class GmmConfig:
             raise ValueError(f"GmmConfig.block_n must be a positive multiple of {BLOCK}, got {self.block_n}")
         if self.sub_n not in (64, 128):
             raise ValueError(f"GmmConfig.sub_n must be 64 or 128, got {self.sub_n}")
-        regs = self.wg_m * (self.block_n + self.sub_n) // 128
+        if self.split not in ("m", "n"):
+            raise ValueError(f"GmmConfig.split must be 'm' (rows) or 'n' (columns), got {self.split!r}")
+        if self.split == "n" and self.block_n % (NUM_COMPUTE_WGS * BLOCK):
+            raise ValueError(
+                f"GmmConfig.block_n must be a multiple of {NUM_COMPUTE_WGS * BLOCK} with split='n' (each warpgroup "
+                f"takes whole {BLOCK}-column scale blocks), got {self.block_n}"
+            )
+        regs = self.wg_m * (self.wg_n + self.sub_n) // 128
         if regs > 192:
             raise ValueError(
                 f"GmmConfig {self}: accumulator + partial need {regs} registers per thread (> 192); "
@@ -256,10 +272,11 @@ def _build_kernel(m: int, n: int, k: int, g: int, out_dtype, config: GmmConfig, 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    wg_m, block_m, block_n, sub_n = config.wg_m, config.block_m, config.block_n, config.sub_n
+    wg_m, block_m, block_n, sub_n, wg_n = config.wg_m, config.block_m, config.block_n, config.sub_n, config.wg_n
+    split_m = config.split == "m"
     k_steps = k // BLOCK
     grid_n = n // block_n
-    n_sub = block_n // sub_n
+    n_sub = wg_n // sub_n
     sub_per_block = BLOCK // sub_n  # sub tiles sharing one 128-column weight scale
     fp8_swizzle = plgpu.find_swizzle(BLOCK * 8, "fp8 tile")
     fp8_transforms = (plgpu.TilingTransform((8, fp8_swizzle)), plgpu.SwizzleTransform(fp8_swizzle))
@@ -299,8 +316,11 @@ def _build_kernel(m: int, n: int, k: int, g: int, out_dtype, config: GmmConfig, 
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (num_tiles, grid_n), config.grid_minor_dim, config.grid_tile_width)
                 group, blk, g_start, g_end = _tile_of(gs_ref, g, m, block_m, mi)[:4]
+                # this warpgroup's rows and columns of the CTA tile: its own rows ("m") or its own columns ("n")
+                row_off = wg * wg_m if split_m else 0
+                col_off = 0 if split_m else wg * wg_n
                 # rows of this warpgroup that belong to the group, relative to the warpgroup's first row
-                wg_row0 = blk * block_m + wg * wg_m
+                wg_row0 = blk * block_m + row_off
                 lo = jnp.clip(g_start - wg_row0, 0, wg_m)
                 hi = jnp.clip(g_end - wg_row0, 0, wg_m)
 
@@ -320,7 +340,7 @@ def _build_kernel(m: int, n: int, k: int, g: int, out_dtype, config: GmmConfig, 
                         def _(start=start, size=size):
                             plgpu.copy_smem_to_gmem(
                                 out.at[pl.ds(start, size)],
-                                o_ref.at[pl.ds(wg_row0 + start, size), pl.ds(ni * block_n, block_n)],
+                                o_ref.at[pl.ds(wg_row0 + start, size), pl.ds(ni * block_n + col_off, wg_n)],
                             )
 
                         start = start + (count & size)
@@ -332,14 +352,15 @@ def _build_kernel(m: int, n: int, k: int, g: int, out_dtype, config: GmmConfig, 
 
                 def mma_body(idxs, x_smem, w_smem, xs_smem, accs):
                     (kk,) = idxs
-                    w_sc = [ws_ref[group, ni * (block_n // BLOCK) + j, kk] for j in range(block_n // BLOCK)]
-                    x_sc = plgpu.load(xs_smem.at[0, pl.ds(wg * wg_m, wg_m)], layout=row_layout)
-                    x_rows = x_smem.at[pl.ds(wg * wg_m, wg_m)]
+                    scale_col0 = ni * (block_n // BLOCK) + col_off // BLOCK
+                    w_sc = [ws_ref[group, scale_col0 + j, kk] for j in range(wg_n // BLOCK)]
+                    x_sc = plgpu.load(xs_smem.at[0, pl.ds(row_off, wg_m)], layout=row_layout)
+                    x_rows = x_smem.at[pl.ds(row_off, wg_m)]
                     new = []
                     for j in range(n_sub):
 
                         def mma(acc_ref, j=j):
-                            plgpu.wgmma(acc_ref, x_rows, w_smem.at[pl.ds(j * sub_n, sub_n)].T)
+                            plgpu.wgmma(acc_ref, x_rows, w_smem.at[pl.ds(col_off + j * sub_n, sub_n)].T)
                             return acc_ref[...]
 
                         part = pl.run_scoped(mma, plgpu.ACC((wg_m, sub_n), f32))
@@ -365,7 +386,7 @@ def _build_kernel(m: int, n: int, k: int, g: int, out_dtype, config: GmmConfig, 
         pl.run_scoped(
             scope,
             pipeline_allocs=allocs,
-            o_smem=plgpu.SMEM((NUM_COMPUTE_WGS, wg_m, block_n), out_dtype),
+            o_smem=plgpu.SMEM((NUM_COMPUTE_WGS, wg_m, wg_n), out_dtype),
             collective_axes="wg",
         )
 

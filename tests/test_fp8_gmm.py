@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.bench_fp8_gmm import GPU_CONFIGS
 from pallas_kernels.fp8_gmm import (
     DEFAULT_CONFIG,
     SMEM_BYTES,
@@ -86,6 +87,8 @@ def test_reference_equals_dequantise_then_matmul(m, k, n, groups):
         # 128-row warpgroups with two 64-wide partials, and a 256-wide N tile walked along N
         (150, 256, 256, [3, 0, 60, 80], GmmConfig(num_sms=4, wg_m=128, sub_n=64, stages=2)),
         (150, 384, 512, [40, 110], GmmConfig(num_sms=3, block_n=256, stages=3, grid_minor_dim=1, grid_tile_width=2)),
+        # the warpgroups side by side (64 rows, each its own 128 of 256 columns): the same group cuts and zero rows
+        (150, 256, 512, [3, 0, 60, 80], GmmConfig(num_sms=3, block_n=256, split="n", stages=2)),
     ],
 )
 def test_interpret_kernel_equals_reference(m, k, n, groups, config):
@@ -129,6 +132,10 @@ def test_unsupported_shapes_and_bad_arguments_raise_clearly():
         GmmConfig(block_n=256, stages=6).validate()
     with pytest.raises(ValueError, match="registers"):
         GmmConfig(wg_m=128, block_n=256).validate()
+    with pytest.raises(ValueError, match="multiple of 256 with split='n'"):
+        GmmConfig(split="n").validate()  # each warpgroup would hold half a 128-column scale block
+    with pytest.raises(ValueError, match="split must be 'm'"):
+        GmmConfig(split="k").validate()
 
 
 def test_quantize_rows_matches_quant_format():
@@ -170,7 +177,7 @@ def test_cuda_lowering_at_step3_expert_shapes(rows, k, n):
 
 @pytest.mark.parametrize(
     "config",
-    [GmmConfig(block_n=256, stages=3), GmmConfig(wg_m=128, sub_n=64, stages=3), GmmConfig(stages=5)],
+    GPU_CONFIGS[1:],  # every tiling the H200 benchmark sweeps (the default is lowered above)
     ids=str,
 )
 def test_cuda_lowering_of_other_tilings(config):
