@@ -14,6 +14,7 @@ Each peer runs in its own try/except: a failing peer prints its error in the tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import math
@@ -33,6 +34,26 @@ HEADS, DIM = 64, 256
 FULL_SHAPES = [(128, 4096), (16, 32768), (1, 65536), (64, 8192), (32, 4096)]
 SMALL_SHAPES = [(2, 256), (1, 320)]
 L2_BYTES = 60 << 20
+OURS = "ours (paged)"
+VARIANT_SHAPES = 2  # the first this many shapes (the targets' headline ones) also time other kernel configs
+
+
+def kernel_variants(batch: int, ctx: int, fp8: bool, page_size: int, small: bool) -> dict[str, md.KernelConfig]:
+    """Other configs than the default to time beside it (optional rows: the H200 run says which pays): twice and
+    half the split count (more / fewer waves of CTAs) and one pipeline stage fewer; on the CPU only the first."""
+    base = md.default_config(batch, 1, ctx, page_size, fp8)
+    blocks = -(-ctx // base.block_kv)
+    out = {}
+    if 2 * base.num_splits <= blocks:
+        out[f"ours [splits={2 * base.num_splits}]"] = dataclasses.replace(base, num_splits=2 * base.num_splits)
+    if base.num_splits > 1:
+        out[f"ours [splits={base.num_splits // 2}]"] = dataclasses.replace(base, num_splits=base.num_splits // 2)
+    out[f"ours [stages={base.stages - 1}]"] = dataclasses.replace(base, stages=base.stages - 1)
+    return dict(list(out.items())[:1]) if small else out
+
+
+def config_note(cfg: md.KernelConfig) -> str:
+    return f"block_kv={cfg.block_kv} stages={cfg.stages} splits={cfg.num_splits}"
 
 
 def time_fn(fn, arg_sets, *, min_time_s: float, repeats: int = 5) -> float:
@@ -136,29 +157,35 @@ def run(
     budget: Budget | None = None,
     on_row=None,
 ) -> dict:
-    """The table: a row per (shape, KV dtype, implementation). Past the ``budget`` only our kernel is measured
-    (the peers' rows say skipped); ``on_row(result so far)`` after every row (the script writes its JSON)."""
+    """The table: a row per (shape, KV dtype, implementation). Past the ``budget`` only our kernel in its default
+    config is measured (the peers' and the other configs' rows say skipped); ``on_row(result so far)`` after every
+    row (the script writes its JSON)."""
     on_gpu = jax.default_backend() == "gpu"
     budget = budget or Budget(None)
     ceiling = read_ceiling(ceiling_bytes, min_time_s)
     rows = []
     result = dict(ceiling_bytes_per_s=ceiling, rows=rows)
-    for batch, ctx in shapes:
+    for shape_index, (batch, ctx) in enumerate(shapes):
         for fp8 in (False, True):
             case = build_case(batch, ctx, fp8, page_size)
             q, lengths, tables = case["q"], case["lengths"], case["tables"]
             ref32 = _f32_reference(q, case, tables[0], lengths)
-            kernel = jax.jit(
-                functools.partial(md.mfa_decode_kernel, scale=DIM**-0.5, interpret=not on_gpu),
-            )
-            impls = {
-                "ours (paged)": (
-                    lambda t, kernel=kernel, case=case, q=q, lengths=lengths: kernel(
-                        q, case["k"], case["v"], t, lengths, k_scales=case["ks"], v_scales=case["vs"]
-                    ),
+            default = md.default_config(batch, 1, ctx, page_size, fp8)
+            variants = {}  # timed after the peers
+            if shape_index < VARIANT_SHAPES and not (small and fp8):
+                variants = kernel_variants(batch, ctx, fp8, page_size, small)
+            notes = {name: config_note(c) for name, c in {OURS: default, **variants}.items()}
+
+            def ours(cfg, case=case, q=q, lengths=lengths, tables=tables):
+                kernel = jax.jit(
+                    functools.partial(md.mfa_decode_kernel, scale=DIM**-0.5, config=cfg, interpret=not on_gpu)
+                )
+                return (
+                    lambda t: kernel(q, case["k"], case["v"], t, lengths, k_scales=case["ks"], v_scales=case["vs"]),
                     [(t,) for t in tables],
-                ),
-            }
+                )
+
+            impls = {OURS: ours(default)}
             contig = [contiguous(case, i) for i in range(len(tables))]
             peers = {"XLA einsum+softmax": peer_xla, "jax mqa (Triton, block_k=128)": peer_mqa, "cuDNN": peer_cudnn}
             for name, fn in peers.items():  # off GPU cuDNN fails: an error row, the code path still runs
@@ -166,9 +193,13 @@ def run(
                     fn = functools.partial(peer_mqa, interpret=True)
                 f = jax.jit(fn)
                 impls[name] = (lambda *a, f=f, q=q, lengths=lengths: f(q, *a, lengths), [tuple(c) for c in contig])
+            for name, cfg in variants.items():
+                impls[name] = ours(cfg)
             for name, (fn, arg_sets) in impls.items():
                 row = dict(batch=batch, context=ctx, kv="fp8" if fp8 else "bf16", impl=name, kv_bytes=case["kv_bytes"])
-                if not name.startswith("ours") and budget.over():
+                if name in notes:
+                    row["config"] = notes[name]
+                if name != OURS and budget.over():
                     row["error"] = f"skipped: over the --budget-s of {budget.seconds:g} s"
                     rows.append(row)
                     _print_row(row)

@@ -159,6 +159,27 @@ def test_kernel_lowers_for_cuda_at_step3_shapes(fp8, page_size):
     assert b * cfg.num_splits >= md.NUM_SMS  # split-KV fills the chip
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_every_config_the_benchmark_times_lowers_for_cuda(fp8):
+    """The H200 run's other configs at issue #4's headline shape (128 x 4K): none wastes its row on a layout error."""
+    from pallas_kernels.bench_mfa_decode import kernel_variants
+
+    b, ctx, page = 128, 4096, 64
+    kv_dt = md.FP8_DTYPE if fp8 else jnp.bfloat16
+    pages = jax.ShapeDtypeStruct((b * ctx // page, page, 256), kv_dt)
+    scales = [jax.ShapeDtypeStruct(pages.shape[:2], jnp.float32)] * 2 if fp8 else [None, None]
+    args = [jax.ShapeDtypeStruct((b, 64, 256), jnp.bfloat16), pages, pages]
+    args += [jax.ShapeDtypeStruct((b, ctx // page), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)]
+    variants = kernel_variants(b, ctx, fp8, page, small=False)
+    assert len(variants) == 3  # twice and half the splits, one stage fewer
+    for cfg in variants.values():
+
+        def f(q, k, v, table, lengths, ks, vs, cfg=cfg):
+            return md.mfa_decode_kernel(q, k, v, table, lengths, scale=SCALE, k_scales=ks, v_scales=vs, config=cfg)
+
+        assert "mosaic_gpu" in jax.jit(f).trace(*args, *scales).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_smem_overflow_is_caught_by_cuda_lowering():
     """The lowering check is real: 4 stages of 64-token BF16 K and V do not fit in 227 KB."""
     args = [
