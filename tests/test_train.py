@@ -255,9 +255,15 @@ def test_resume_with_another_model_shape_is_refused(test_config, tmp_path):
         Trainer(test_config, tc, pack_documents(DOCS * 30, TOK, tc.seq_len), workdir=tmp_path)
     with pytest.raises(ValueError, match=r"\(differs in: batch_size, seed\)"):
         Trainer(test_config, dataclasses.replace(tc, batch_size=4, seed=1), data_for(tc), workdir=tmp_path)
-    with pytest.raises(ValueError, match=r"\(differs in: base \(the run started from None\)\)"):
+    with pytest.raises(ValueError, match=r"\(differs in: base \(the run started from scratch \(--preset\)\)\)"):
         Trainer(test_config, tc, data_for(tc), workdir=tmp_path, base_model=create_model(test_config))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    # the accumulation count only splits the same batch: another one resumes (e.g. to fit a smaller card)
+    Trainer(test_config, dataclasses.replace(tc, grad_accum=2), data_for(tc), workdir=tmp_path).close()
+    # a run that stopped before its first checkpoint left nothing to resume: another run may take its workdir
+    Trainer(test_config, tc, data_for(tc), workdir=tmp_path / "fresh").close()
+    Trainer(test_config, dataclasses.replace(tc, batch_size=4), data_for(tc), workdir=tmp_path / "fresh").close()
+    assert json.loads((tmp_path / "fresh" / "run.json").read_text())["batch_size"] == 4
 
 
 def test_balancing_loss_evens_out_a_skewed_router(test_config):
@@ -423,6 +429,7 @@ def test_cli_trains_saves_and_refuses_to_clobber(tmp_path, capsys):
     try:
         log_to_stderr()
         assert logging.getLogger("train.train").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("absl").isEnabledFor(logging.INFO)  # (orbax's chatter: warnings only)
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
@@ -485,6 +492,16 @@ def test_cli_finetunes_a_checkpoint_and_exports_it(tmp_path, capsys, test_config
     other = [*no_base, "--init-from", str(tmp_path / "a"), "--workdir", str(tmp_path / "lora"), "--lora-rank", "4"]
     assert main([*other, "--resume"]) == 2
     assert "(differs in: base (the run started from" in capsys.readouterr().err
+    # the base moved: --resume says where it was; --init-from at its new place resumes (the same weights), and is
+    # remembered for the next --resume
+    (tmp_path / "base").rename(tmp_path / "moved")
+    resume_lora = [*no_base, "--workdir", str(tmp_path / "lora"), "--lora-rank", "4", "--resume"]
+    assert main(resume_lora) == 2
+    assert "which is not a checkpoint folder now: pass --init-from" in capsys.readouterr().err
+    assert main([*resume_lora, "--init-from", str(tmp_path / "moved")]) == 0
+    assert "already at step 2 of 2" in capsys.readouterr().out
+    assert main(resume_lora) == 0
+    assert f"the run started from: {(tmp_path / 'moved').resolve()}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "--lora-experts"])
     assert "--lora-experts and --lora-shared-expert need --lora-rank" in capsys.readouterr().err

@@ -360,12 +360,14 @@ class Trainer:
                 "adapters on it (lora=LoraConfig(...)), or train a float copy (load_pretrained(..., quantization=None))"
             )
         self.tc, self.data, self.mesh, self.rules, self.lora = train_config, data, mesh, rules, lora
-        self._base = None  # where the base weights came from (run.json)
+        self._base = None  # where the base weights came from (run.json), and a fingerprint of them
+        self._base_weights = None
         if base_model is not None:
             from step3_jax.checkpoint import checkpoint_folder
 
             folder = checkpoint_folder(base_model)
             self._base = str(folder.resolve()) if folder is not None else "(a model without a checkpoint folder)"
+            self._base_weights = checkpoint_fingerprint(folder) if folder is not None else None
         self.eval_data = eval_data
         self.workdir = Path(workdir) if workdir is not None else None
         if base_model is not None:
@@ -434,40 +436,54 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _run_metadata(self) -> dict[str, Any]:
         """What a resumed run must share with the one in the workdir to continue it exactly: the model, the base
-        weights (their checkpoint folder), the LoRA setting, the packed training rows and how they are drawn."""
+        weights (a fingerprint of them; their folder is kept to find them again), the LoRA setting, the packed
+        training rows and how they are drawn. Not the accumulation count: it splits the same batch differently."""
         lora = dataclasses.asdict(self.lora) if self.lora else None
         return {
             "model": self.model_config.to_hf_config(),
             "seq_len": self.tc.seq_len,
             "lora": lora,
             "base": self._base,
+            "base_weights": self._base_weights,
             "data": self.data.fingerprint(),
             "batch_size": self.tc.batch_size,
-            "grad_accum": self.tc.grad_accum,
             "seed": self.tc.seed,
         }
 
     def _check_run_metadata(self) -> None:
         meta_path = self.workdir / "run.json"
-        if meta_path.exists():
-            saved, now = json.loads(meta_path.read_text()), json.loads(json.dumps(self._run_metadata()))
-            # (a key the saved run does not have, from an older version, is not compared)
-            diff = [k for k in now if k != "model" and k in saved and saved[k] != now[k]]
+        now = json.loads(json.dumps(self._run_metadata()))
+        if meta_path.exists() and self.manager.latest_step() is not None:
+            saved = json.loads(meta_path.read_text())
+            # Compared: every key the saved run has (one from an older version that it lacks is not), the base by
+            # its weights where both runs have their fingerprint (the same weights in another folder are the same
+            # base), else by its folder.
+            by_weights = saved.get("base_weights") is not None and now["base_weights"] is not None
+            skip = {"model", "base"} if by_weights else {"model", "base_weights"}
+            diff = [k for k in now if k not in skip and k in saved and saved[k] != now[k]]
             old_model, new_model = saved.get("model") or {}, now["model"]
             diff += sorted(
                 f"model.{k}" for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k)
             )
             if diff:
-                named = {"data": "data (the packed rows: other files, --seed or --eval-fraction)",
-                         "base": f"base (the run started from {saved.get('base')})"}  # fmt: skip
+                started = "from scratch (--preset)" if saved.get("base") is None else f"from {saved['base']}"
+                named = {
+                    "data": "data (the packed rows: other files or file order, another --chat-template or tokenizer, "
+                    "--seed or --eval-fraction)",
+                    "base": f"base (the run started {started})",
+                    "base_weights": f"base (the run started {started}; these are other weights)",
+                }
                 raise ValueError(
                     f"{self.workdir} holds another run (differs in: {', '.join(named.get(k, k) for k in diff)}): "
                     f"resume it as it was started, or use another --workdir (to go on with other data or settings, "
                     f"start a new run from an --export of this one); nothing was overwritten"
                 )
-        else:
+            if saved.get("base") != now["base"]:  # the same base weights, moved: found here from now on
+                log.info("the base checkpoint of %s is now %s (was %s)", self.workdir, now["base"], saved.get("base"))
+                meta_path.write_text(json.dumps(now, indent=1))
+        else:  # a new run, or one that stopped before its first checkpoint (nothing to resume: it starts afresh)
             self.workdir.mkdir(parents=True, exist_ok=True)
-            meta_path.write_text(json.dumps(self._run_metadata(), indent=1))
+            meta_path.write_text(json.dumps(now, indent=1))
 
     def _state(self):
         return {"params": self.params, "opt_state": self.opt_state}
@@ -665,6 +681,32 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if _record_step(line) is not None]
 
 
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """A fingerprint of a checkpoint folder's weights that stays the same when the folder moves: a SHA-256 over
+    ``config.json``, and for each ``*.safetensors`` file its name, size, header (tensor names, dtypes, shapes,
+    offsets) and 16 evenly spaced 64 KiB samples of its data, so about 1 MB read per file, not the whole file."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    config = folder / "config.json"
+    h.update(config.read_bytes() if config.is_file() else b"")
+    chunk, samples = 1 << 16, 16
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + fh.read(min(header_len, max(0, size - 8))))
+            start = 8 + header_len
+            span = max(0, size - start - chunk)
+            for i in range(samples):
+                fh.seek(start + span * i // (samples - 1))
+                h.update(fh.read(chunk))
+    return h.hexdigest()
+
+
 def _saved_base(workdir: Path) -> str | None:
     """The checkpoint folder the run in ``workdir`` started from (its run.json), if any."""
     try:
@@ -674,7 +716,7 @@ def _saved_base(workdir: Path) -> str | None:
     if base is not None and not Path(base).is_dir():
         raise ValueError(
             f"the run in {workdir} started from {base}, which is not a checkpoint folder now: pass --init-from with "
-            f"that checkpoint"
+            f"that checkpoint where it is now (its weights are checked against the run's)"
         )
     if base is not None:
         print(f"resuming on the base the run started from: {base}")
@@ -883,9 +925,12 @@ def _export(
 
 
 def log_to_stderr() -> None:
-    """The command line's log lines (INFO and up: progress without a bar, "resumed from step N", evaluations) on
-    stderr. ``force``: importing orbax has already given the root logger a handler, at WARNING, through absl."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    """The command line's log lines on stderr: the project's at INFO and up (progress without a bar, "resumed from
+    step N", evaluations), every other library's (orbax's checkpointing chatter through absl) at WARNING and up.
+    ``force``: importing orbax has already given the root logger a handler, through absl."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+    for name in ("__main__", "train", "step3_jax", "infer", "pallas_kernels"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 if __name__ == "__main__":
