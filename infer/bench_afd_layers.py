@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         t = bench_ffn(ffn_prog, ffn_params, message, iters=iters, repeats=repeats)
         group_sizes[n] = sizes
         ffn_records.append(
-            {"component": "ffn", "tokens": point.ffn_record_tokens(n), "time_us": t * 1e6,
+            {"component": "ffn", "tokens": point.ffn_record_tokens(n), "time_us": t * 1e6, "gpus": point.ffn_gpus,
              "note": f"per FFN GPU: {n} tokens, {n * config.moe_top_k} routed rows over {ffn_config.moe_num_experts} "
                      f"experts {sizes} + shared expert; tokens = x{point.setup.gpus_per_instance} per FFN instance"}
         )  # fmt: skip

@@ -280,16 +280,23 @@ def _parse_deployment(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _check_kernel_times(kt: cm.KernelTimes, spec, attn_hw, cards) -> None:
+def _check_kernel_times(kt: cm.KernelTimes, spec, attn_hw, ffn_hw, cards) -> None:
     """Kernel times measured for another card or model than the estimate's would mix two machines: refused
-    (names in any case; ``cards``: every known card, --hardware-file's included). A file that names no known card
-    or model, e.g. a CPU smoke run, is taken as it is."""
+    (names in any case; ``cards``: every known card, --hardware-file's included; the FFN side is checked when the
+    file has FFN records, else it takes the roofline of its own card). A file that names no known card or model,
+    e.g. a CPU smoke run, is taken as it is."""
     hardware = str(kt.hardware or "")
-    if hardware.lower() in {n.lower() for n in cards} and hardware.lower() != attn_hw.name.lower():
-        raise ValueError(
-            f"the kernel times ({kt.source}) were measured on {hardware}, but the attention side is {attn_hw.name}: "
-            f"pass --attn-hw {hardware}"
-        )
+    if hardware.lower() in {n.lower() for n in cards}:
+        if hardware.lower() != attn_hw.name.lower():
+            raise ValueError(
+                f"the kernel times ({kt.source}) were measured on {hardware}, but the attention side is "
+                f"{attn_hw.name}: pass --attn-hw {hardware}"
+            )
+        if kt.ffn_coef is not None and hardware.lower() != ffn_hw.name.lower():
+            raise ValueError(
+                f"the kernel times ({kt.source}) have FFN records measured on {hardware}, but the FFN side is "
+                f"{ffn_hw.name}: pass --ffn-hw {hardware}, or kernel times without FFN records (the FFN roofline)"
+            )
     try:
         model = cm.get_model(str(kt.model)).name if kt.model else None
     except ValueError:  # (not a known model)
@@ -354,7 +361,7 @@ def main_afd(argv: list[str]) -> int:
         attention_fp8=not args.bf16_attention,
     )
     if kt is not None:
-        _check_kernel_times(kt, spec, attn_hw, {**cm.default_hardware(), **(extra or {})})
+        _check_kernel_times(kt, spec, attn_hw, ffn_hw, {**cm.default_hardware(), **(extra or {})})
     if args.batch is not None:
         est = cm.evaluate_afd(spec, args.context, args.batch, attn_hw, ffn_hw, setup, eff, kt)
     else:
@@ -367,6 +374,7 @@ def main_afd(argv: list[str]) -> int:
         "attention_hardware": attn_hw.name,
         "ffn_hardware": ffn_hw.name,
         "method": est.method,
+        "kernel_times_caveat": kt.caveat if kt is not None else None,
         "efficiency": dataclasses.asdict(eff),
         "feasible": est.feasible,
         "micro_batch": est.micro_batch,
@@ -388,6 +396,8 @@ def main_afd(argv: list[str]) -> int:
         f"attention {attn_hw.name}, FFN {ffn_hw.name}), TPOT target {args.tpot_ms:g} ms, {setup.stages} stages"
     )
     print(f"method: {est.method}; efficiency: {dataclasses.asdict(eff)}")
+    if out["kernel_times_caveat"]:
+        print(f"note: {out['kernel_times_caveat']}")
     if not est.micro_batch:
         print(
             f"no feasible batch: even one sequence per attention card ({setup.stages} x "

@@ -24,6 +24,7 @@ Units: bytes, FLOPs, seconds, USD; costs are USD per 1M decoded tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -543,14 +544,18 @@ def load_model_spec(path: Path | str) -> ModelSpec:
 
 def step3_spec(config: Step3Config = STEP3, kv_bytes: float = 1.0) -> ModelSpec:
     """Step-3's spec, derived from a Step3Config (full FP8, FP8 KV, as in the paper)."""
-    n_moe = len(config.moe_layers_enum)
+    moe_layers = set(config.moe_layers_enum)
     ffn: list[FFNGroup] = []
-    if config.num_hidden_layers - n_moe:
-        ffn.append(DenseFFN(config.num_hidden_layers - n_moe, config.intermediate_size))
-    if n_moe:
+    # one group per run of consecutive dense or MoE layers, in layer order (the release: 4 dense, 56 MoE, 1 dense),
+    # so layer_order puts each where the model has it
+    for is_moe, run in itertools.groupby(range(config.num_hidden_layers), key=lambda i: i in moe_layers):
+        n = len(list(run))
+        if not is_moe:
+            ffn.append(DenseFFN(n, config.intermediate_size))
+            continue
         ffn.append(
             MoEFFN(
-                num_layers=n_moe,
+                num_layers=n,
                 num_experts=config.moe_num_experts,
                 top_k=config.moe_top_k,
                 expert_intermediate_size=config.moe_intermediate_size,
@@ -931,8 +936,10 @@ class KernelTimes:
     """Per-layer kernel times fitted from benchmark records (microseconds).
 
     attention_us = a + b x tokens_per_gpu + c x tokens_per_gpu x context (a column is dropped when the
-    records cannot identify it: with a single batch size, b; with a single context, the fit holds at that context
-    only); ffn_us = a + b x tokens (per FFN instance).
+    records cannot identify it: with a single batch size, b, so other batch sizes are extrapolated on
+    ``a + c x tokens x context`` alone (:attr:`caveat` says so); with a single context, the fit holds at that
+    context only); ffn_us = a + b x tokens (per FFN instance), for ``ffn_gpus`` FFN cards when the records name
+    them (``"gpus"``: the expert split the times stand for).
     """
 
     hardware: str | None
@@ -943,12 +950,29 @@ class KernelTimes:
     contexts: tuple[int, ...] = ()  # the contexts the attention records were measured at
     max_tokens_per_gpu: float = math.inf  # the largest attention record's tokens
     max_ffn_tokens: float = math.inf  # the largest FFN record's tokens
+    min_attention_us: float = 0.0  # the smallest measured times (what counts as noise around 0)
+    min_ffn_us: float = 0.0
+    ffn_gpus: int | None = None  # the FFN cards the FFN records were measured for (None: not said)
+    batch_sizes: tuple[float, ...] = ()  # the attention records' tokens per card
+
+    # A fitted time below 0 by at most this fraction of the smallest measured time is noise (taken as 0).
+    NOISE = 0.1
+
+    @property
+    def caveat(self) -> str | None:
+        """What the fit cannot know and assumes (None when the records identify every term)."""
+        if len(self.batch_sizes) == 1:
+            return (
+                f"attention measured at one batch size ({self.batch_sizes[0]:g} tokens per card): its per-token "
+                f"cost is folded into the fixed time, so other batch sizes assume a + c x tokens x context"
+            )
+        return None
 
     def attention_us(self, tokens_per_gpu: float, context: int) -> float:
         """The fitted time; ``ValueError`` at another context than the only one measured (one context cannot tell
-        per-token from per-KV-position time), or where the fit, extrapolated past the measured sizes, goes
-        negative (it falls as the work grows: records far from affine). Below the measured sizes a negative value
-        (a fit's intercept under zero, from noise) is taken as 0."""
+        per-token from per-KV-position time), or where the fit goes negative by more than noise (``NOISE`` of the
+        smallest measured time), or at all past the measured sizes (it falls as the work grows: records far from
+        affine). A negative value within the noise (a fit's intercept under zero) is taken as 0."""
         if len(self.contexts) == 1 and context != self.contexts[0]:
             raise ValueError(
                 f"kernel times {self.source!r}: every attention record is at context {self.contexts[0]}, which "
@@ -969,12 +993,14 @@ class KernelTimes:
     def _not_negative(self, t: float, what: str, where: str, beyond: bool) -> float:
         if t > 0:
             return t
-        if beyond:
-            raise ValueError(
-                f"kernel times {self.source!r}: the fitted {what} time at {where}, past the measured sizes, is "
-                f"{t:.3g} us: the records are far from affine (measure nearer to this size)"
-            )
-        return 0.0
+        smallest = self.min_attention_us if what == "attention" else self.min_ffn_us
+        if not beyond and -t <= self.NOISE * smallest:
+            return 0.0
+        why = "past the measured sizes" if beyond else f"below 0 by more than noise (smallest time {smallest:.3g} us)"
+        raise ValueError(
+            f"kernel times {self.source!r}: the fitted {what} time at {where} is {t:.3g} us, {why}: the records are "
+            f"far from affine (measure nearer to this size)"
+        )
 
 
 _RECORD_KEYS = {"component", "tokens_per_gpu", "tokens", "context", "time_us", "gpus", "note"}
@@ -988,6 +1014,7 @@ def kernel_times_from_records(
     where = f"kernel times{f' {source!r}' if source else ''}"
     attn: list[tuple[float, float, float]] = []
     ffn: list[tuple[float, float]] = []
+    ffn_gpus: set[int | None] = set()
     rows = list(records)
     for i, rec in enumerate(rows):
         w = f"{where} record {i}"
@@ -1005,11 +1032,15 @@ def kernel_times_from_records(
                 if name not in rec:
                     raise _fail(w, f"missing field '{name}'")
             n = _check_positive(w, "tokens_per_gpu", rec["tokens_per_gpu"])
-            attn.append((n, n * _check_positive(w, "context", rec["context"]), t))
+            context = _check_positive(w, "context", rec["context"])
+            if not context.is_integer():
+                raise _fail(w, f"'context' must be a whole number of tokens, got {rec['context']!r}")
+            attn.append((n, n * context, t))
         elif comp == "ffn":
             if "tokens" not in rec:
                 raise _fail(w, "missing field 'tokens'")
             ffn.append((_check_positive(w, "tokens", rec["tokens"]), t))
+            ffn_gpus.add(_check_positive_int(w, "gpus", rec["gpus"]) if "gpus" in rec else None)
         else:
             raise _fail(w, f"'component' must be 'attention' or 'ffn', got {comp!r}")
     if len({kv for _, kv, _ in attn}) < 2:
@@ -1030,8 +1061,23 @@ def kernel_times_from_records(
         coef = np.linalg.lstsq(np.column_stack([np.ones(len(f)), f[:, 0]]), f[:, 1], rcond=None)[0]
         ffn_coef = (float(coef[0]), float(coef[1]))
     contexts = tuple(sorted({int(rec["context"]) for rec in rows if rec.get("component") == "attention"}))
-    most_ffn = max((n for n, _ in ffn), default=math.inf)
-    return KernelTimes(hardware, model, attention_coef, ffn_coef, source, contexts, float(a[:, 0].max()), most_ffn)
+    if len(ffn_gpus) > 1:
+        said = sorted(str(n) for n in ffn_gpus)
+        raise _fail(where, f"the ffn records name different FFN card counts ('gpus'; None: not said): {said}")
+    return KernelTimes(
+        hardware,
+        model,
+        attention_coef,
+        ffn_coef,
+        source,
+        contexts,
+        max_tokens_per_gpu=float(a[:, 0].max()),
+        max_ffn_tokens=max((n for n, _ in ffn), default=math.inf),
+        min_attention_us=float(a[:, 2].min()),
+        min_ffn_us=min((t for _, t in ffn), default=0.0),
+        ffn_gpus=next(iter(ffn_gpus), None),
+        batch_sizes=tuple(sorted(set(a[:, 0].tolist()))),
+    )
 
 
 def load_kernel_times(path: Path | str) -> KernelTimes:
@@ -1040,6 +1086,9 @@ def load_kernel_times(path: Path | str) -> KernelTimes:
     where = f"kernel times file {str(path)!r}"
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise _fail(where, "must be an object with a 'records' list")
+    for name in ("hardware", "model"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise _fail(where, f"'{name}' must be a name (a string), got {data[name]!r}")
     return kernel_times_from_records(data["records"], data.get("hardware"), data.get("model"), source=str(path))
 
 
@@ -1168,6 +1217,12 @@ def afd_layer_times(
     core_rate = attn_hw.fp8_flops if (setup.attention_fp8 and attn_hw.fp8_flops) else attn_hw.bf16_flops
     if kernel_times is not None and len(spec.attention) != 1:
         raise ValueError(f"measured kernel times need a model with one attention design; {spec.name} has several")
+    if kernel_times is not None and kernel_times.ffn_coef is not None and kernel_times.ffn_gpus not in (None, ffn_gpus):
+        raise ValueError(
+            f"kernel times {kernel_times.source!r}: the FFN records were measured for {kernel_times.ffn_gpus} FFN "
+            f"cards (their expert split), but {setup.label} with {g} cards per instance has {ffn_gpus}: measure at "
+            f"that split, or use kernel times without FFN records (the FFN roofline)"
+        )
 
     # Network: attention instance sends its tokens to every FFN instance and gets partial results back.
     net_attn = attn_hw.network_bandwidth * g * eff.network

@@ -465,9 +465,30 @@ def test_bad_afd_inputs(tmp_path, hw):
     falling = [{"component": "attention", "tokens_per_gpu": 64, "context": c, "time_us": t} for c, t in
                ((4096, 500), (8192, 300))]  # fmt: skip
     falls = cm.kernel_times_from_records(falling, source="falling")
-    with pytest.raises(ValueError, match="attention time at 64 tokens x context 65536, past the measured sizes, is -"):
+    with pytest.raises(ValueError, match="attention time at 64 tokens x context 65536 is -.*, past the measured sizes"):
         falls.attention_us(64, 65536)
     assert falls.attention_us(64, 8192) == pytest.approx(300)
+    # below the measured sizes, a fit under 0 by noise (10% of the smallest time) is 0; by more, refused
+    rising = [
+        {"component": "attention", "tokens_per_gpu": 64, "context": c, "time_us": t}
+        for c, t in ((8192, 100), (32768, 900))
+    ]  # fmt: skip  (-167 us + 5.1e-4 us x tokens x context)
+    rises = cm.kernel_times_from_records(rising, source="rising")
+    assert rises.attention_us(64, 5000) == 0.0  # -3.9 us: within 10 us of 0
+    with pytest.raises(ValueError, match=r"at 64 tokens x context 1024 is -1.*below 0 by more than noise"):
+        rises.attention_us(64, 1024)
+    assert "one batch size (64 tokens per card)" in rises.caveat and kt.caveat is None
+    with pytest.raises(ValueError, match="'context' must be a whole number of tokens, got 0.5"):
+        cm.kernel_times_from_records([dict(one[0], context=0.5), one[1]])
+    ffn = [{"component": "ffn", "tokens": n, "time_us": 50 + n, "gpus": 16} for n in (512, 1024)]
+    with pytest.raises(ValueError, match=r"different FFN card counts \('gpus'; None: not said\): \['16', 'None'\]"):
+        cm.kernel_times_from_records([*one, *ffn, {"component": "ffn", "tokens": 8, "time_us": 1.0}])
+    split = cm.kernel_times_from_records([*one, *ffn], source="split")
+    spec, h800 = cm.step3_spec(), cm.default_hardware()["H800"]
+    layers = cm.afd_layer_times(spec, 4096, 2048, h800, h800, cm.AFDSetup(2, 2), kernel_times=split)
+    assert layers[0].ffn_us == pytest.approx(1074)  # 1024 tokens per FFN instance, 16 FFN cards as measured
+    with pytest.raises(ValueError, match="measured for 16 FFN cards .* 2A2F with 4 cards per instance has 8"):
+        cm.afd_layer_times(spec, 4096, 2048, h800, h800, cm.AFDSetup(2, 2, gpus_per_instance=4), kernel_times=split)
 
 
 # ---------------------------------------------------------------- CLI
@@ -512,6 +533,12 @@ def test_cli_tables_pareto_afd_and_errors(capsys, tmp_path):
     assert "measured on h20, but the attention side is H800" in capsys.readouterr().err
     assert cli.main(["afd", "--kernel-times", str(h20), "--attn-hw", "H20", "--model", "deepseek-v3"]) == 2
     assert "are for model 'Step3', not 'deepseek-v3'" in capsys.readouterr().err
+    assert cli.main(["afd", "--kernel-times", str(h20), "--attn-hw", "H20", "--ffn-hw", "H800"]) == 0  # no FFN rows
+    assert "note: attention measured at one batch size (64 tokens per card)" in capsys.readouterr().out
+    ffn_rows = [{"component": "ffn", "tokens": n, "time_us": 100.0 + n / 100, "gpus": 16} for n in (1024, 2048)]
+    h20.write_text(json.dumps({"hardware": "H20", "records": rows + ffn_rows}))
+    assert cli.main(["afd", "--kernel-times", str(h20), "--attn-hw", "H20", "--ffn-hw", "H800"]) == 2
+    assert "FFN records measured on H20, but the FFN side is H800: pass --ffn-hw H20" in capsys.readouterr().err
     assert cli.main(["--models", str(tmp_path / "mine.json")]) == 2
     assert f"model spec file '{tmp_path / 'mine.json'}' does not exist" in capsys.readouterr().err
     assert cli.main(["--models", "nope"]) == 2
