@@ -39,11 +39,14 @@ VARIANT_SHAPES = 2  # the first this many shapes (the targets' headline ones) al
 
 
 def kernel_variants(batch: int, ctx: int, fp8: bool, page_size: int, small: bool) -> dict[str, md.KernelConfig]:
-    """Other configs than the default to time beside it (optional rows: the H200 run says which pays): twice and
-    half the split count (more / fewer waves of CTAs) and one pipeline stage fewer; on the CPU only the first."""
+    """Other configs than the default to time beside it (optional rows: the H200 run says which pays): for FP8 KV
+    the FP8 ``Q K^T`` (``fp8_qk``); twice and half the split count (more / fewer waves of CTAs) and one pipeline
+    stage fewer; on the CPU only the first."""
     base = md.default_config(batch, 1, ctx, page_size, fp8)
     blocks = -(-ctx // base.block_kv)
     out = {}
+    if fp8:
+        out["ours [fp8 QK]"] = dataclasses.replace(base, fp8_qk=True)
     if 2 * base.num_splits <= blocks:
         out[f"ours [splits={2 * base.num_splits}]"] = dataclasses.replace(base, num_splits=2 * base.num_splits)
     if base.num_splits > 1:
@@ -53,7 +56,7 @@ def kernel_variants(batch: int, ctx: int, fp8: bool, page_size: int, small: bool
 
 
 def config_note(cfg: md.KernelConfig) -> str:
-    return f"block_kv={cfg.block_kv} stages={cfg.stages} splits={cfg.num_splits}"
+    return f"block_kv={cfg.block_kv} stages={cfg.stages} splits={cfg.num_splits}" + (" fp8_qk" if cfg.fp8_qk else "")
 
 
 def time_fn(fn, arg_sets, *, min_time_s: float, repeats: int = 5) -> float:
@@ -172,7 +175,7 @@ def run(
             ref32 = _f32_reference(q, case, tables[0], lengths)
             default = md.default_config(batch, 1, ctx, page_size, fp8)
             variants = {}  # timed after the peers
-            if shape_index < VARIANT_SHAPES and not (small and fp8):
+            if shape_index < VARIANT_SHAPES:
                 variants = kernel_variants(batch, ctx, fp8, page_size, small)
             notes = {name: config_note(c) for name, c in {OURS: default, **variants}.items()}
 

@@ -152,14 +152,21 @@ def mfa_decode_reference(
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Tiling of the kernel. ``block_kv`` tokens per pipeline step (divides page_size); ``stages`` SMEM slots;
-    ``num_splits`` KV ranges per (sequence, head tile); None picks one from the shapes."""
+    ``num_splits`` KV ranges per (sequence, head tile); None picks one from the shapes.
+
+    ``fp8_qk`` (FP8 KV only): ``S = Q K^T`` by FP8 wgmma straight on the FP8 K tile instead of dequantising K
+    into an f16 tile first (V is still dequantised to f16): half the consumer's staging work and SMEM traffic.
+    ``q`` goes in as the sum of two e4m3 terms, each with one f32 scale per head (:func:`split_q_fp8`), so the
+    scores keep about f16's precision (one e4m3 ``q`` alone costs ~5% relative error on a peaked softmax); two
+    FP8 wgmmas take the tensor-core time of one f16 one."""
 
     block_kv: int = 64
     stages: int = 3
     num_splits: int | None = None
+    fp8_qk: bool = False
 
     def smem_bytes(self, fp8: bool) -> int:
-        q = HEAD_TILE * HEAD_DIM * 2
+        q = HEAD_TILE * HEAD_DIM * 2 + (2 * HEAD_TILE * 4 if fp8 and self.fp8_qk else 0)  # f16, or 2 x e4m3 + scales
         elt = 1 if fp8 else 2
         ring = self.stages * 2 * self.block_kv * HEAD_DIM * elt
         extra = self.block_kv * HEAD_DIM * 2 + self.stages * 2 * self.block_kv * 4 if fp8 else 0
@@ -225,6 +232,22 @@ def _mma_into(acc, a, b, a_smem):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 
+def split_q_fp8(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``q [B, H, K]`` as two e4m3 terms, ``q ~= t[:, 0] * s[:, 0, :, None] + t[:, 1] * s[:, 1, :, None]``: the
+    first quantises ``q`` per head (scale from its absolute max), the second the remainder. Returns (``t`` e4m3
+    ``[B, 2, H, K]``, ``s`` f32 ``[B, 2, H]``); the pair's relative error is about the square of one term's."""
+
+    def per_head(x):
+        amax = jnp.max(jnp.abs(x), axis=-1)
+        sc = jnp.where(amax > 0, amax / float(jnp.finfo(FP8_DTYPE).max), 1.0)
+        t = (x / sc[..., None]).astype(FP8_DTYPE)
+        return t, sc, x - t.astype(jnp.float32) * sc[..., None]
+
+    hi, s_hi, rest = per_head(q.astype(jnp.float32))
+    lo, s_lo, _ = per_head(rest)
+    return jnp.stack([hi, lo], axis=1), jnp.stack([s_hi, s_lo], axis=1)
+
+
 def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengths, *, scale, cfg, interpret):
     """Run the Mosaic GPU kernel: returns (o_part [B, S, Hp, K] bf16, lse_part [B, S, Hp] f32, log2 domain)."""
     import jax.experimental.pallas as pl
@@ -233,14 +256,15 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
     b, hp, d = q.shape
     _, page_size, _ = k_pages.shape
     fp8 = k_pages.dtype == FP8_DTYPE
-    cdt = jnp.float16 if fp8 else jnp.bfloat16  # wgmma operand dtype
+    fp8_qk = fp8 and cfg.fp8_qk  # Q K^T in FP8 on the FP8 K tile (q as two e4m3 terms)
+    cdt = jnp.float16 if fp8 else jnp.bfloat16  # wgmma operand dtype (P V; and Q K^T unless fp8_qk)
     bk, stages, splits = cfg.block_kv, cfg.stages, cfg.num_splits
     bpp = page_size // bk  # blocks per page
     head_tiles = hp // HEAD_TILE
     qk_scale = scale * _LOG2E  # scores in the log2 domain: exp2 instead of exp
 
-    def body(q_ref, k_ref, v_ref, ks_ref, vs_ref, bt_ref, len_ref, o_ref, lse_ref, smem, bars):
-        q_smem, k_smem, v_smem, ks_smem, vs_smem, kv16_smem, lse_smem, p_smem = smem
+    def body(q_ref, qs_ref, k_ref, v_ref, ks_ref, vs_ref, bt_ref, len_ref, o_ref, lse_ref, smem, bars):
+        q_smem, qs_smem, k_smem, v_smem, ks_smem, vs_smem, kv16_smem, lse_smem, p_smem = smem
         q_bar, k_bar, v_bar, k_free, v_free = bars
         bi = lax.axis_index("batch")
         hi = lax.axis_index("heads")
@@ -255,8 +279,16 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
 
         @pl.when(wg == 0)
         def _consumer():
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, heads], q_smem, q_bar.at[0])
+            if fp8_qk:
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(q_ref.at[bi, j, heads], q_smem.at[j], q_bar.at[0])
+                    plgpu.copy_gmem_to_smem(qs_ref.at[bi, j, heads], qs_smem.at[j], q_bar.at[0])
+            else:
+                plgpu.copy_gmem_to_smem(q_ref.at[bi, heads], q_smem, q_bar.at[0])
             plgpu.barrier_wait(q_bar.at[0])
+            if fp8_qk:  # each q term's per-head scale, folded with the softmax scale, per row of the scores
+                row = plgpu.Layout.WGMMA.reduce(1)
+                q_row_scale = [plgpu.load(qs_smem.at[j], layout=row) * qk_scale for j in range(2)]
             m_i = plgpu.layout_cast(jnp.full((HEAD_TILE,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.full((HEAD_TILE,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((HEAD_TILE, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -271,7 +303,9 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
                 acc, m_i, l_i = carry
                 slot = lax.rem(t, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                if fp8:
+                if fp8_qk:
+                    k_tile = k_smem.at[slot]  # FP8, K-major as FP8 wgmma wants its B operand
+                elif fp8:
                     dequant(k_smem.at[slot], ks_smem.at[slot], kv16_smem)
                     plgpu.barrier_arrive(k_free.at[slot])
                     k_tile = kv16_smem
@@ -282,10 +316,24 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
                     plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
                     return acc_ref[...]
 
-                s = pl.run_scoped(qk, plgpu.ACC((HEAD_TILE, bk), jnp.float32))
-                if not fp8:
+                def qk2(hi_ref, lo_ref):  # the two e4m3 terms of q, each against the FP8 K tile
+                    plgpu.wgmma(hi_ref, q_smem.at[0], k_tile.transpose((1, 0)))
+                    plgpu.wgmma(lo_ref, q_smem.at[1], k_tile.transpose((1, 0)))
+                    return hi_ref[...], lo_ref[...]
+
+                if fp8_qk:
+                    acc_s = plgpu.ACC((HEAD_TILE, bk), jnp.float32)
+                    s_hi, s_lo = pl.run_scoped(qk2, acc_s, acc_s)
+                    k_col_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     plgpu.barrier_arrive(k_free.at[slot])
-                s = s * qk_scale
+                    s = s_hi * lax.broadcast_in_dim(q_row_scale[0], s_hi.shape, [0])
+                    s = s + s_lo * lax.broadcast_in_dim(q_row_scale[1], s_lo.shape, [0])
+                    s = s * lax.broadcast_in_dim(k_col_scale, s.shape, [1])
+                else:
+                    s = pl.run_scoped(qk, plgpu.ACC((HEAD_TILE, bk), jnp.float32))
+                    if not fp8:
+                        plgpu.barrier_arrive(k_free.at[slot])
+                    s = s * qk_scale
                 col = plgpu.broadcasted_iota(jnp.int32, (HEAD_TILE, bk), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(col + (first + t) * bk < length, s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -309,10 +357,12 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
             acc, m_i, l_i = lax.fori_loop(0, nsteps, step, (acc, m_i, l_i))
             l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
             acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            q_smem[...] = acc.astype(q_smem.dtype)
+            # (an FP8 q tile cannot hold the output; V's f16 tile is free now, and block_kv >= 64 rows with FP8 KV)
+            out_smem = kv16_smem.at[pl.ds(0, HEAD_TILE)] if fp8_qk else q_smem
+            out_smem[...] = acc.astype(out_smem.dtype)
             lse_smem[...] = m_i + jnp.log2(l_safe)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, si, heads])
+            plgpu.copy_smem_to_gmem(out_smem, o_ref.at[bi, si, heads])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, si, heads])
             plgpu.wait_smem_to_gmem(0)
 
@@ -351,7 +401,10 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
 
     kv_dt = k_pages.dtype
     smem = (
-        plgpu.SMEM((HEAD_TILE, d), cdt, transforms=_swizzled(cdt)),
+        plgpu.SMEM((2, HEAD_TILE, d), FP8_DTYPE, transforms=_swizzled(FP8_DTYPE))
+        if fp8_qk
+        else plgpu.SMEM((HEAD_TILE, d), cdt, transforms=_swizzled(cdt)),
+        plgpu.SMEM((2, HEAD_TILE), jnp.float32) if fp8_qk else None,
         plgpu.SMEM((stages, bk, d), kv_dt, transforms=_swizzled(kv_dt)),
         plgpu.SMEM((stages, bk, d), kv_dt, transforms=_swizzled(kv_dt)),
         plgpu.SMEM((stages, bk), jnp.float32) if fp8 else None,
@@ -362,7 +415,7 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
     )
     tma_per_stage = 2 if fp8 else 1
     bars = (
-        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_arrivals=4 if fp8_qk else 1, num_barriers=1),
         plgpu.Barrier(num_arrivals=tma_per_stage, num_barriers=stages),
         plgpu.Barrier(num_arrivals=tma_per_stage, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
@@ -385,7 +438,11 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
     )
     if not fp8:  # the kernel signature is fixed; unused scale refs get tiny placeholders
         k_scales = v_scales = jnp.zeros((1, 1), jnp.float32)
-    return kernel(q.astype(cdt), k_pages, v_pages, k_scales, v_scales, block_table, lengths)
+    if fp8_qk:
+        q_in, q_scales = split_q_fp8(q)
+    else:
+        q_in, q_scales = q.astype(cdt), jnp.zeros((1, 1), jnp.float32)
+    return kernel(q_in, q_scales, k_pages, v_pages, k_scales, v_scales, block_table, lengths)
 
 
 def combine_splits(o_part: jax.Array, lse_part: jax.Array, dtype) -> jax.Array:

@@ -97,6 +97,8 @@ INTERPRET_CASES = {
     # FP8, page 128 = 2 blocks of 64 per page: lengths at / one past a page boundary and inside a page; one split
     # of up to 3 blocks through 2 stages
     "fp8": dict(fp8=True, page_size=128, heads=8, lengths=[128, 129, 70], max_pages=2, splits=1),
+    # the same with Q K^T by FP8 wgmma on the FP8 K tile (q as two e4m3 terms), 2 splits
+    "fp8-qk": dict(fp8=True, page_size=128, heads=8, lengths=[128, 129, 70], max_pages=2, splits=2, fp8_qk=True),
 }
 
 
@@ -109,7 +111,9 @@ def test_kernel_interpret_equals_reference(case):
     )
     table = shuffled_table(4, batch, c["max_pages"], num_pages)
     lengths = jnp.asarray(c["lengths"], jnp.int32)
-    cfg = md.KernelConfig(block_kv=min(64, c["page_size"]), stages=2, num_splits=c["splits"])
+    cfg = md.KernelConfig(
+        block_kv=min(64, c["page_size"]), stages=2, num_splits=c["splits"], fp8_qk=c.get("fp8_qk", False)
+    )
     out = md.mfa_decode_kernel(
         q, k, v, table, lengths, scale=SCALE, k_scales=ks, v_scales=vs, config=cfg, interpret=True
     )
@@ -119,6 +123,17 @@ def test_kernel_interpret_equals_reference(case):
     # and per sequence (a wrong page or mask on one short sequence would hide in the global norm)
     for b in range(batch):
         assert rel_err(out[b], ref[b]) < (3e-2 if c["fp8"] else 1e-2), b
+
+
+def test_q_as_two_fp8_terms_keeps_f16_precision():
+    q = jnp.asarray(np.random.default_rng(6).standard_normal((3, 64, 256), np.float32) * 5.0)
+    terms, scales = md.split_q_fp8(q)
+    assert terms.dtype == md.FP8_DTYPE and terms.shape == (3, 2, 64, 256) and scales.shape == (3, 2, 64)
+    parts = np.asarray(terms, np.float32) * np.asarray(scales)[..., None]
+    assert rel_err(parts[:, 0], q) > 1e-2  # one e4m3 term alone: ~3% rms
+    assert rel_err(parts.sum(axis=1), q) < 2e-3  # the pair: about the square of that
+    zeros, zero_scales = md.split_q_fp8(jnp.zeros((1, 2, 256)))  # (a zero head: scale 1, no NaN)
+    assert not np.any(np.asarray(zeros, np.float32)) and np.all(np.asarray(zero_scales) == 1.0)
 
 
 def test_combine_splits_is_exact_for_one_split_and_ignores_empty_ones():
@@ -171,7 +186,7 @@ def test_every_config_the_benchmark_times_lowers_for_cuda(fp8):
     args = [jax.ShapeDtypeStruct((b, 64, 256), jnp.bfloat16), pages, pages]
     args += [jax.ShapeDtypeStruct((b, ctx // page), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)]
     variants = kernel_variants(b, ctx, fp8, page, small=False)
-    assert len(variants) == 3  # twice and half the splits, one stage fewer
+    assert len(variants) == (4 if fp8 else 3)  # (FP8: Q K^T in FP8), twice and half the splits, one stage fewer
     for cfg in variants.values():
 
         def f(q, k, v, table, lengths, ks, vs, cfg=cfg):
