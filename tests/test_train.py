@@ -17,7 +17,17 @@ from step3_jax.tokenizer import ByteTokenizer, encode_chat, load_tokenizer
 from train import lora
 from train.data import BatchIterator, embedded_corpus, pack_documents, read_documents, split_documents
 from train.lora import LoraConfig
-from train.train import TrainConfig, Trainer, TrainingError, _to_compute_dtype, log_to_stderr, lr_schedule, main, run
+from train.train import (
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    _to_compute_dtype,
+    checkpoint_fingerprint,
+    log_to_stderr,
+    lr_schedule,
+    main,
+    run,
+)
 
 TOK = ByteTokenizer()
 DOCS = ["the quick brown fox jumps over the lazy dog. " * 3, "pack my box with five dozen liquor jugs! " * 3]
@@ -494,8 +504,12 @@ def test_cli_finetunes_a_checkpoint_and_exports_it(tmp_path, capsys, test_config
     assert "(differs in: base (the run started from" in capsys.readouterr().err
     # the base moved: --resume says where it was; --init-from at its new place resumes (the same weights), and is
     # remembered for the next --resume
+    meta = tmp_path / "lora" / "run.json"  # (a run.json of the version before the fingerprint: upgraded on resume)
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "base_weights"}))
+    assert main(resume_lora := [*no_base, "--workdir", str(tmp_path / "lora"), "--lora-rank", "4", "--resume"]) == 0
+    assert json.loads(meta.read_text())["base_weights"] == checkpoint_fingerprint(tmp_path / "base")
+    capsys.readouterr()
     (tmp_path / "base").rename(tmp_path / "moved")
-    resume_lora = [*no_base, "--workdir", str(tmp_path / "lora"), "--lora-rank", "4", "--resume"]
     assert main(resume_lora) == 2
     assert "which is not a checkpoint folder now: pass --init-from" in capsys.readouterr().err
     assert main([*resume_lora, "--init-from", str(tmp_path / "moved")]) == 0
@@ -505,6 +519,21 @@ def test_cli_finetunes_a_checkpoint_and_exports_it(tmp_path, capsys, test_config
     with pytest.raises(SystemExit):
         main([*args, "--lora-experts"])
     assert "--lora-experts and --lora-shared-expert need --lora-rank" in capsys.readouterr().err
+
+
+def test_checkpoint_fingerprint_follows_the_weights_not_the_folder(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((1024, 1024), np.float32)  # 4 MB on either side of a small tensor (stored by name)
+    tensors = {"a_experts": big, "m_attn": rng.standard_normal((8, 8), np.float32), "z_experts": big}
+    for name, ts in (("a", tensors), ("b", tensors), ("c", dict(tensors, m_attn=tensors["m_attn"] + 1e-3))):
+        (tmp_path / name).mkdir()
+        save_file(ts, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text("{}")
+    fp = {name: checkpoint_fingerprint(tmp_path / name) for name in "abc"}
+    assert fp["a"] == fp["b"]  # the same weights in another folder
+    assert fp["c"] != fp["a"]  # one small tensor changed, beside a big one
 
 
 def test_lora_on_an_fp8_model_dequantises_the_base_on_the_fly(test_config):
