@@ -104,6 +104,14 @@ def dot_nt(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
 
 
+def configs_to_time(configs, over_budget: bool) -> list[fp8_gmm.GmmConfig]:
+    """Every candidate tiling; past the time budget only one of each kind: the default (warpgroups over rows) and
+    the first side-by-side one (``split="n"``), where the list has one."""
+    if not over_budget:
+        return list(configs)
+    return [*configs[:1], *[c for c in configs[1:] if c.split == "n"][:1]]
+
+
 def config_name(c: fp8_gmm.GmmConfig) -> str:
     wgs = f"{c.wg_m}x2" if c.split == "m" else f"{c.wg_m},2x{c.wg_n}"  # the warpgroups over rows / side by side
     return f"fp8_gmm[{wgs},{c.block_n}/{c.sub_n},s{c.stages},d{c.grid_minor_dim}w{c.grid_tile_width}]"
@@ -271,8 +279,7 @@ def run(problem: Problem, small: bool, reps: int, out_path: str | None, budget_s
             # ours: every candidate tiling; the best one is the "fp8_gmm" row
             best = None
             over_budget = budget.over()
-            # over the budget: the default and the first side-by-side tiling only (one of each kind)
-            for cfg in (configs[:1] + [c for c in configs if c.split == "n"][:1]) if over_budget else configs:
+            for cfg in configs_to_time(configs, over_budget):
                 name = config_name(cfg)
                 try:
                     if fp8_gmm.kernel_supports(rows, n, k, cfg):
