@@ -36,6 +36,7 @@ from jax import lax
 
 from pallas_kernels import fp8_gmm
 from pallas_kernels.bench_common import Budget, git_commit, short_error, write_json
+from pallas_kernels.interpret import size_pool_for_interpret
 from step3_jax.quant import dequantize_activations, dequantize_blockwise, quantize_activations, quantize_blockwise
 
 f32 = jnp.float32
@@ -424,6 +425,7 @@ def main(argv=None) -> int:
                    "the FFN rows are skipped (the report is written after every shape)")  # fmt: skip
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
+    size_pool_for_interpret()  # (before the backend starts: on the CPU the kernels are interpreted)
     problem = SMALL if args.small else STEP3
     if args.tokens:
         problem = dataclasses.replace(problem, tokens=tuple(args.tokens))

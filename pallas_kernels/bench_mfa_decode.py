@@ -27,6 +27,7 @@ import numpy as np
 
 from pallas_kernels import mfa_decode as md
 from pallas_kernels.bench_common import Budget, git_commit, short_error, write_json
+from pallas_kernels.interpret import size_pool_for_interpret
 from step3_jax.quant import quantize_per_token
 
 HEADS, DIM = 64, 256
@@ -277,6 +278,7 @@ def main(argv=None) -> None:
                    help="seconds from the process start after which the peers are skipped (our kernel is still "
                    "measured); the JSON is written after every row")  # fmt: skip
     args = p.parse_args(argv)
+    size_pool_for_interpret()  # (before the backend starts: on the CPU the kernels are interpreted)
     small = args.small or jax.default_backend() != "gpu"
     shapes = SMALL_SHAPES if small else FULL_SHAPES
     min_time = args.min_time if args.min_time is not None else (0.01 if small else 0.2)

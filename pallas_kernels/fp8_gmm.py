@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.interpret import check_interpret_threads
 from step3_jax.model import sort_pairs
 from step3_jax.quant import BLOCK, FP8_DTYPE, FP8_MAX
 
@@ -428,6 +429,8 @@ def fp8_grouped_matmul_kernel(
     g, n, _ = w_q.shape
     if reason := kernel_supports(m, n, k, config):
         raise ValueError(f"fp8_grouped_matmul_kernel: {reason}")
+    if interpret:
+        check_interpret_threads(NUM_COMPUTE_WGS + 1, "FP8 grouped GEMM")
     # The swizzled TMA tiles of x need M a multiple of 8 (and the scale rows 16-byte strides): pad with rows that
     # belong to no group (written as zeros, sliced off). The expert FFN pads its sorted rows itself, for free.
     pad_m = (-m) % ROW_ALIGN

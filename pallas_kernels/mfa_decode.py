@@ -38,10 +38,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.interpret import check_interpret_threads
+
 log = logging.getLogger(__name__)
 
 HEAD_DIM = 256  # the kernel is written for Step-3's 256-wide head
 HEAD_TILE = 64  # query heads per wgmma M tile
+NUM_WARPGROUPS = 2  # a consumer (Q K^T, softmax, P V) and a TMA producer
 NUM_SMS = 132  # H100 / H200 SXM
 SMEM_BYTES = 227 * 1024
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -431,7 +434,7 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
         scratch_types=(smem, bars),
         grid=(b, head_tiles, splits),
         grid_names=("batch", "heads", "split"),
-        num_threads=2,
+        num_threads=NUM_WARPGROUPS,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -486,6 +489,8 @@ def mfa_decode_kernel(
         raise ValueError(f"block_kv {cfg.block_kv} must be a multiple of 16 dividing page_size {page_size}")
     if fp8 and cfg.block_kv % 64:
         raise ValueError(f"FP8 KV needs block_kv a multiple of 64 (page_size >= 64), got {cfg.block_kv}")
+    if interpret:
+        check_interpret_threads(NUM_WARPGROUPS, "MFA decode")
     hp = head_tiles * HEAD_TILE
     qp = jnp.pad(q, ((0, 0), (0, hp - h), (0, 0))) if hp != h else q
     o_part, lse_part = _kernel_partials(

@@ -37,6 +37,7 @@ MODULES = [
     "step3_jax.cost_model",
     "pallas_kernels.mfa_decode",
     "pallas_kernels.fp8_gmm",
+    "pallas_kernels.interpret",
     "infer.engine",
     "infer.sampling",
     "infer.generate",
