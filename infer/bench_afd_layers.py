@@ -315,7 +315,7 @@ def estimates(
             best = cm.estimate_afd_throughput(spec, context, card, card, setup, eff, kt)
             fixed = cm.evaluate_afd(spec, context, PAPER_TOTAL_BATCH, card, card, setup, eff, kt)
         except ValueError as e:  # (a fit the cost model refuses at these sizes: that row says so, the rest stand)
-            rows.append({"label": label, "hardware": card.name, "error": short_error(e)})
+            rows.append({"label": label, "hardware": card.name, "error": short_error(e, limit=500)})
             continue
         rows.append(
             {
