@@ -19,8 +19,8 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_this_process_pool_is_counted_and_large_enough():
-    # the test session asks for 8 CPU devices, which gives XLA:CPU 8 pool threads
-    assert interpret.xla_cpu_pool_threads() == 8
+    # the test session asks for 8 CPU devices, which gives XLA:CPU at least 8 pool threads (one per core if more)
+    assert interpret.xla_cpu_pool_threads() >= 8
 
 
 def test_kernels_refuse_to_interpret_on_a_pool_that_can_hang(monkeypatch):
