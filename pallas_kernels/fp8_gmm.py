@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.interpret import check_interpret_threads
+from pallas_kernels.interpret import interpret_params
 from step3_jax.model import sort_pairs
 from step3_jax.quant import BLOCK, FP8_DTYPE, FP8_MAX
 
@@ -391,13 +391,14 @@ def _build_kernel(m: int, n: int, k: int, g: int, out_dtype, config: GmmConfig, 
             collective_axes="wg",
         )
 
-    kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+    threads = NUM_COMPUTE_WGS + 1  # (the compute warpgroups and a TMA producer)
+    kwargs = {"interpret": interpret_params(threads, "FP8 grouped GEMM")} if interpret else {}
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(config.num_sms,),
         grid_names=("sm",),
-        num_threads=NUM_COMPUTE_WGS + 1,
+        num_threads=threads,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **kwargs,
@@ -429,8 +430,6 @@ def fp8_grouped_matmul_kernel(
     g, n, _ = w_q.shape
     if reason := kernel_supports(m, n, k, config):
         raise ValueError(f"fp8_grouped_matmul_kernel: {reason}")
-    if interpret:
-        check_interpret_threads(NUM_COMPUTE_WGS + 1, "FP8 grouped GEMM")
     # The swizzled TMA tiles of x need M a multiple of 8 (and the scale rows 16-byte strides): pad with rows that
     # belong to no group (written as zeros, sliced off). The expert FFN pads its sorted rows itself, for free.
     pad_m = (-m) % ROW_ALIGN

@@ -64,6 +64,15 @@ def check_interpret_threads(kernel_threads: int, kernel: str) -> None:
         )
 
 
+def interpret_params(kernel_threads: int, kernel: str):
+    """The ``interpret=`` argument of ``plgpu.kernel`` for a kernel of ``kernel_threads`` warpgroups (its
+    ``num_threads``): GPU interpret mode's parameters, after :func:`check_interpret_threads`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    check_interpret_threads(kernel_threads, kernel)
+    return plgpu.InterpretGPUParams()
+
+
 def size_pool_for_interpret(threads: int = 8) -> None:
     """Ask XLA:CPU for a pool of at least ``threads`` (``NPROC``) unless the environment sizes it already. Call it
     before the first JAX computation (the backend reads it when it starts; later it changes nothing)."""

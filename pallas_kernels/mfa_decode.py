@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.interpret import check_interpret_threads
+from pallas_kernels.interpret import interpret_params
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def _kernel_partials(q, k_pages, v_pages, k_scales, v_scales, block_table, lengt
         num_threads=NUM_WARPGROUPS,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=interpret_params(NUM_WARPGROUPS, "MFA decode") if interpret else None,
     )
     if not fp8:  # the kernel signature is fixed; unused scale refs get tiny placeholders
         k_scales = v_scales = jnp.zeros((1, 1), jnp.float32)
@@ -489,8 +489,6 @@ def mfa_decode_kernel(
         raise ValueError(f"block_kv {cfg.block_kv} must be a multiple of 16 dividing page_size {page_size}")
     if fp8 and cfg.block_kv % 64:
         raise ValueError(f"FP8 KV needs block_kv a multiple of 64 (page_size >= 64), got {cfg.block_kv}")
-    if interpret:
-        check_interpret_threads(NUM_WARPGROUPS, "MFA decode")
     hp = head_tiles * HEAD_TILE
     qp = jnp.pad(q, ((0, 0), (0, hp - h), (0, 0))) if hp != h else q
     o_part, lse_part = _kernel_partials(
