@@ -123,7 +123,7 @@ def bench_decode_step(model, batch: int, ctx: int, page_size: int, kv_dtype: str
         logits, cache = nnx.merge(graphdef, state)(tokens[:, None], cache=cache)
         keys = request_keys(seeds, zeros_i)
         new = {"k": cache.k, "v": cache.v, "k_scale": cache.k_scale, "v_scale": cache.v_scale}
-        return sample(logits[:, -1], keys, zeros_f, zeros_i, ones_f), new
+        return sample(logits[:, -1], keys, zeros_f, zeros_i, ones_f, "greedy"), new  # (the engine's greedy sampler)
 
     def fn(carry):
         tokens, pool = carry

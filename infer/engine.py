@@ -29,7 +29,8 @@ Design (docs/engine.md has the long version):
   its prompt + generated tokens as the new prompt (recompute), its remaining budget and sampling state.
 * **Sampling.** Per-row temperature / top-k / top-p, and per-request PRNG keys ``fold_in(key(seed), n)`` for the
   ``n``-th generated token: a request's samples depend on nothing but its own seed (not on batch neighbours,
-  slots, arrival times or preemptions).
+  slots, arrival times or preemptions). The sampler is its own small program after each step, in the cheapest
+  mode the rows allow (``infer.sampling.sample_mode``: a greedy batch never sorts the vocabulary).
 * **Mesh.** With a model created on a mesh, the decode batch and the page pool are split over the batch mesh axes
   (data-parallel attention groups, the paper's attention instances; ``model.paged_write_attend``); the experts
   follow the model's own expert / tensor sharding.
@@ -61,7 +62,7 @@ import numpy as np
 from flax import nnx
 
 from infer.cli import stop_ids
-from infer.sampling import SamplingParams, param_rows, request_keys, sample, token_logprobs
+from infer.sampling import SAMPLE_MODES, SamplingParams, param_rows, request_keys, sample, sample_mode, token_logprobs
 from step3_jax import kv_cache as kvc
 from step3_jax.checkpoint import checkpoint_folder
 from step3_jax.model import Step3ForCausalLM
@@ -309,7 +310,7 @@ class Engine:
             kvc.PageAllocator(pages_per_group, cfg.page_size, self.max_pages_per_seq) for _ in range(groups)
         ]
         # traces (compilations) of the jitted steps; over AFD the runner's, per program (AFDRunner.trace_counts)
-        self.trace_counts = {"prefill": 0, "decode": 0} if self.afd is None else self.afd.trace_counts
+        self.trace_counts = {"prefill": 0, "decode": 0, "sample": 0} if self.afd is None else self.afd.trace_counts
         if self.afd is not None:  # (refuses a max_batch its micro-batches cannot split, before the pool exists)
             self._state = None
             self._decode_fn, self._prefill_fn = self._afd_steps(self.afd)
@@ -317,6 +318,7 @@ class Engine:
             self._graphdef, self._state = nnx.split(model)
             self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
             self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+            self._sample_fn = jax.jit(self._sample_impl, static_argnums=0)
         if self._instanced:  # (every instance must step with the same shapes, on one pool array: check first)
             self.afd.join_instances(self._shapes)
         if self.afd is not None:  # (under several processes every attention process makes its own pages)
@@ -342,6 +344,7 @@ class Engine:
             self._prev_tokens = jax.device_put(
                 np.zeros((cfg.max_batch,), np.int32), self._tokens_sharding or self._pool["k"][0].sharding
             )
+            self._slot_ids = np.arange(cfg.max_batch, dtype=np.int32)  # (a decode step's sampler writes every slot)
         self._queue: list[tuple[int, _Request]] = []  # heap by arrival
         self._requests: dict[str, _Request] = {}
         self._pending_events: list[StreamEvent] = []
@@ -378,37 +381,35 @@ class Engine:
     def _pool_of(cache: kvc.PagedKVCache) -> dict:
         return {"k": cache.k, "v": cache.v, "k_scale": cache.k_scale, "v_scale": cache.v_scale}
 
-    def _decode_impl(
-        self, state, pool, tokens, on_device, prev, block_table, start, seeds, counters, temperature, top_k, top_p
-    ):
-        """One decode step; a row with ``on_device`` set takes its input token from ``prev`` (the previous step's
-        output, still on the device), the others from ``tokens``."""
+    def _decode_impl(self, state, pool, tokens, on_device, prev, block_table, start):
+        """One decode step's model: a row with ``on_device`` set takes its input token from ``prev`` (the previous
+        step's output, still on the device), the others from ``tokens``. Returns ``(logits [B, V], pool)``; the
+        sampler is its own program (:meth:`_sample_impl`)."""
         self.trace_counts["decode"] += 1  # runs only while tracing: counts compilations
         model = nnx.merge(self._graphdef, state)
         tokens = jnp.where(on_device, prev, tokens)
         logits, cache = model(tokens[:, None], cache=self._cache(pool, block_table, start))
-        keys = request_keys(seeds, counters)
-        tokens = sample(logits[:, -1], keys, temperature, top_k, top_p)
-        if self._tokens_sharding is not None:  # as _prev_tokens starts, so the next step needs no other program
-            tokens = jax.lax.with_sharding_constraint(tokens, self._tokens_sharding)
-        return (tokens, token_logprobs(logits[:, -1], tokens)), self._pool_of(cache)
+        return logits[:, -1], self._pool_of(cache)
 
-    def _prefill_impl(
-        self, state, pool, ids, block_table, start, last, seeds, counters, temperature, top_k, top_p, prev, dest
-    ):
-        """One prefill chunk; the token of row ``i`` also goes into ``prev`` at slot ``dest[i]`` (out of range:
-        nowhere), so that a fresh request's first token is its slot's input to the next decode step on the
-        device. Returns ``((tokens, logprobs, prev), pool)``."""
+    def _prefill_impl(self, state, pool, ids, block_table, start, last):
+        """One prefill chunk's model: ``(logits [n, V] at each row's position last, pool)``."""
         self.trace_counts["prefill"] += 1
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(ids, cache=self._cache(pool, block_table, start))
-        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        keys = request_keys(seeds, counters)
-        tokens = sample(logits, keys, temperature, top_k, top_p)
+        return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], self._pool_of(cache)
+
+    def _sample_impl(self, mode, logits, seeds, counters, temperature, top_k, top_p, prev, dest):
+        """A step's sampler, its own small program per :func:`~infer.sampling.sample_mode` (static), so that a
+        greedy batch never sorts the vocabulary and the model's step compiles once whatever the rows sample.
+        The token of row ``i`` also goes into ``prev`` at slot ``dest[i]`` (out of range: nowhere): a decode
+        step's tokens, and a fresh request's first token, are their slots' input to the next decode step on the
+        device. Returns ``(tokens, logprobs, prev)``."""
+        self.trace_counts["sample"] += 1
+        tokens = sample(logits, request_keys(seeds, counters), temperature, top_k, top_p, mode)
         prev = prev.at[dest].set(tokens, mode="drop")
-        if self._tokens_sharding is not None:  # (as the decode step's: one sharding for _prev_tokens)
+        if self._tokens_sharding is not None:  # as _prev_tokens starts, so the next step needs no other program
             prev = jax.lax.with_sharding_constraint(prev, self._tokens_sharding)
-        return (tokens, token_logprobs(logits, tokens), prev), self._pool_of(cache)
+        return tokens, token_logprobs(logits, tokens), prev
 
     def _afd_steps(self, runner):
         """Decode and prefill steps through an AFD runner's pipeline, with the jitted steps' signatures. Decoding
@@ -429,14 +430,16 @@ class Engine:
             self.pages_per_group + 1, self.config.page_size, kv_code(self.config.kv_dtype),
         )  # fmt: skip
 
-        def decode(state, pool, tokens, table, start, *rows):  # (not read: StepTokens.read() when collected)
-            zeros = np.zeros_like(start)
+        # a greedy batch samples in the runner's greedy logits program (no vocabulary sort), others in its sampling one
+        def decode(state, pool, tokens, table, start, mode, *rows):  # (not read: StepTokens.read() when collected)
+            zeros, rows = np.zeros_like(start), None if mode == "greedy" else rows
             out, pool = runner.dispatch(
                 pool, tokens[:, None], table, start, zeros, rows, micro_batches=n_mb, decode=True
             )
             return (out, None), pool
 
-        def prefill(state, pool, ids, table, start, last, *rows):
+        def prefill(state, pool, ids, table, start, last, mode, *rows):
+            rows = None if mode == "greedy" else rows
             out, pool = runner.dispatch(pool, ids, table, start, last, rows, micro_batches=prefill_mb)
             return (out, None), pool
 
@@ -675,6 +678,9 @@ class Engine:
                     alloc.publish(r.id, i, key)
                 r.published = full
 
+    def _sample_mode(self, reqs: Sequence[_Request | None]) -> str:
+        return sample_mode((None if r is None else r.params for r in reqs), self.model_config.vocab_size)
+
     def _row_arrays(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
         seeds, temperature, top_k, top_p = param_rows([None if r is None else r.params for r in reqs])
         return seeds, np.asarray(counters, np.int32), temperature, top_k, top_p
@@ -731,16 +737,15 @@ class Engine:
         first = [
             i for i, r in enumerate(rows) if r is not None and not r.output and r.cached + lens[i] == len(r.target)
         ]
-        args = (ids, table, start, last, *self._row_arrays(rows, counters))
+        sampling, mode = self._row_arrays(rows, counters), self._sample_mode(rows)
         if self.afd is None:  # colocated: the first tokens also go to their slots' next decode input, on the device
             dest = np.full((n,), self.config.max_batch, np.int32)
             dest[first] = [rows[i].slot for i in first]
-            (tokens, logprobs, self._prev_tokens), self._pool = self._prefill_fn(
-                self._state, self._pool, *args, self._prev_tokens, dest
-            )
+            logits, self._pool = self._prefill_fn(self._state, self._pool, ids, table, start, last)
+            tokens, logprobs, self._prev_tokens = self._sample_fn(mode, logits, *sampling, self._prev_tokens, dest)
             self._last_step = (tokens, logprobs)
         else:
-            self._last_step, self._pool = self._prefill_fn(self._state, self._pool, *args)
+            self._last_step, self._pool = self._prefill_fn(None, self._pool, ids, table, start, last, mode, *sampling)
         self.stats["prefill_calls"] += 1
         for i, r in enumerate(rows):
             if r is not None:
@@ -792,18 +797,23 @@ class Engine:
                 counters[i] = len(r.output) + on_device[i]  # the index of the token this step samples
             active = np.fromiter((r is not None for r in rows), bool, len(rows))  # (slot order: the tables' rows)
             table = np.where(active[:, None], self._tables, self.null_page)
-            inputs = (tokens, table, start, *self._row_arrays(rows, counters))
+            sampling, mode = self._row_arrays(rows, counters), self._sample_mode(rows)
             if self.afd is None:
-                inputs = (tokens, on_device, self._prev_tokens, *inputs[1:])
-            (out, logprobs), self._pool = self._decode_fn(self._state, self._pool, *inputs)
+                logits, self._pool = self._decode_fn(
+                    self._state, self._pool, tokens, on_device, self._prev_tokens, table, start
+                )
+                # (every slot's token, padding rows' included, becomes the next decode step's input on the device)
+                out, logprobs, self._prev_tokens = self._sample_fn(
+                    mode, logits, *sampling, self._prev_tokens, self._slot_ids
+                )
+            else:
+                (out, logprobs), self._pool = self._decode_fn(None, self._pool, tokens, table, start, mode, *sampling)
             self._last_step = (out, logprobs)
             self.stats["decode_steps"] += 1
             for r in rows:
                 if r is not None:
                     r.cached += 1
             self._publish(rows)
-            if self.afd is None:
-                self._prev_tokens = out
             if any(r is not None for r in rows):  # (a step on padding rows only has nothing to read)
                 self._inflight = (rows, out, logprobs)
         return [ev for step in waiting for ev in self._collect(step)] + events
@@ -1005,17 +1015,24 @@ class Engine:
         return out
 
     def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> None:
-        """Compile the decode step and the prefill buckets that prompts of these lengths use, with throwaway
-        requests (so later timings exclude compilation). The engine must be idle."""
+        """Compile the decode step, the prefill buckets that prompts of these lengths use and the sampler of every
+        :data:`~infer.sampling.SAMPLE_MODES` mode, with throwaway requests (so later timings exclude compilation,
+        whatever the requests sample). The engine must be idle."""
         if self.has_work():
             raise RuntimeError("warmup() needs an idle engine")
-        buckets = set()
-        for n in prompt_lengths:
-            buckets |= self.prefill_buckets(min(max(int(n), 1), self.max_seq_len - 1))
-        for i, b in enumerate(sorted(buckets)):  # (no two share a first page: none takes another's from the cache)
-            prompt = [i % self.model_config.vocab_size] + [0] * (min(b, self.max_seq_len - 2) - 1)
-            self.submit(prompt, SamplingParams(max_new_tokens=2), request_id=f"warmup-{i}")
-        self.run()
+        buckets = sorted(set().union(*(self.prefill_buckets(min(max(int(n), 1), self.max_seq_len - 1))
+                                       for n in prompt_lengths)))  # fmt: skip
+        # one pass per sampler mode: greedy, sampled, sampled with top-k (a batch of one mode runs that mode); over
+        # AFD the runner has a greedy and a sampling program, which the last two passes would compile alike
+        passes = {"greedy": {}, "sample": {"temperature": 1.0}, "filter": {"temperature": 1.0, "top_k": 1}}
+        i = 0
+        for mode in SAMPLE_MODES if self.afd is None else ("greedy", "filter"):
+            kw = passes[mode]
+            for b in buckets:  # (no two share a first page: none takes another's from the cache)
+                prompt = [i % self.model_config.vocab_size] + [0] * (min(b, self.max_seq_len - 2) - 1)
+                self.submit(prompt, SamplingParams(max_new_tokens=2, **kw), request_id=f"warmup-{mode}-{i}")
+                i += 1
+            self.run()
         self.reset_stats()
 
     def reset_stats(self) -> None:

@@ -41,7 +41,7 @@ from infer.cli import (
     sampling_from_args,
     stop_ids,
 )
-from infer.sampling import SamplingParams, sample
+from infer.sampling import SamplingParams, sample, sample_mode
 from step3_jax.kv_cache import KV_DTYPES, KVCache
 from step3_jax.model import Step3ForCausalLM, create_model
 from step3_jax.sharding import mesh_from_spec
@@ -68,20 +68,20 @@ class GenerationResult:
         return self.batch_size * self.decode_steps_timed / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
-def _prefill(graphdef, state, ids, cache, lengths, key, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(3,))
+def _prefill(graphdef, state, ids, cache, lengths, key, temperature, top_k, top_p, mode):
     model = nnx.merge(graphdef, state)
     logits, cache = model(ids, cache=cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     cache = cache.replace(lengths=lengths)  # slots past each prompt hold padding; later steps overwrite them
-    return sample(last, key, temperature, top_k, top_p), cache
+    return sample(last, key, temperature, top_k, top_p, mode), cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
-def _decode(graphdef, state, tokens, cache, key, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(3,))
+def _decode(graphdef, state, tokens, cache, key, temperature, top_k, top_p, mode):
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens[:, None], cache=cache)
-    return sample(logits[:, -1], key, temperature, top_k, top_p), cache
+    return sample(logits[:, -1], key, temperature, top_k, top_p, mode), cache
 
 
 def generate_ids(
@@ -124,13 +124,14 @@ def generate_ids(
     top_k = jnp.full((b,), min(params.top_k, np.iinfo(np.int32).max), jnp.int32)  # (k past the vocabulary: all)
     top_p = jnp.full((b,), params.top_p, jnp.float32)
     key = jax.random.key(params.seed)
+    mode = sample_mode([params], config.vocab_size)  # (a greedy run never sorts the vocabulary)
     stops = np.asarray(params.stop_token_ids, np.int64)
 
     graphdef, state = nnx.split(model)
     cache = KVCache.create(config, b, max_len, mesh=model.ctx.mesh, rules=model.ctx.rules)
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    tok, cache = _prefill(graphdef, state, jnp.asarray(ids), cache, lengths, sub, temperature, top_k, top_p)
+    tok, cache = _prefill(graphdef, state, jnp.asarray(ids), cache, lengths, sub, temperature, top_k, top_p, mode)
     tok_np = np.asarray(tok)
     prefill_seconds = time.perf_counter() - t0
     out = [[int(t)] for t in tok_np]
@@ -145,7 +146,7 @@ def generate_ids(
         if step == 2:  # steps from here on reuse the compiled program
             timed_start = time.perf_counter()
         key, sub = jax.random.split(key)
-        tok, cache = _decode(graphdef, state, tok, cache, sub, temperature, top_k, top_p)
+        tok, cache = _decode(graphdef, state, tok, cache, sub, temperature, top_k, top_p, mode)
         tok_np = np.asarray(tok)
         if step >= 2:
             timed_steps += 1

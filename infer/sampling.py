@@ -71,36 +71,72 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def restricts(self, vocab_size: int) -> bool:
+        """Whether top-k or top-p leave out any token of a ``vocab_size`` vocabulary (a sampled row only)."""
+        return not self.greedy and (0 < self.top_k < vocab_size or self.top_p < 1)
 
-def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+
+# What a batch's sampling needs, cheapest first; every mode gives each row it can serve the same token, so the
+# mode a batch runs never changes a row's result (its neighbours only choose the program).
+SAMPLE_MODES = ("greedy", "sample", "filter")
+
+
+def sample_mode(params: Iterable[SamplingParams | None], vocab_size: int) -> str:
+    """The cheapest :func:`sample` mode for a batch of rows with these parameters (None: a padding row, greedy):
+    "greedy" (every row: argmax, no random draw), "sample" (no row restricts the vocabulary: no sort), else
+    "filter" (top-k / top-p over the sorted vocabulary)."""
+    mode = 0
+    for p in params:
+        if p is not None and not p.greedy:
+            mode = max(mode, 2 if p.restricts(vocab_size) else 1)
+            if mode == 2:
+                break
+    return SAMPLE_MODES[mode]
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, mode: str = "filter") -> jax.Array:
     """Pick one token per row. logits [B, V]; temperature, top_p float [B]; top_k int [B] -> ids int32 [B].
 
     Rows with temperature 0 take the argmax. Otherwise logits are divided by the temperature, restricted to
-    the top_k largest (if top_k > 0), then to the smallest set whose probability reaches top_p, and sampled.
-    ``key`` is one PRNG key for the batch, or one key per row (a key array of shape [B]): then a row's sample
-    depends only on its own key and logits, never on its batch neighbours (what continuous batching needs).
+    the top_k largest (if 0 < top_k < V), then to the smallest set whose probability reaches top_p (if top_p <
+    1), and sampled. ``key`` is one PRNG key for the batch, or one key per row (a key array of shape [B]): then a
+    row's sample depends only on its own key and logits, never on its batch neighbours (what continuous batching
+    needs).
+
+    ``mode`` (static; :func:`sample_mode` picks it from the rows' parameters) leaves out the work no row needs:
+    "greedy" the random draw and the sort (every row must be greedy), "sample" the sort of the vocabulary (no row
+    may restrict it), "filter" nothing. A row gets the same token in every mode that serves it.
     """
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"sample: mode must be one of {SAMPLE_MODES}, got {mode!r}")
     logits = logits.astype(jnp.float32)
+    greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy_ids
     vocab = logits.shape[-1]
-    greedy_ids = jnp.argmax(logits, axis=-1)
     temperature = jnp.asarray(temperature, jnp.float32)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None].astype(jnp.int32), axis=-1)  # [B, 1]
-    ranks = jnp.arange(vocab)[None, :]
-    sorted_masked = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_masked, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < jnp.asarray(top_p, jnp.float32)[:, None]) & (ranks < k[:, None])
-    # Smallest logit still kept by top-p (rank 0 is always kept).
-    p_threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, p_threshold)
-    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    if mode == "filter":
+        top_k, top_p = jnp.asarray(top_k), jnp.asarray(top_p, jnp.float32)
+        sorted_desc = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None].astype(jnp.int32), axis=-1)  # [B, 1]
+        ranks = jnp.arange(vocab)[None, :]
+        sorted_masked = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
+        probs = jax.nn.softmax(sorted_masked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = (mass_before < top_p[:, None]) & (ranks < k[:, None])
+        # Smallest logit still kept by top-p (rank 0 is always kept).
+        p_threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        threshold = jnp.maximum(kth, jnp.where(top_p[:, None] < 1, p_threshold, -jnp.inf))
+        # a row that restricts nothing keeps every token, as in "sample" mode (no rounding of the mass at p = 1)
+        restricts = (k < vocab) | (top_p < 1)
+        threshold = jnp.where(restricts[:, None], threshold, -jnp.inf)
+        scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     if jnp.ndim(key) == 1:
-        sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, filtered)
+        sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
     else:
-        sampled = jax.random.categorical(key, filtered, axis=-1)
+        sampled = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature > 0, sampled, greedy_ids).astype(jnp.int32)
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from infer.engine import Engine, EngineConfig, StreamEvent
 from infer.generate import generate_ids, main
-from infer.sampling import SamplingParams, request_keys, sample
+from infer.sampling import SamplingParams, param_rows, request_keys, sample, sample_mode
 from step3_jax import KVCache, create_model, make_mesh
 from step3_jax.kv_cache import PageAllocator, PagedKVCache
 
@@ -636,6 +636,38 @@ def test_sampler_top_k_top_p_sets_and_frequencies_with_per_row_keys():
     assert sub.tolist() == draw(0, 1.0)[:7].tolist()
 
 
+def test_sampler_modes_give_each_row_the_same_token():
+    """``sample_mode`` picks the cheapest mode a batch's rows allow, and every mode that serves a row gives it
+    the token the general ("filter") mode gives: so a batch's mode, chosen by its other rows, never changes a
+    row's result. Rows of a large vocabulary and flat logits, where a top-p of 1 summed in float32 would round."""
+    n, v = 64, 50_000
+    logits = jnp.asarray(np.random.default_rng(3).standard_normal((n, v), np.float32)) * 0.1
+    keys = request_keys(jnp.arange(n, dtype=jnp.uint32), jnp.arange(n, dtype=jnp.int32))
+    greedy, plain, top_k = SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5)
+    assert sample_mode([greedy, None], v) == "greedy" and sample_mode([greedy, plain, None], v) == "sample"
+    assert sample_mode([plain, top_k], v) == sample_mode([SamplingParams(temperature=1.0, top_p=0.9)], v) == "filter"
+    assert sample_mode([SamplingParams(temperature=1.0, top_k=v)], v) == "sample"  # (k = the vocabulary: no limit)
+    assert sample_mode([SamplingParams(top_k=5)], v) == "greedy"  # (a greedy row's top-k changes nothing)
+
+    def draw(params, mode):
+        seeds, temperature, k, p = param_rows(params)
+        return np.asarray(sample(logits, keys, temperature, k, p, mode))
+
+    rows = [plain if i % 2 else greedy for i in range(n)]
+    assert (draw(rows, "sample") == draw(rows, "filter")).all()
+    assert (draw([greedy] * n, "greedy") == draw([greedy] * n, "filter")).all()
+    assert (draw([greedy] * n, "greedy") == np.argmax(np.asarray(logits), -1)).all()
+    # beside top-k rows (the batch runs "filter"), the other rows get what a batch without them gives them
+    mixed = [(plain, greedy, top_k)[i % 3] for i in range(n)]
+    without = [greedy if p is top_k else p for p in mixed]
+    unrestricted = [i for i, p in enumerate(mixed) if p is not top_k]
+    assert (draw(mixed, "filter")[unrestricted] == draw(without, "sample")[unrestricted]).all()
+    top5 = np.argsort(-np.asarray(logits[2::3]), -1)[:, :5]
+    assert all(t in row for t, row in zip(draw(mixed, "filter")[2::3], top5, strict=True))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sample(logits, keys, jnp.ones((n,)), jnp.zeros((n,), jnp.int32), jnp.ones((n,)), "beam")
+
+
 # ---------------------------------------------------------------------------------------------- streaming, compiles
 
 
@@ -660,20 +692,39 @@ def test_streaming_events_and_callback(engine):
     assert sum(e.finished for e in seen) == 2 and len(seen) == 18
 
 
-def test_steady_state_decoding_never_recompiles(engine):
+def test_steady_state_decoding_never_recompiles(model):
+    """The model's decode step compiles once and its prefill once per chunk bucket, whatever the requests sample:
+    the sampler is its own small program per mode (greedy: no random draw and no vocabulary sort; sampled; with
+    top-k / top-p), compiled when a mode first appears, or by ``warmup()`` for every mode."""
+    engine = Engine(model, SMALL)  # (fresh: no other test's requests have compiled its samplers)
     rng = random.Random(5)
     engine.generate_outputs([random_prompt(rng, n) for n in (3, 12, 30)], SamplingParams(max_new_tokens=3))
     counts = dict(engine.trace_counts)
     cache_sizes = engine._decode_fn._cache_size(), engine._prefill_fn._cache_size()
-    assert counts["decode"] == 1 and counts["prefill"] == 1  # one decode program, one prefill bucket (16)
+    # one decode program, one prefill bucket (16), and the greedy sampler after each of them (their row counts)
+    assert counts == {"decode": 1, "prefill": 1, "sample": 2}
     assert cache_sizes == (1, 1)  # and each compiled once (a fresh pool placed as the steps return it)
-    prompts = [random_prompt(rng, rng.randint(1, 40)) for _ in range(12)]
-    params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.randint(0, 5), seed=i,
-                             max_new_tokens=rng.randint(1, 12)) for i in range(12)]  # fmt: skip
-    with count_compiles() as compiled:
-        engine.generate_outputs(prompts, params)
-    assert engine.trace_counts == counts and compiled == []  # (no program at all: sampling rows included)
+
+    def mixed(seed):
+        prompts = [random_prompt(rng, rng.randint(1, 40)) for _ in range(12)]
+        params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.randint(0, 5), seed=seed + i,
+                                 max_new_tokens=rng.randint(1, 12)) for i in range(12)]  # fmt: skip
+        return prompts, params
+
+    with count_compiles() as compiled:  # sampled rows: new sampler programs only, never the model's steps again
+        engine.generate_outputs(*mixed(0))
+    assert compiled and all(name == "jit(_sample_impl)" for name in compiled), compiled
+    assert {k: v for k, v in engine.trace_counts.items() if k != "sample"} == {"decode": 1, "prefill": 1}
     assert (engine._decode_fn._cache_size(), engine._prefill_fn._cache_size()) == cache_sizes
+
+    fresh = Engine(model, SMALL)
+    fresh.warmup([40])
+    counts = dict(fresh.trace_counts)
+    assert counts["sample"] == 6  # 3 modes x (decode rows, prefill rows)
+    for seed in (100, 200):
+        with count_compiles() as compiled:
+            fresh.generate_outputs(*mixed(seed))
+        assert fresh.trace_counts == counts and compiled == []  # (no program at all: sampling rows included)
 
 
 # ---------------------------------------------------------------------------------------------- mesh, CLI
