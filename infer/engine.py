@@ -678,12 +678,13 @@ class Engine:
                     alloc.publish(r.id, i, key)
                 r.published = full
 
-    def _sample_mode(self, reqs: Sequence[_Request | None]) -> str:
-        return sample_mode((None if r is None else r.params for r in reqs), self.model_config.vocab_size)
-
-    def _row_arrays(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
-        seeds, temperature, top_k, top_p = param_rows([None if r is None else r.params for r in reqs])
-        return seeds, np.asarray(counters, np.int32), temperature, top_k, top_p
+    def _sampling(self, reqs: Sequence[_Request | None], counters: Sequence[int]):
+        """A step's sampler mode (:func:`~infer.sampling.sample_mode`) and its rows' (seeds, counters, temperature,
+        top_k, top_p) arrays."""
+        params = [None if r is None else r.params for r in reqs]
+        seeds, temperature, top_k, top_p = param_rows(params)
+        mode = sample_mode(params, self.model_config.vocab_size)
+        return mode, (seeds, np.asarray(counters, np.int32), temperature, top_k, top_p)
 
     def _sync_table(self, req: _Request) -> None:
         """Refresh ``req``'s slot's row of the block tables (kept between steps) after its pages changed."""
@@ -737,7 +738,7 @@ class Engine:
         first = [
             i for i, r in enumerate(rows) if r is not None and not r.output and r.cached + lens[i] == len(r.target)
         ]
-        sampling, mode = self._row_arrays(rows, counters), self._sample_mode(rows)
+        mode, sampling = self._sampling(rows, counters)
         if self.afd is None:  # colocated: the first tokens also go to their slots' next decode input, on the device
             dest = np.full((n,), self.config.max_batch, np.int32)
             dest[first] = [rows[i].slot for i in first]
@@ -797,7 +798,7 @@ class Engine:
                 counters[i] = len(r.output) + on_device[i]  # the index of the token this step samples
             active = np.fromiter((r is not None for r in rows), bool, len(rows))  # (slot order: the tables' rows)
             table = np.where(active[:, None], self._tables, self.null_page)
-            sampling, mode = self._row_arrays(rows, counters), self._sample_mode(rows)
+            mode, sampling = self._sampling(rows, counters)
             if self.afd is None:
                 logits, self._pool = self._decode_fn(
                     self._state, self._pool, tokens, on_device, self._prev_tokens, table, start

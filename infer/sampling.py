@@ -128,10 +128,9 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, mode: s
         keep_sorted = (mass_before < top_p[:, None]) & (ranks < k[:, None])
         # Smallest logit still kept by top-p (rank 0 is always kept).
         p_threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        # top-p only below 1, so a row that restricts nothing keeps every token (kth is then its smallest logit),
+        # as in "sample" mode (no rounding of the probability mass at p = 1)
         threshold = jnp.maximum(kth, jnp.where(top_p[:, None] < 1, p_threshold, -jnp.inf))
-        # a row that restricts nothing keeps every token, as in "sample" mode (no rounding of the mass at p = 1)
-        restricts = (k < vocab) | (top_p < 1)
-        threshold = jnp.where(restricts[:, None], threshold, -jnp.inf)
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
     if jnp.ndim(key) == 1:
         sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
